@@ -1,0 +1,1 @@
+"""Training loops and their parts: optimiser groups, lr schedule, checkpoints, distributed set-up."""

@@ -1,0 +1,99 @@
+"""Checkpoint files: atomic writes, safe loads, and finding the newest valid one.
+
+A checkpoint is a dict of plain types and tensors. Writes go to a temporary name in the same
+directory, are fsynced, then renamed, so a killed run never leaves a half-written file under a
+final name. Loads use `torch.load(weights_only=True)`: only tensors and plain containers (and
+the `argparse.Namespace` the reference implementation pickles as `args`) can be unpickled, so
+opening a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+from typing import Any
+
+import torch
+
+from supmae.errors import UserError
+
+LAST_NAME = "checkpoint-last.pth"
+_EPOCH_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """`torch.save` to `path` via a temporary file, fsync and rename (same directory)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely; `UserError` naming the file when it is missing, corrupt or unsafe."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt / unsafe pickles
+        text = str(exc).strip().splitlines()
+        first = text[0] if text else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UserError(
+                f"refusing to load {path}: it contains a pickled object that is not a plain tensor, "
+                f"number or string ({first})"
+            ) from None
+        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model state dict of a checkpoint (ours or the reference's: both keep it under 'model')."""
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError("checkpoint has no model state dict under 'model'")
+    return state
+
+
+def epoch_checkpoints(run_dir: str) -> list[str]:
+    """Numbered checkpoints of a run directory, newest epoch first."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "checkpoint-*.pth")):
+        m = _EPOCH_RE.search(path)
+        if m:
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(run_dir: str, log=print) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint of `run_dir` that loads, with its content. `checkpoint-last.pth` is
+    written at least as often as the numbered ones, so it is tried first, then the numbered ones
+    newest first; a corrupt or truncated file is reported through `log` and the next one used."""
+    candidates = epoch_checkpoints(run_dir)
+    last = os.path.join(run_dir, LAST_NAME)
+    if os.path.isfile(last):
+        candidates.insert(0, last)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except UserError as exc:
+            log(f"warning: skipping unusable checkpoint: {exc}")
+    return None

@@ -1,0 +1,45 @@
+"""Shared fixtures: small real JPEG datasets made in the test session, and the GPU marker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenet-sample")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> str:
+    """A learnable 10-class JPEG dataset (train 40/class, val 10/class, 64 px) in ImageFolder layout."""
+    from tools.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return make_dataset(str(root), train_per_class=40, val_per_class=10, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample() -> str:
+    """The 1,000 real ImageNet JPEGs of shared/data, or a clean skip when absent."""
+    path = os.path.abspath(SAMPLE_DIR)
+    if not os.path.isdir(os.path.join(path, "train")):
+        pytest.skip("shared/data/imagenet-sample is not present")
+    return path
