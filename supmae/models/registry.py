@@ -16,16 +16,16 @@ from supmae.models.supmae import SupMAE
 
 # Encoder sizes of the ViT family (width, depth, heads).
 _VIT = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+    "tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+    "small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
+    "huge": {"embed_dim": 1280, "depth": 32, "num_heads": 16},
 }
 # The reference decoder: 512 wide, 16 heads (depth set per variant).
-_DEC512 = dict(decoder_embed_dim=512, decoder_num_heads=16)
+_DEC512 = {"decoder_embed_dim": 512, "decoder_num_heads": 16}
 # A decoder sized for 32-64 px images on a CPU (64 patches): 128 wide, 4 heads, 1 block.
-_DEC128 = dict(decoder_embed_dim=128, decoder_num_heads=4, decoder_depth=1)
+_DEC128 = {"decoder_embed_dim": 128, "decoder_num_heads": 4, "decoder_depth": 1}
 
 _VARIANTS: dict[str, dict[str, Any]] = {
     # The bare constructor defaults (ViT-B/16, 1-block decoder): what `SupMAE()` builds.

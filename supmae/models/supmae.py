@@ -24,9 +24,9 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
+from torch import nn
 
 from supmae.errors import UserError
 from supmae.losses import reconstruction_loss
