@@ -1,0 +1,97 @@
+"""Pretraining recipes, the config they build, and the command line's strictness (no training here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from supmae.cli import main as cli_main
+from supmae.config import to_dict
+from supmae.errors import UserError
+from supmae.recipes import get_recipe, list_recipes
+from supmae.train.pretrain import build_config, config_differences, resolve_accumulation
+from supmae.train.pretrain_config import OptimConfig, PretrainConfig
+
+
+def test_every_pretrain_recipe_builds_a_config():
+    names = list_recipes("pretrain")
+    for required in ("supmae_vit_b16_400ep", "supmae_vit_b16_100ep", "supmae_vit_b16_200ep", "supmae_vit_b16_800ep",
+                     "mae_vit_b16_1600ep", "tiny_cpu"):
+        assert required in names
+    for name in names:
+        cfg = get_recipe(name, "pretrain")
+        assert isinstance(cfg, PretrainConfig) and cfg.recipe == name
+        assert names[name], f"{name} has no docstring"
+
+
+def test_table3_recipe():
+    cfg = get_recipe("supmae_vit_b16_400ep")
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.blr == 1.5e-4 and cfg.optim.weight_decay == 0.05
+    assert cfg.optim.effective_batch == 4096 and cfg.optim.warmup_epochs == 20 and cfg.train.epochs == 400
+    assert cfg.model.mask_ratio == 0.75 and cfg.model.decoder_depth == 1 and cfg.model.norm_pix_loss
+    assert cfg.model.global_pool and cfg.model.cls_head_layers == 2
+    assert (cfg.loss.rec_weight, cfg.loss.cls_weight, cfg.loss.temperature) == (1.0, 0.01, 10.0)
+    assert cfg.data.scale_min == 0.2 and cfg.data.img_size == 224
+    assert [get_recipe(f"supmae_vit_b16_{e}ep").train.epochs for e in (100, 200, 800)] == [100, 200, 800]
+
+
+def test_ablations_change_one_factor_of_the_200ep_recipe():
+    base = to_dict(get_recipe("supmae_vit_b16_200ep"))
+    expected = {
+        "supmae_vit_b16_200ep_rec_only": {"model.cls_head_layers", "loss.cls_weight"},
+        "supmae_vit_b16_200ep_cls_only": {"model.use_decoder", "loss.rec_weight"},
+        "supmae_vit_b16_200ep_cls_token": {"model.global_pool"},
+        "supmae_vit_b16_200ep_color_jitter": {"data.color_jitter"},
+        "supmae_vit_b16_200ep_clsw_0p1": {"loss.cls_weight"},
+        "supmae_vit_b16_200ep_dec8": {"model.decoder_depth"},
+        "supmae_vit_b16_200ep_head3": {"model.cls_head_layers"},
+    }
+    for name, keys in expected.items():
+        diffs = config_differences(base, to_dict(get_recipe(name)), ignore=("recipe",))
+        assert {d.split(":")[0] for d in diffs} == keys, name
+
+
+def test_mae_baseline():
+    cfg = get_recipe("mae_vit_b16_1600ep")
+    assert cfg.train.epochs == 1600 and cfg.model.decoder_depth == 8 and cfg.model.cls_head_layers == 0
+    assert cfg.loss.cls_weight == 0.0
+
+
+def test_overrides_and_aliases():
+    cfg = build_config("tiny_cpu", ["--data.path", "/d", "--output-dir", "/o", "--seed", "7", "--train.epochs=3",
+                                    "--optim.betas", "0.9,0.99", "--model.decoder_depth", "2", "--optim.lr", "1e-3"])
+    assert (cfg.data.path, cfg.output_dir, cfg.seed, cfg.train.epochs) == ("/d", "/o", 7, 3)
+    assert cfg.optim.betas == (0.9, 0.99) and cfg.model.decoder_depth == 2 and cfg.optim.lr == 1e-3
+
+
+def test_effective_batch_derives_accumulation():
+    o = OptimConfig(effective_batch=4096)
+    assert resolve_accumulation(o, 256, 8) == 2
+    assert resolve_accumulation(o, 256, 16) == 1
+    with pytest.raises(UserError, match="not a multiple"):
+        resolve_accumulation(o, 256, 3)
+    with pytest.raises(UserError, match="contradicts"):
+        resolve_accumulation(OptimConfig(effective_batch=4096, accum_iter=4), 256, 8)
+    assert resolve_accumulation(OptimConfig(accum_iter=3), 64, 2) == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--recipe", "tiny_cpu", "--optim.bl", "1"], "unknown config key --optim.bl (did you mean --optim.blr"),
+        (["--recipe", "tiny_cpu", "--train.epochs", "two"], "bad value for --train.epochs"),
+        (["--recipe", "tiny_cpux"], "unknown pretrain recipe 'tiny_cpux'"),
+        (["--recipe", "tiny_cpu", "--data.path", "/nonexistent/data", "--output-dir", "/tmp/x"], "dataset not found"),
+        (["--recipe", "tiny_cpu", "--data.path", "/tmp"], "--output-dir"),
+        (["--data.path", "/tmp"], "--recipe NAME is required"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(capsys, argv, needle):
+    assert cli_main(["pretrain", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_cli_lists_recipes(capsys):
+    assert cli_main(["pretrain", "--list-recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "supmae_vit_b16_400ep" in out and "tiny_cpu" in out
