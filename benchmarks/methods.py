@@ -370,5 +370,5 @@ def model_flops_per_image(step: MethodStep, arch: Arch) -> dict[str, float] | No
         return None
     from supmae.models.flops import training_flops_per_image
 
-    return {k: float(v) for k, v in training_flops_per_image(model, img_size=arch.img_size,
-                                                             mask_ratio=MASK_RATIO).items()}
+    counts = training_flops_per_image(model, img_size=arch.img_size, mask_ratio=MASK_RATIO)
+    return {k: float(v) for k, v in counts.items()}
