@@ -80,6 +80,7 @@ def validate(cfg: PretrainConfig) -> None:
         (t.compile in ("auto", "on", "off"), f"--train.compile must be auto, on or off, got {t.compile!r}"),
         (t.device in ("auto", "cpu", "cuda"), f"--train.device must be auto, cpu or cuda, got {t.device!r}"),
         (t.dist_timeout_s > 0, "--train.dist_timeout_s must be positive"),
+        (t.cpu_threads >= 0, f"--train.cpu_threads must be >= 0, got {t.cpu_threads}"),
         (o.accum_iter >= 1, f"--optim.accum_iter must be >= 1, got {o.accum_iter}"),
         (o.effective_batch >= 0, f"--optim.effective_batch must be >= 0, got {o.effective_batch}"),
         (o.warmup_epochs >= 0, f"--optim.warmup_epochs must be >= 0, got {o.warmup_epochs}"),
@@ -245,8 +246,14 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.train.deterministic:
         # cuBLAS needs this before its first handle is created to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    with dist_utils.distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
-        return _run(cfg, info)
+    # Process-wide torch settings this run changes, put back afterwards for callers of the Python API.
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    try:
+        with dist_utils.distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
+            return _run(cfg, info)
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.set_num_threads(saved[1])
 
 
 def _run(cfg: PretrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
@@ -304,7 +311,9 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         if missing:
             raise UserError(f"{ckpt_path} is not a pretraining checkpoint of this trainer (no {', '.join(missing)})")
 
-    # ---- precision, compile, determinism.
+    # ---- precision, compile, determinism, threads.
+    if tc.cpu_threads:
+        torch.set_num_threads(tc.cpu_threads)
     precision = resolve_precision(tc.precision, device)
     use_compile = tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda")
     if tc.deterministic:
@@ -441,6 +450,12 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         model = ddp
     if st["use_compile"]:
         model = torch.compile(model)
+
+    if start_epoch >= tc.epochs:
+        log(f"nothing to do: {run_dir.path} already completed {start_epoch} of {tc.epochs} epochs")
+        return {"run_dir": run_dir.path, "final_log": None, "start_epoch": start_epoch, "epochs_run": 0,
+                "checkpoint": st["ckpt_path"] or None, "world_size": info.world_size, "rank": info.rank,
+                "ranks_in_sync": None}
 
     # ---- the run directory: written from here on (rank 0 only).
     run_dir.create()
@@ -604,8 +619,6 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         if not in_sync:
             raise RuntimeError("the ranks ended with different weights (DDP went out of sync)")
         log(f"weights identical on all {info.world_size} ranks")
-    if final_row is None:
-        log(f"nothing to do: {cfg.output_dir} already completed {tc.epochs} epochs")
     return {
         "run_dir": run_dir.path,
         "final_log": final_row,
@@ -665,12 +678,22 @@ def evaluate_cls(core: torch.nn.Module, loader: Any, device: torch.device, amp_d
     core.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = torch.zeros((), dtype=torch.int64, device=device)
+    # Without drop_last the pipelines even the ranks out by repeating a few samples at the end of the
+    # (unshuffled) validation order; count each sample once: this rank's first `real` samples.
+    real = loader.num_samples
+    if getattr(loader, "world_size", 1) > 1 and hasattr(loader, "num_total"):
+        real = max(0, min(loader.num_samples, loader.num_total - loader.rank * loader.num_samples))
+    done = 0
     try:
         for imgs, labels in loader:
+            keep = max(0, min(labels.shape[0], real - done))
+            done += labels.shape[0]
+            if keep == 0:
+                continue
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = core.classify(imgs)
-            correct += (logits.argmax(dim=1) == labels).sum()
-            seen += labels.numel()
+                logits = core.classify(imgs[:keep])
+            correct += (logits.argmax(dim=1) == labels[:keep]).sum()
+            seen += keep
     finally:
         core.train(was_training)
     packed = torch.stack([correct, seen])

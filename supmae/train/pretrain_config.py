@@ -86,6 +86,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard package)
     progress: bool = True  # tqdm progress bar (only when stderr is a terminal)
     dist_timeout_s: float = 600.0  # timeout of distributed init and collectives
+    cpu_threads: int = 0  # torch intra-op threads on the CPU; 0 = torch's default (one per core)
 
 
 @dataclass
