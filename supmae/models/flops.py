@@ -98,7 +98,8 @@ def training_flops_per_image(
     """FLOPs per image of one training step of `model`'s architecture at `mask_ratio`.
 
     Returns a dict:
-      total          forward + loss + backward (weights' and activations' gradients; none for the images)
+      total          forward + loss + backward (weights' and activations' gradients; none for the images),
+                     attention counted as its explicit matmuls
       forward        the forward pass and the loss only
       encoder        patch embedding + blocks + final norm (fwd + bwd)
       encoder_blocks the encoder's transformer blocks alone (fwd + bwd)
@@ -115,6 +116,9 @@ def training_flops_per_image(
         raise TypeError("training_flops_per_image needs a SupMAE built by create_model (it has model_args)")
     if img_size is not None:
         args["img_size"] = img_size
+    # Explicit attention matmuls: the algorithm's FLOPs, whichever fused kernel a device would pick
+    # (a flash backward also recomputes QK^T, which MFU conventions do not count).
+    args["attn_impl"] = "eager"
     if batch_size < 2:
         raise ValueError("batch_size must be >= 2: the head's BatchNorm needs more than one sample in training")
     with torch.device("meta"):
@@ -124,14 +128,14 @@ def training_flops_per_image(
     imgs = torch.empty(batch_size, 3, size, size, device="meta")
     labels = torch.zeros(batch_size, dtype=torch.long, device="meta")
 
-    def forward() -> torch.Tensor:
-        return supmae_loss(replica(imgs, mask_ratio=mask_ratio), labels)[0]
-
-    def step() -> None:
-        forward().backward()
-
-    fwd = count_flops(forward)
-    counts = flops_by_module(step)
+    # One counted pass; the running total read between forward and backward is the forward's share.
+    counter = flop_counter.FlopCounterMode(display=False)
+    with counter:
+        loss = supmae_loss(replica(imgs, mask_ratio=mask_ratio), labels)[0]
+        fwd = counter.get_total_flops()
+        loss.backward()
+    counts = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+    counts["Global"] = int(counter.get_total_flops())
     root = type(replica).__name__
     encoder_blocks = _child_flops(counts, root, replica, ("blocks",))
     per_batch = {
