@@ -1,0 +1,560 @@
+"""The dataset converter: bad inputs, read-back through FFCV and DALI, crash/resume byte-identity,
+--verify, and the image rules (colour modes, alpha, sizes)."""
+
+from __future__ import annotations
+
+import collections
+import filecmp
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.constants import beton_path
+from pipelines.errors import DataError
+from tools.convert import convert, main, verify
+from tools.imageio import DEFAULT_MAX_PIXELS, SkipImage, encode_bytes, target_size
+from tools.shards import parse_index, read_tar_samples
+from tools.synthetic import make_dataset
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+MAX_RES = 48
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# A source tree with every kind of bad input next to good images
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _saved(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _noise(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
+    """Random colour blocks, a quarter of the shorter side wide: content that survives resizing."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    b = max(2, min(w, h) // 4)
+    base = np.kron(rng.integers(0, 255, size=(h // b + 1, w // b + 1, 3)), np.ones((b, b, 1)))[:h, :w]
+    return Image.fromarray(base.astype(np.uint8), "RGB").convert(mode)
+
+
+def build_bad_tree(root: str) -> dict[str, str]:
+    """Synthetic good images plus one file per bad-input case; returns {path relative to root:
+    expected outcome} for every file ("ok" or the skip reason code)."""
+    make_dataset(root, train_per_class=5, val_per_class=2, size=64, num_classes=3, seed=1)
+    expected = {}
+    for split in ("train", "val"):
+        for cls in sorted(os.listdir(os.path.join(root, split))):
+            for name in os.listdir(os.path.join(root, split, cls)):
+                expected[f"{split}/{cls}/{name}"] = "ok"
+    c0 = "train/00_h_stripes"
+    c1 = "train/01_v_stripes"
+    real = _jpeg(_noise((200, 120), 7))
+
+    def put(rel: str, data: bytes, outcome: str) -> None:
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        expected[rel] = outcome
+
+    put(f"{c0}/zero.JPEG", b"", "empty")
+    put(f"{c0}/truncated.JPEG", real[: len(real) // 2], "truncated")
+    put(f"{c0}/corrupt.JPEG", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "corrupt")
+    put(f"{c0}/notes.JPEG", b"this is a text file, not an image\n", "not-an-image")
+    # Other formats behind a .JPEG name are converted by content.
+    rgba = _noise((40, 30), 3, "RGBA")
+    alpha = np.zeros((30, 40), dtype=np.uint8)
+    alpha[:, 20:] = 255  # left half fully transparent
+    rgba.putalpha(Image.fromarray(alpha))
+    put(f"{c0}/png_alpha.JPEG", _saved(rgba, "PNG"), "ok")
+    put(f"{c0}/gif_palette.JPEG", _saved(_noise((50, 40), 4).convert("P"), "GIF"), "ok")
+    put(f"{c0}/tiff_cmyk.JPEG", _saved(_noise((30, 50), 5, "CMYK"), "TIFF"), "ok")
+    put(f"{c1}/webp.JPEG", _saved(_noise((60, 60), 6), "WEBP", quality=90), "ok")
+    put(f"{c1}/gray.JPEG", _jpeg(_noise((70, 50), 8, "L")), "ok")
+    put(f"{c1}/cmyk.jpg", _jpeg(_noise((64, 48), 9, "CMYK")), "ok")
+    put(f"{c1}/gray16.png", _saved(Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16)), "PNG"), "ok")
+    put(f"{c1}/large.JPEG", real, "ok")
+    put(f"{c1}/tiny.JPEG", _jpeg(_noise((20, 12), 10)), "ok")
+    put(f"{c1}/nested/deeper.JPEG", _jpeg(_noise((33, 33), 11)), "ok")  # ImageFolder recurses
+    # Decompression bomb: 9600 x 9600 = 92 M pixels > Pillow's 89.5 M default, a few KB on disk.
+    put(f"{c1}/bomb.png", _saved(Image.new("1", (9600, 9600)), "PNG", optimize=True), "too-many-pixels")
+    put("train/README.txt", b"stray file outside the class folders\n", "outside-class-folder")
+    os.mkfifo(os.path.join(root, c0, "fifo.JPEG"))
+    expected[f"{c0}/fifo.JPEG"] = "not-a-regular-file"
+    os.symlink("missing-target.JPEG", os.path.join(root, c0, "broken_link.JPEG"))
+    expected[f"{c0}/broken_link.JPEG"] = "broken-symlink"
+    # A symlink loop fails to open with ELOOP even for root: our "unreadable" case under root.
+    os.symlink("loop.JPEG", os.path.join(root, c0, "loop.JPEG"))
+    expected[f"{c0}/loop.JPEG"] = "unreadable"
+    locked = f"{c1}/locked.JPEG"
+    put(locked, _jpeg(_noise((30, 30), 12)), "ok" if IS_ROOT else "unreadable")
+    os.chmod(os.path.join(root, locked), 0)
+    # An empty class folder keeps its index; val has no folder for it.
+    os.makedirs(os.path.join(root, "train", "03_empty"))
+    return expected
+
+
+@pytest.fixture(scope="module")
+def bad_tree(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    root = str(tmp_path_factory.mktemp("bad_src"))
+    return root, build_bad_tree(root)
+
+
+@pytest.fixture(scope="module")
+def bad_out(bad_tree, tmp_path_factory) -> tuple[str, dict]:
+    src, _ = bad_tree
+    out = str(tmp_path_factory.mktemp("bad_out") / "out")
+    manifest = convert(src, out, max_res=MAX_RES, workers=2, shard_size=7, progress=False)
+    return out, manifest
+
+
+def _sources(out: str, split: str) -> list[tuple[int, str]]:
+    with open(os.path.join(out, "sources", f"{split}.tsv")) as f:
+        rows = [line.split("\t") for line in f.read().splitlines()[1:]]
+    return [(int(r[1]), r[2]) for r in rows]
+
+
+def _expected_order(out: str, manifest: dict, split: str) -> list[tuple[int, str]]:
+    """(label, source path) of each output sample, in output order."""
+    sources = _sources(out, split)
+    return [sources[i] for i in manifest["splits"][split]["permutation"]]
+
+
+def _tar_samples(out: str, manifest: dict, split: str) -> list[tuple[str, dict]]:
+    samples = []
+    for entry in manifest["formats"]["wds"][split]["files"]:
+        samples.extend(read_tar_samples(os.path.join(out, entry["path"])))
+    return samples
+
+
+def _beton_jpegs(path: str) -> tuple[list[bytes], np.ndarray]:
+    from ffcv.reader import Reader
+
+    reader = Reader(path)
+    image, labels = reader.metadata["f0"], reader.metadata["f1"]
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    with open(path, "rb") as f:
+        data = []
+        for ptr in image["data_ptr"].tolist():
+            f.seek(ptr)
+            data.append(f.read(sizes[ptr]))
+    return data, np.asarray(labels)
+
+
+def _reference(src_path: str) -> np.ndarray:
+    """What the converter should store for a good source, decoded: RGB (alpha on white), capped size."""
+    img = Image.open(src_path)
+    img.load()
+    if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        img = bg
+    elif img.mode.startswith("I"):
+        img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).astype(np.uint8)).convert("RGB")
+    else:
+        img = img.convert("RGB")
+    size = target_size(*img.size, MAX_RES)
+    return np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_each_input_has_its_documented_outcome(bad_tree, bad_out):
+    _, expected = bad_tree
+    out, manifest = bad_out
+    with open(os.path.join(out, "skipped.tsv")) as f:
+        rows = [line.split("\t") for line in f.read().splitlines()[1:]]
+    skipped = {path: reason for _, path, reason, _ in rows}
+    assert skipped == {p: r for p, r in expected.items() if r != "ok"}
+    assert all(detail for *_, detail in rows), "every skip carries a detail"
+    converted = {path for split in manifest["splits"] for _, path in _expected_order(out, manifest, split)}
+    assert converted == {p for p, r in expected.items() if r == "ok"}
+    # Reconciliation: converted + skipped = files seen, per split and in total.
+    for split, info in manifest["splits"].items():
+        seen = sum(1 for p in expected if p.startswith(split + "/"))
+        assert info["seen"] == seen
+        assert info["count"] + info["skipped"] == seen
+    assert manifest["converted"] + manifest["skipped"]["count"] == manifest["seen"] == len(expected)
+    # The empty class keeps its index and is reported.
+    assert manifest["classes"][3] == "03_empty"
+    assert manifest["splits"]["train"]["class_counts"]["03_empty"] == 0
+    assert any("03_empty" in w and "empty" in w for w in manifest["warnings"])
+    assert any("03_empty" in w and "missing" in w for w in manifest["warnings"])  # val has no such folder
+
+
+def test_class_indices_and_file_order_match_torchvision(bad_tree, bad_out):
+    from torchvision.datasets import ImageFolder
+
+    src, _ = bad_tree
+    out, manifest = bad_out
+    # Every file counts, whatever its name: ImageFolder with an accept-all filter lists the same.
+    ref = ImageFolder(os.path.join(src, "train"), is_valid_file=lambda p: True, allow_empty=True)
+    assert manifest["classes"] == ref.classes
+    ours = [(os.path.join(src, path), label) for label, path in _sources(out, "train")]
+    assert ours == [(p, y) for p, y in ref.samples]
+
+
+def test_every_good_image_once_per_format_with_its_label(bad_tree, bad_out):
+    src, _ = bad_tree
+    out, manifest = bad_out
+    for split in ("train", "val"):
+        order = _expected_order(out, manifest, split)
+        assert len(order) == manifest["splits"][split]["count"]
+        labels = [label for label, _ in order]
+        assert labels != sorted(labels), "samples are shuffled, not sorted by class"
+        tar_samples = _tar_samples(out, manifest, split)
+        assert len(tar_samples) == len(order)
+        beton, beton_labels = _beton_jpegs(beton_path(out, split))
+        assert beton_labels.tolist() == labels
+        for (key, members), (label, path), beton_jpeg in zip(tar_samples, order, beton):
+            assert set(members) == {"jpg", "cls", "label"}
+            assert int(members["cls"][1]) == label
+            assert np.frombuffer(members["label"][1], dtype="<i8").tolist() == [label]
+            jpeg = members["jpg"][1]
+            assert jpeg == beton_jpeg, "both formats store the same bytes"
+            stored = Image.open(io.BytesIO(jpeg))
+            assert stored.format == "JPEG" and stored.mode == "RGB"
+            ref = _reference(os.path.join(src, path))
+            got = np.asarray(stored, dtype=np.float32)
+            assert got.shape == ref.shape
+            assert np.abs(got - ref).mean() < 20, f"{path}: stored image does not match its source"
+
+
+def test_image_rules_alpha_size_and_modes(bad_tree, bad_out):
+    out, manifest = bad_out
+    by_path = {path: i for i, (_, path) in enumerate(_expected_order(out, manifest, "train"))}
+    samples = _tar_samples(out, manifest, "train")
+
+    def stored(name: str) -> np.ndarray:
+        _, members = samples[by_path[name]]
+        return np.asarray(Image.open(io.BytesIO(members["jpg"][1])))
+
+    png = stored("train/00_h_stripes/png_alpha.JPEG")
+    assert png.shape == (30, 40, 3)
+    assert png[:, :16].min() > 240, "transparent pixels are composited on white"
+    assert stored("train/01_v_stripes/large.JPEG").shape == (29, 48, 3)  # 200x120 -> longer side 48
+    assert stored("train/01_v_stripes/tiny.JPEG").shape == (12, 20, 3)  # never upscaled
+    gray16 = stored("train/01_v_stripes/gray16.png")
+    assert abs(float(gray16.mean()) - 40000 / 256) < 3
+
+
+def test_strict_exit_code_and_rerun_is_a_no_op(bad_tree, bad_out):
+    src, _ = bad_tree
+    out, _ = bad_out
+    before = os.stat(os.path.join(out, "manifest.json")).st_mtime_ns
+    argv = [src, out, "--max-res", str(MAX_RES), "--shard-size", "7", "--workers", "2", "--no-progress"]
+    assert main(argv + ["--strict"]) == 1
+    assert main(argv) == 0
+    assert os.stat(os.path.join(out, "manifest.json")).st_mtime_ns == before, "finished output is left alone"
+    with pytest.raises(DataError, match="different conversion"):
+        convert(src, out, max_res=MAX_RES, quality=80, shard_size=7, progress=False)
+    with pytest.raises(DataError, match="strict"):
+        convert(src, out, max_res=MAX_RES, workers=2, shard_size=7, progress=False, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Read-back by the libraries the pipelines use
+
+
+def test_ffcv_loader_reads_the_beton(bad_out):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    out, manifest = bad_out
+    labels = [label for label, _ in _expected_order(out, manifest, "train")]
+    loader = Loader(
+        beton_path(out, "train"),
+        batch_size=8,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines={"image": [CenterCropRGBImageDecoder((24, 24), ratio=1.0)], "label": [IntDecoder()]},
+    )
+    got, pixels = [], []
+    for images, batch_labels in loader:
+        assert images.shape[1:] == (24, 24, 3)
+        got.extend(np.asarray(batch_labels).reshape(-1).tolist())
+        pixels.append(float(np.asarray(images).std()))
+    assert got == labels
+    assert min(pixels) > 5, "decoded images carry content"
+
+
+def test_dali_webdataset_reader_reads_the_shards(bad_out):
+    from nvidia.dali import fn, pipeline_def, types
+
+    out, manifest = bad_out
+    files = manifest["formats"]["wds"]["train"]["files"]
+    labels = [label for label, _ in _expected_order(out, manifest, "train")]
+
+    @pipeline_def(batch_size=len(labels), num_threads=1, device_id=None)
+    def wds_pipe():
+        jpegs, lab = fn.readers.webdataset(
+            paths=[os.path.join(out, f["path"]) for f in files],
+            index_paths=[os.path.join(out, f["index"]) for f in files],
+            ext=["jpg", "label"],
+            dtypes=[types.UINT8, types.INT64],
+            random_shuffle=False,
+        )
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB), lab
+
+    pipe = wds_pipe()
+    pipe.build()
+    images, lab = pipe.run()
+    assert [int(np.asarray(lab[i]).reshape(-1)[0]) for i in range(len(labels))] == labels
+    assert all(max(np.asarray(images[i]).shape[:2]) <= MAX_RES for i in range(len(labels)))
+
+
+def test_index_files_equal_dalis_wds2idx(bad_out, tmp_path):
+    wds2idx = pytest.importorskip("wds2idx")
+    out, manifest = bad_out
+    for entry in manifest["formats"]["wds"]["train"]["files"]:
+        theirs = str(tmp_path / "ref.idx")
+        with wds2idx.IndexCreator(os.path.join(out, entry["path"]), theirs, verbose=False) as creator:
+            creator.create_index()
+        with open(theirs, "rb") as a, open(os.path.join(out, entry["index"]), "rb") as b:
+            assert a.read() == b.read()
+        with open(theirs) as f:
+            assert len(parse_index(f.read())) == entry["count"]
+
+
+# ----------------------------------------------------------------------------------------------
+# --verify
+
+
+def test_verify_passes_then_catches_tampering(bad_out, tmp_path):
+    out, manifest = bad_out
+    assert verify(out) == []
+    assert main(["--verify", out, "--no-progress"]) == 0
+
+    # A flipped byte inside one stored JPEG of a shard.
+    bad = str(tmp_path / "tampered_jpeg")
+    shutil.copytree(out, bad)
+    first = manifest["formats"]["wds"]["train"]["files"][0]
+    with open(os.path.join(bad, first["index"])) as f:
+        idx = parse_index(f.read())
+    offset, size = idx[0].members["jpg"]
+    with open(os.path.join(bad, first["path"]), "r+b") as f:
+        f.seek(offset + size // 2)
+        byte = f.read(1)
+        f.seek(offset + size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    problems = verify(bad)
+    assert any("differ" in p for p in problems), problems
+    assert main(["--verify", bad, "--no-progress"]) == 1
+
+    # A relabelled sample: .cls and .label rewritten consistently, so only the manifest can tell.
+    relabel = str(tmp_path / "tampered_label")
+    shutil.copytree(out, relabel)
+    offset, _ = idx[0].members["label"]
+    cls_offset, _ = idx[0].members["cls"]
+    with open(os.path.join(relabel, first["path"]), "r+b") as f:
+        f.seek(cls_offset)
+        old = int(f.read(1))
+        new = (old + 1) % 3
+        f.seek(cls_offset)
+        f.write(str(new).encode())
+        f.seek(offset)
+        f.write(np.array(new, dtype="<i8").tobytes())
+    problems = verify(relabel)
+    assert any("expected" in p and "label" in p for p in problems), problems
+
+    # A truncated .beton and a missing shard.
+    broken = str(tmp_path / "tampered_files")
+    shutil.copytree(out, broken)
+    with open(beton_path(broken, "val"), "r+b") as f:
+        f.truncate(4096)
+    os.remove(os.path.join(broken, manifest["formats"]["wds"]["train"]["files"][-1]["path"]))
+    problems = verify(broken)
+    assert any("val.beton" in p for p in problems), problems
+    assert any("missing" in p for p in problems), problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Crash safety: kill -9 at random points, rerun, compare with an uninterrupted run
+
+
+def _tree_files(root: str) -> dict[str, str]:
+    found = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, root)] = path
+    return found
+
+
+def _stable_manifest(path: str) -> dict:
+    with open(path) as f:
+        m = json.load(f)
+    for key in ("elapsed_seconds", "encode_seconds", "resumed_chunks", "encoded_this_run"):
+        m.pop(key)
+    m["options"].pop("workers")
+    return m
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
+    src = str(tmp_path / "src")
+    make_dataset(src, train_per_class=24, val_per_class=6, size=96, num_classes=5, seed=3)
+    reference = str(tmp_path / "reference")
+    convert(src, reference, max_res=64, shard_size=8, workers=0, progress=False)
+
+    out = str(tmp_path / "out")
+    cmd = [
+        sys.executable,
+        "-m",
+        "supmae.cli",
+        "convert",
+        src,
+        out,
+        "--max-res",
+        "64",
+        "--shard-size",
+        "8",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
+    rng = random.Random(0)
+    work = os.path.join(out, ".work")
+    n_shards = -(-120 // 8) + -(-30 // 8)
+    # Kill points: after a random number of finished chunks (mid-encoding), while the .beton is
+    # being written (its temporary exists), and at a random instant.
+    plans = [
+        ("chunks", rng.randint(1, n_shards // 2)),
+        ("chunks", rng.randint(n_shards // 2, n_shards - 1)),
+        ("beton", None),
+        ("time", rng.uniform(0.5, 3.0)),
+    ]
+    kills = 0
+    for kind, arg in plans:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < 60:
+            if kind == "chunks":
+                done = (
+                    sum(
+                        len([n for n in names if n.endswith(".json") and ".tmp-" not in n])
+                        for _, _, names in os.walk(work)
+                    )
+                    if os.path.isdir(work)
+                    else 0
+                )
+                hit = done >= arg
+            elif kind == "beton":
+                ffcv_dir = os.path.join(out, "ffcv")
+                hit = os.path.isdir(ffcv_dir) and any(".tmp-" in n for n in os.listdir(ffcv_dir))
+            else:
+                hit = time.monotonic() - t0 >= arg
+            if hit:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.005)
+        proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing may be left, but never leak a worker
+        except ProcessLookupError:
+            pass
+        if os.path.exists(os.path.join(out, "manifest.json")):
+            break
+    assert kills >= 2, "the run finished before it could be interrupted"
+    final = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+
+    ours, theirs = _tree_files(out), _tree_files(reference)
+    assert sorted(ours) == sorted(theirs), "same files, no temporaries, no work state left"
+    for rel in ours:
+        if rel == "manifest.json":
+            assert _stable_manifest(ours[rel]) == _stable_manifest(theirs[rel])
+        else:
+            assert filecmp.cmp(ours[rel], theirs[rel], shallow=False), f"{rel} differs"
+    assert verify(out) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Unit rules of the image step
+
+
+def test_encode_rules_on_bytes():
+    big = _jpeg(_noise((1000, 600), 1))
+    enc = encode_bytes(big, max_res=100, quality=90)
+    assert (enc.width, enc.height) == (100, 60)
+    again = encode_bytes(big, max_res=100, quality=90)
+    assert enc.jpeg == again.jpeg, "deterministic bytes"
+    # The reduced-scale decode keeps the image close to a full decode + resize.
+    full = np.asarray(
+        Image.open(io.BytesIO(big)).convert("RGB").resize((100, 60), Image.Resampling.BICUBIC), np.float32
+    )
+    assert np.abs(np.asarray(Image.open(io.BytesIO(enc.jpeg)), np.float32) - full).mean() < 8
+    with pytest.raises(SkipImage) as info:
+        encode_bytes(_saved(Image.new("L", (300, 300)), "PNG"), max_res=64, quality=90, max_pixels=300 * 300 - 1)
+    assert info.value.code == "too-many-pixels"
+    assert target_size(300, 300, 512) == (300, 300)
+    assert target_size(301, 100, 300) == (300, 100)
+    assert DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS, "the guard follows Pillow's default"
+
+
+def test_bad_arguments_are_user_errors(tmp_path, synthetic_root):
+    with pytest.raises(DataError, match="formats"):
+        convert(synthetic_root, str(tmp_path / "o1"), formats=("ffcv", "tfrecord"), progress=False)
+    with pytest.raises(DataError, match="max-res"):
+        convert(synthetic_root, str(tmp_path / "o2"), max_res=0, progress=False)
+    with pytest.raises(DataError, match="splits"):
+        convert(synthetic_root, str(tmp_path / "o3"), splits=["test"], progress=False)
+    with pytest.raises(DataError, match="does not exist"):
+        convert(str(tmp_path / "nowhere"), str(tmp_path / "o4"), progress=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(DataError, match="not empty"):
+        convert(synthetic_root, str(tmp_path / "full"), progress=False)
+    with pytest.raises(DataError, match="inside the source"):
+        convert(synthetic_root, os.path.join(synthetic_root, "out"), progress=False)
+
+
+def test_single_split_folder_becomes_train_and_wds_only(tmp_path):
+    src = str(tmp_path / "flat")
+    make_dataset(src, train_per_class=3, val_per_class=0, size=32, num_classes=2, seed=5)
+    flat = os.path.join(src, "train")
+    out = str(tmp_path / "out")
+    manifest = convert(flat, out, formats=("wds",), workers=0, shard_size=4, progress=False)
+    assert list(manifest["splits"]) == ["train"]
+    assert manifest["splits"]["train"]["count"] == 6
+    assert set(manifest["formats"]) == {"wds"}
+    assert not os.path.exists(os.path.join(out, "ffcv")) and not os.path.exists(os.path.join(out, ".work"))
+    keys = [
+        k
+        for e in manifest["formats"]["wds"]["train"]["files"]
+        for k, _ in read_tar_samples(os.path.join(out, e["path"]))
+    ]
+    assert keys == sorted(keys) and len(set(keys)) == 6
+    assert verify(out) == []
+    counts = collections.Counter(label for label, _ in _expected_order(out, manifest, "train"))
+    assert counts == {0: 3, 1: 3}
+    with tarfile.open(os.path.join(out, manifest["formats"]["wds"]["train"]["files"][0]["path"])) as tar:
+        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
