@@ -1,1 +1,161 @@
-"""supmae package."""
+"""Data pipelines: one entry point, `build_pipeline`, three backends.
+
+- `ffcv`: the converter's `.beton`, crop fused into the JPEG decode on CPU threads.
+- `dali`: the converter's webdataset shards; decode + crop on the GPU (nvJPEG) when the device is
+  CUDA, the same pipeline definition on CPU operators otherwise.
+- `torchvision`: the paper-faithful reference (ImageFolder + PIL + DistributedSampler) on the raw
+  JPEG tree; the baseline every benchmark compares against.
+
+Each backend imports its library only when built; `available()` reports which can be.
+This package never imports `supmae`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+from pipelines.base import ConvertedDataset, Pipeline, check_args, epoch_plan, is_converted, resolve_device
+from pipelines.constants import (
+    CROP_PCT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RRC_RATIO,
+    RRC_SCALE,
+    SPLITS,
+    beton_path,
+    wds_dir,
+)
+from pipelines.errors import DataError
+
+KINDS = ("ffcv", "dali", "torchvision")
+_LIBRARY = {"ffcv": "ffcv", "dali": "nvidia.dali", "torchvision": "torchvision"}
+
+__all__ = [
+    "CROP_PCT",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "KINDS",
+    "RRC_RATIO",
+    "RRC_SCALE",
+    "SPLITS",
+    "DataError",
+    "Pipeline",
+    "available",
+    "beton_path",
+    "build_pipeline",
+    "epoch_plan",
+    "wds_dir",
+]
+
+
+def available(kind: str) -> str | None:
+    """None when `kind` can be built here, else the reason it cannot (its library is missing)."""
+    if kind not in KINDS:
+        return f"unknown pipeline '{kind}'"
+    name = _LIBRARY[kind]
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"the '{name}' package is not installed"
+
+
+def build_pipeline(
+    kind: str,
+    path: str,
+    split: str = "train",
+    batch_size: int = 64,
+    img_size: int = 224,
+    device: Any = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 2,
+    train: bool | None = None,
+    scale: tuple[float, float] = RRC_SCALE,
+    color_jitter: float = 0.0,
+    randaugment: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    drop_last: bool | None = None,
+    os_cache: bool = True,
+    batches_ahead: int = 3,
+    **backend_kw: Any,
+) -> Pipeline:
+    """A loader yielding `(images [B, 3, img_size, img_size] normalised with the ImageNet mean/std
+    in `dtype`, labels int64 [B])`, both on `device`.
+
+    `train` (default: split == "train") applies RandomResizedCrop(img_size, scale, ratio 3/4..4/3)
+    + horizontal flip (+ colour jitter / RandAugment when asked); otherwise the shorter side is
+    resized to img_size / 0.875 and the centre img_size square kept. `drop_last` (default: train)
+    drops the last partial batch. `len()` is the number of batches per epoch, equal on every rank;
+    `set_epoch(e)` selects epoch e's seeded order. Backend options (`**backend_kw`):
+    ffcv `dct_scale`; dali `hw_decoder_load`, `initial_fill`; torchvision `pin_memory`.
+    Raises DataError (one line, naming the file) for a missing or unreadable dataset."""
+    if kind not in KINDS:
+        raise DataError(f"unknown pipeline '{kind}' (choose from {', '.join(KINDS)})")
+    reason = available(kind)
+    if reason:
+        raise DataError(f"the {kind} pipeline is unavailable: {reason}")
+    train = (split == "train") if train is None else bool(train)
+    drop_last = train if drop_last is None else bool(drop_last)
+    scale = (float(scale[0]), float(scale[1]))
+    check_args(
+        batch_size=batch_size,
+        img_size=img_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        scale=scale,
+        color_jitter=color_jitter,
+        dtype=dtype,
+        batches_ahead=batches_ahead,
+    )
+    dev = resolve_device(device)
+    common: dict[str, Any] = {
+        "split": split,
+        "batch_size": int(batch_size),
+        "img_size": int(img_size),
+        "device": dev,
+        "rank": int(rank),
+        "world_size": int(world_size),
+        "seed": int(seed),
+        "num_workers": int(num_workers),
+        "train": train,
+        "scale": scale,
+        "color_jitter": float(color_jitter),
+        "randaugment": randaugment or None,
+        "dtype": dtype,
+        "drop_last": drop_last,
+        "batches_ahead": int(batches_ahead),
+    }
+    if kind == "torchvision":
+        from pipelines.torchvision_pipeline import TorchvisionPipeline
+
+        return TorchvisionPipeline(path, **common, os_cache=bool(os_cache), **backend_kw)
+
+    dataset = ConvertedDataset(path)
+    dataset.count(split)  # the split must exist in the manifest
+    if kind == "ffcv":
+        from pipelines.ffcv_pipeline import FfcvPipeline
+
+        return FfcvPipeline(
+            dataset.root, **common, os_cache=bool(os_cache), num_classes=len(dataset.classes), **backend_kw
+        )
+    from pipelines.dali_pipeline import DaliPipeline
+
+    return DaliPipeline(
+        dataset.root,
+        **common,
+        os_cache=bool(os_cache),
+        num_total=dataset.count(split),
+        num_classes=len(dataset.classes),
+        **backend_kw,
+    )
+
+
+def is_converted_dataset(path: str) -> bool:
+    """True when `path` holds a converted dataset's manifest."""
+    return is_converted(path)

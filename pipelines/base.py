@@ -1,0 +1,247 @@
+"""What every data pipeline shares: the interface, the per-rank epoch plan, the reading of a
+converted dataset's manifest, and the fused normalisation.
+
+Shape legend: B batch, H/W image height/width, C = 3 channels.
+
+Epoch plan (identical for every backend, so that `__len__` agrees between ranks and backends):
+with N samples in the split, S ranks and batch B,
+  drop_last=True:  every rank sees N // S samples, (N // S) // B full batches; the ranks' sets are
+                   disjoint and the remainder (at most S - 1 + S * (B - 1) samples) is dropped.
+  drop_last=False: every rank sees ceil(N / S) samples (a few repeated to even the ranks out, as
+                   torch's DistributedSampler does) in ceil(ceil(N / S) / B) batches, the last
+                   one partial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.constants import CLASSES_FILE, IMAGENET_MEAN, IMAGENET_STD, MANIFEST_FILE
+from pipelines.errors import DataError
+
+
+class Pipeline:
+    """A loader yielding `(images [B, 3, H, W] normalised, labels int64 [B])` on `device`.
+
+    Iterating starts the epoch set by `set_epoch` (or the one after the previous iteration when
+    `set_epoch` was not called, as FFCV's loader does); the order is a function of
+    `(seed, epoch)` only, so the same seed replays the same order.
+    """
+
+    kind: str = ""
+
+    def __init__(
+        self,
+        *,
+        num_total: int,
+        num_classes: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.num_total = num_total
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.seed = seed
+        self.device = device
+        self.dtype = dtype
+        self.num_samples, self._num_batches = epoch_plan(num_total, world_size, batch_size, drop_last)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration reads (its order and its augmentation seeds)."""
+        if epoch < 0:
+            raise DataError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def _start_epoch(self) -> int:
+        """The epoch this iteration reads; the next iteration defaults to the one after it."""
+        epoch = self.epoch
+        self.epoch = epoch + 1
+        return epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(kind={self.kind!r}, samples/rank={self.num_samples}, batches={len(self)}, "
+            f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, device={self.device})"
+        )
+
+
+def epoch_plan(num_total: int, world_size: int, batch_size: int, drop_last: bool) -> tuple[int, int]:
+    """(samples this rank yields per epoch, batches per epoch), the same on every rank."""
+    if drop_last:
+        per_rank = num_total // world_size
+        batches = per_rank // batch_size
+        return batches * batch_size, batches
+    per_rank = math.ceil(num_total / world_size)
+    return per_rank, math.ceil(per_rank / batch_size)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed mixing `parts` (seed, epoch, rank, ...), stable across runs and platforms."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def rank_order(
+    num_total: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool
+) -> np.ndarray:
+    """Sample indices this rank reads in `epoch` (FFCV's traversal order).
+
+    One permutation of all samples per (seed, epoch), shared by every rank, is cut into S
+    equal contiguous pieces, so the ranks' sets are disjoint and together cover the epoch."""
+    order = np.arange(num_total, dtype=np.int64)
+    if shuffle:
+        order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_total)
+    per_rank = num_total // world_size if drop_last else math.ceil(num_total / world_size)
+    if not drop_last:
+        # Pad by wrapping around so that every rank gets ceil(N / S) samples.
+        order = np.resize(order, per_rank * world_size)
+    return order[rank * per_rank : (rank + 1) * per_rank]
+
+
+class ConvertedDataset:
+    """The manifest and class list of a directory written by `supmae convert`."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        if not os.path.exists(self.root):
+            raise DataError(f"dataset path does not exist: {self.root}")
+        if not os.path.isdir(self.root):
+            raise DataError(f"dataset path is not a directory: {self.root}")
+        manifest_path = os.path.join(self.root, MANIFEST_FILE)
+        if not os.path.isfile(manifest_path):
+            raise DataError(f"not a converted dataset (no {MANIFEST_FILE}; run 'supmae convert' first): {self.root}")
+        self.manifest = _read_json(manifest_path, dict)
+        classes_path = os.path.join(self.root, CLASSES_FILE)
+        if os.path.isfile(classes_path):
+            self.classes = [str(c) for c in _read_json(classes_path, list)]
+        elif isinstance(self.manifest.get("classes"), list):
+            self.classes = [str(c) for c in self.manifest["classes"]]
+        else:
+            raise DataError(f"converted dataset has no class list ({CLASSES_FILE}): {self.root}")
+        splits = self.manifest.get("splits")
+        if not isinstance(splits, dict):
+            raise DataError(f"manifest has no 'splits' table: {manifest_path}")
+        self.splits: dict[str, Any] = splits
+
+    def count(self, split: str) -> int:
+        if split not in self.splits:
+            known = ", ".join(sorted(self.splits)) or "none"
+            raise DataError(f"split '{split}' is not in {os.path.join(self.root, MANIFEST_FILE)} (splits: {known})")
+        try:
+            return int(self.splits[split]["count"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"manifest split '{split}' has no sample count: {self.root}") from None
+
+    @property
+    def source_root(self) -> str | None:
+        src = self.manifest.get("source_root")
+        return str(src) if src else None
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST_FILE))
+
+
+def _read_json(path: str, kind: type) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise DataError(f"not valid JSON ({exc.msg}, line {exc.lineno}): {path}") from None
+    if not isinstance(value, kind):
+        raise DataError(f"expected a JSON {kind.__name__} in {path}")
+    return value
+
+
+class Normalizer:
+    """uint8 images [B, 3, H, W] (any memory layout) -> (x / 255 - mean) / std in `dtype`, as ONE
+    fused elementwise op (`addcmul`: bias + x * scale) writing a fresh contiguous tensor."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(device)
+        self.bias = (-mean / std).view(1, 3, 1, 1).to(device)
+        self.dtype = dtype
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(images.shape, dtype=self.dtype, device=images.device)  # [B, 3, H, W] contiguous
+        return torch.addcmul(self.bias, images, self.scale, out=out)
+
+
+def resolve_device(device: Any) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DataError(f"not a device: {device!r} (use 'cpu', 'cuda' or 'cuda:N')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise DataError(f"unsupported device {device!r}: the pipelines deliver to 'cpu' or 'cuda'")
+    return dev
+
+
+def check_args(
+    *,
+    batch_size: int,
+    img_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    scale: tuple[float, float],
+    color_jitter: float,
+    dtype: torch.dtype,
+    batches_ahead: int,
+) -> None:
+    """Reject impossible settings with a message naming the setting."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if img_size < 8:
+        raise DataError(f"img_size must be >= 8, got {img_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(
+            f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}"
+        )
+    if num_workers < 0:
+        raise DataError(f"num_workers must be >= 0, got {num_workers}")
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise DataError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(scale)}")
+    if color_jitter < 0:
+        raise DataError(f"color_jitter must be >= 0, got {color_jitter}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise DataError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if batches_ahead < 1:
+        raise DataError(f"batches_ahead must be >= 1, got {batches_ahead}")
+
+
+def reject_unknown(kind: str, backend_kw: dict[str, Any], known: tuple[str, ...]) -> None:
+    unknown = sorted(set(backend_kw) - set(known))
+    if unknown:
+        accepted = ", ".join(known) or "none"
+        raise DataError(f"the {kind} pipeline does not take option(s) {', '.join(unknown)} (it takes: {accepted})")

@@ -1,0 +1,309 @@
+"""DALI backend: reads the converter's webdataset shards (with their DALI index files).
+
+One pipeline definition, `define_graph(placement, ...)`, serves both placements:
+  placement "gpu": JPEG decode + random crop on the GPU (nvJPEG, `device="mixed"`, hardware
+                   decoder share `hw_decoder_load`), resize and crop_mirror_normalize on the GPU;
+                   torch receives the output through DLPack, with no host copy.
+  placement "cpu": the same operators with `device_id=None` and the decoder on "cpu", so CI runs
+                   the very graph the GPU runs.
+
+Per batch (B images, output side S):
+  <key>.jpg bytes --decode + random crop (area `scale`, ratio 3/4..4/3)--> uint8 [h, w, 3] each
+  --resize to S x S--> --crop_mirror_normalize (flip, mean/std, HWC->CHW)--> float [B, 3, S, S]
+  <key>.label (little-endian int64) --> int64 [B, 1] --> [B]
+
+Epochs and order. DALI's reader shuffles inside its buffer (`random_shuffle`, `initial_fill`) and
+with `shuffle_after_epoch` visits the tar shards in a new order each epoch, cut between ranks by
+`shard_id`/`num_shards`. The buffer and that shard order carry over from one epoch to the next,
+so a running reader cannot jump to "epoch e". We therefore build a fresh DALI pipeline at the
+start of each epoch, seeded from (seed, epoch): the shard order (same seed on every rank, so the
+ranks' pieces stay disjoint), the buffer shuffle and the augmentation seeds (per rank). The same
+seed and epoch give the same order; a new epoch gives a new one. The rebuild costs well under a
+second, once per epoch. Each rank then reads exactly `len(self)` batches (the plan in
+pipelines/base.py), so `__len__` agrees between ranks even when the reader's shards differ by one
+sample; with drop_last=False the last batch is cut to the plan's remainder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from pipelines.base import Normalizer, Pipeline, derive_seed, reject_unknown
+from pipelines.constants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, WDS_IMAGE_EXT, WDS_LABEL_EXT, wds_dir
+from pipelines.errors import DataError
+
+BACKEND_OPTIONS = ("hw_decoder_load", "initial_fill", "preallocate_hint")
+READER_NAME = "reader"
+
+
+def _import_dali() -> Any:
+    try:
+        import nvidia.dali
+    except ImportError as exc:
+        raise DataError(
+            f"the dali pipeline needs NVIDIA DALI ('nvidia.dali'), which cannot be imported: {exc}"
+        ) from None
+    import nvidia.dali
+
+    return nvidia.dali
+
+
+def find_shards(root: str, split: str) -> tuple[list[str], list[str]]:
+    """(tar shards, their DALI index files) of `split`, sorted; DataError naming what is missing."""
+    folder = wds_dir(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"webdataset shards not found: {folder} (convert the dataset with --formats wds)")
+    tars = sorted(glob.glob(os.path.join(folder, "*.tar")))
+    if not tars:
+        raise DataError(f"no .tar shards in {folder}")
+    indexes = []
+    for tar in tars:
+        idx = tar[: -len(".tar")] + ".idx"
+        if not os.path.isfile(idx):
+            raise DataError(f"shard has no DALI index file: {tar} (expected {idx}; make it with wds2idx)")
+        if not os.access(tar, os.R_OK) or not os.access(idx, os.R_OK):
+            raise DataError(f"shard or its index is not readable: {tar}")
+        indexes.append(idx)
+    return tars, indexes
+
+
+def define_graph(
+    placement: str,
+    *,
+    files: list[str],
+    index_files: list[str],
+    train: bool,
+    img_size: int,
+    scale: tuple[float, float],
+    color_jitter: float,
+    out_dtype: torch.dtype,
+    shard_id: int,
+    num_shards: int,
+    reader_seed: int,
+    shard_order_seed: int,
+    initial_fill: int,
+    os_cache: bool,
+    prefetch: int,
+    hw_decoder_load: float,
+    preallocate_hint: int,
+) -> tuple[Any, Any]:
+    """The DALI graph, to be called inside a `Pipeline` context. Only `placement` ("cpu" or "gpu")
+    decides where operators run; everything else is the same for both.
+
+    Returns (images, labels): images [B, 3, S, S] normalised in `out_dtype` (float32/float16), or
+    uint8 unnormalised when `out_dtype` is bfloat16 (DALI has no bfloat16; torch normalises then);
+    labels int64 [B, 1]."""
+    from nvidia.dali import fn, types
+
+    if placement not in ("cpu", "gpu"):
+        raise ValueError(f"placement must be 'cpu' or 'gpu', got {placement!r}")
+    gpu = placement == "gpu"
+    # DALI warns about a shard-order seed without shard-order shuffling: pass it only when used.
+    shard_order = {"shuffle_after_epoch_seed": shard_order_seed} if train else {}
+    jpegs, labels = fn.readers.webdataset(
+        paths=files,
+        index_paths=index_files,
+        ext=[WDS_IMAGE_EXT, WDS_LABEL_EXT],
+        dtypes=[types.UINT8, types.INT64],
+        missing_component_behavior="error",
+        random_shuffle=train,
+        initial_fill=initial_fill,
+        seed=reader_seed,
+        shuffle_after_epoch=train,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=False,
+        dont_use_mmap=not os_cache,
+        prefetch_queue_depth=prefetch,
+        name=READER_NAME,
+        **shard_order,
+    )
+    decode_device = "mixed" if gpu else "cpu"
+    # Hardware-decoder share and preallocation exist on the mixed (GPU) decoder only.
+    gpu_decoder_args: dict[str, Any] = {}
+    if gpu:
+        gpu_decoder_args = {
+            "hw_decoder_load": hw_decoder_load,
+            "preallocate_width_hint": preallocate_hint,
+            "preallocate_height_hint": preallocate_hint,
+            "device_memory_padding": 211025920,
+            "host_memory_padding": 140544512,
+        }
+    if train:
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device=decode_device,
+            output_type=types.RGB,
+            random_area=list(scale),
+            random_aspect_ratio=list(RRC_RATIO),
+            num_attempts=10,
+            **gpu_decoder_args,
+        )
+        images = fn.resize(
+            images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_LINEAR, antialias=True
+        )
+        if color_jitter > 0:
+            lo, hi = max(0.0, 1.0 - color_jitter), 1.0 + color_jitter
+            images = fn.color_twist(
+                images,
+                brightness=fn.random.uniform(range=[lo, hi]),
+                contrast=fn.random.uniform(range=[lo, hi]),
+                saturation=fn.random.uniform(range=[lo, hi]),
+            )
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **gpu_decoder_args)
+        images = fn.resize(
+            images, resize_shorter=int(img_size / CROP_PCT), interp_type=types.INTERP_LINEAR, antialias=True
+        )
+        mirror = 0
+    if out_dtype == torch.bfloat16:
+        images = fn.crop_mirror_normalize(
+            images, dtype=types.UINT8, output_layout="CHW", crop=(img_size, img_size), mirror=mirror
+        )
+    else:
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT,
+            output_layout="CHW",
+            crop=(img_size, img_size),
+            mean=[255.0 * m for m in IMAGENET_MEAN],
+            std=[255.0 * s for s in IMAGENET_STD],
+            mirror=mirror,
+        )
+    if gpu:
+        labels = labels.gpu()
+    return images, labels
+
+
+class DaliPipeline(Pipeline):
+    kind = "dali"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        split: str,
+        batch_size: int,
+        img_size: int,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int,
+        train: bool,
+        scale: tuple[float, float],
+        color_jitter: float,
+        randaugment: str | None,
+        dtype: torch.dtype,
+        drop_last: bool,
+        os_cache: bool,
+        batches_ahead: int,
+        num_total: int,
+        num_classes: int,
+        **backend_kw: Any,
+    ) -> None:
+        reject_unknown(self.kind, backend_kw, BACKEND_OPTIONS)
+        if randaugment:
+            raise DataError(
+                "randaugment is supported by the torchvision pipeline only (DALI pipeline: use "
+                "color_jitter or the torchvision pipeline)"
+            )
+        _import_dali()
+        self.files, self.index_files = find_shards(path, split)
+        super().__init__(
+            num_total=num_total,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+        self.placement = "gpu" if device.type == "cuda" else "cpu"
+        self.train = train
+        self.num_threads = max(1, num_workers)
+        self.prefetch = batches_ahead
+        self.graph_args: dict[str, Any] = {
+            "files": self.files,
+            "index_files": self.index_files,
+            "train": train,
+            "img_size": img_size,
+            "scale": tuple(scale),
+            "color_jitter": color_jitter,
+            "out_dtype": dtype,
+            "shard_id": rank,
+            "num_shards": world_size,
+            "initial_fill": int(backend_kw.get("initial_fill", 1024)),
+            "os_cache": os_cache,
+            "prefetch": batches_ahead,
+            "hw_decoder_load": float(backend_kw.get("hw_decoder_load", 0.65)),
+            "preallocate_hint": int(backend_kw.get("preallocate_hint", 0)),
+        }
+        self._normalize = Normalizer(device, dtype) if dtype == torch.bfloat16 else None
+        # Build epoch 0 now so that unreadable shards fail here, not in the training loop.
+        self._pipe: Any = None
+        self._pipe_epoch = -1
+        self._pipe_fresh = False
+        self._pipe = self._build(self.epoch)
+        reader_size = int(self._pipe.epoch_size(READER_NAME))
+        if reader_size != num_total:
+            raise DataError(
+                f"the shards in {wds_dir(path, split)} hold {reader_size} samples but the manifest says "
+                f"{num_total}; re-run the conversion"
+            )
+
+    def _build(self, epoch: int) -> Any:
+        from nvidia.dali import Pipeline as DaliGraph
+
+        pipe = DaliGraph(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device.index if self.placement == "gpu" else None,
+            seed=derive_seed(self.seed, epoch, self.rank, 1),
+            prefetch_queue_depth=self.prefetch,
+        )
+        with pipe:
+            images, labels = define_graph(
+                self.placement,
+                reader_seed=derive_seed(self.seed, epoch, self.rank, 2),
+                shard_order_seed=derive_seed(self.seed, epoch, 3),
+                **self.graph_args,
+            )
+            pipe.set_outputs(images, labels)
+        try:
+            pipe.build()
+        except RuntimeError as exc:
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise DataError(f"DALI cannot read the shards in {os.path.dirname(self.files[0])}: {first}") from None
+        self._pipe_epoch = epoch
+        self._pipe_fresh = True
+        return pipe
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self._start_epoch()
+        if not (self._pipe_fresh and self._pipe_epoch == epoch):
+            self._pipe = None  # release the previous epoch's threads and buffers before building anew
+            self._pipe = self._build(epoch)
+        pipe, self._pipe_fresh = self._pipe, False
+        remaining = self.num_samples
+        for _ in range(len(self)):
+            images_tl, labels_tl = pipe.run()
+            take = min(self.batch_size, remaining)
+            remaining -= take
+            with torch.cuda.device(self.device) if self.placement == "gpu" else contextlib.nullcontext():
+                images = torch.from_dlpack(images_tl.as_tensor())  # [B, 3, S, S], DALI's buffer, no copy
+                labels = torch.from_dlpack(labels_tl.as_tensor()).view(-1)  # [B]
+            if take < self.batch_size:
+                images, labels = images[:take], labels[:take]
+            if self._normalize is not None:
+                images = self._normalize(images)
+            yield images, labels

@@ -1,0 +1,209 @@
+"""torchvision backend: the reference loader, as MAE / SupMAE pretraining runs it.
+
+`ImageFolder` on the raw JPEG tree, PIL decode, RandomResizedCrop(bicubic) + horizontal flip
+(+ ColorJitter, or timm's RandAugment via `create_transform`), ToTensor, Normalize in the worker
+processes; torch's `DistributedSampler` (`set_epoch`) splits and shuffles; pinned memory when the
+device is CUDA. Validation: Resize(int(img_size / 0.875), bicubic) + CenterCrop(img_size).
+
+It is the baseline every loader benchmark compares against, so it stays plain on purpose.
+
+`path` is a converted directory (its manifest's `source_root` names the raw tree, and its class
+list must match the tree's) or an ImageFolder root: `path/<split>/<class>/...` or, for the split
+"train", `path/<class>/...`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from pipelines.base import ConvertedDataset, Pipeline, derive_seed, is_converted, reject_unknown
+from pipelines.constants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, SKIPPED_FILE
+from pipelines.errors import DataError
+
+BACKEND_OPTIONS = ("pin_memory",)
+
+
+def image_root(path: str, split: str) -> str:
+    """The ImageFolder directory of `split` under a raw tree `path`."""
+    if not os.path.isdir(path):
+        raise DataError(f"dataset path does not exist or is not a directory: {path}")
+    candidate = os.path.join(path, split)
+    if os.path.isdir(candidate):
+        return candidate
+    if split == "train":
+        return path  # a single-split tree: path/<class>/<image>
+    raise DataError(f"no '{split}' folder in {path}")
+
+
+def _skipped_files(root: str, source_root: str) -> set[str]:
+    """Absolute paths the converter listed in skipped.tsv (unreadable inputs), to leave out too."""
+    listing = os.path.join(root, SKIPPED_FILE)
+    skipped: set[str] = set()
+    if not os.path.isfile(listing):
+        return skipped
+    with open(listing, encoding="utf-8") as f:
+        for line in f:
+            first = line.rstrip("\n").split("\t")[0].strip()
+            if not first or first.startswith("#") or first == "path":
+                continue
+            skipped.add(os.path.normpath(first if os.path.isabs(first) else os.path.join(source_root, first)))
+    return skipped
+
+
+def build_transform(
+    train: bool, img_size: int, scale: tuple[float, float], color_jitter: float, randaugment: str | None
+) -> Any:
+    """The reference transform: PIL image -> normalised float32 [3, S, S]."""
+    from torchvision import transforms as T
+
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    bicubic = T.InterpolationMode.BICUBIC
+    if not train:
+        return T.Compose(
+            [T.Resize(int(img_size / CROP_PCT), interpolation=bicubic), T.CenterCrop(img_size), T.ToTensor(), normalize]
+        )
+    if randaugment:
+        if color_jitter > 0:
+            raise DataError(
+                "color_jitter and randaugment cannot be combined (timm skips colour jitter under "
+                "RandAugment); set one of them"
+            )
+        from timm.data import create_transform
+
+        try:
+            return create_transform(
+                img_size,
+                is_training=True,
+                scale=tuple(scale),
+                ratio=RRC_RATIO,
+                hflip=0.5,
+                color_jitter=0.0,
+                auto_augment=randaugment,
+                interpolation="bicubic",
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                re_prob=0.0,
+            )
+        except (AssertionError, ValueError, KeyError, IndexError) as exc:
+            raise DataError(f"not a timm RandAugment spec: {randaugment!r} ({exc})") from None
+    steps = [
+        T.RandomResizedCrop(img_size, scale=tuple(scale), ratio=RRC_RATIO, interpolation=bicubic),
+        T.RandomHorizontalFlip(),
+    ]
+    if color_jitter > 0:
+        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    return T.Compose([*steps, T.ToTensor(), normalize])
+
+
+class TorchvisionPipeline(Pipeline):
+    kind = "torchvision"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        split: str,
+        batch_size: int,
+        img_size: int,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int,
+        train: bool,
+        scale: tuple[float, float],
+        color_jitter: float,
+        randaugment: str | None,
+        dtype: torch.dtype,
+        drop_last: bool,
+        batches_ahead: int,
+        os_cache: bool = True,
+        **backend_kw: Any,
+    ) -> None:
+        reject_unknown(self.kind, backend_kw, BACKEND_OPTIONS)
+        if not os_cache:
+            raise DataError(
+                "os_cache=False applies to the ffcv and dali pipelines; torchvision always reads the "
+                "JPEG files through the OS page cache"
+            )
+        from torch.utils.data import DataLoader, DistributedSampler
+        from torchvision.datasets import ImageFolder
+
+        skipped: set[str] = set()
+        expected_classes = None
+        if os.path.exists(path) and is_converted(path):
+            converted = ConvertedDataset(path)
+            source = converted.source_root
+            if not source:
+                raise DataError(
+                    f"manifest of {converted.root} has no 'source_root': the torchvision pipeline "
+                    "reads the raw JPEG tree"
+                )
+            if not os.path.isdir(source):
+                raise DataError(f"raw JPEG tree named by {converted.root}'s manifest is missing: {source}")
+            skipped = _skipped_files(converted.root, source)
+            expected_classes = converted.classes
+            folder = image_root(source, split)
+        else:
+            folder = image_root(os.path.abspath(path), split)
+
+        def valid(p: str) -> bool:
+            return p.lower().endswith((".jpg", ".jpeg", ".png")) and os.path.normpath(p) not in skipped
+
+        transform = build_transform(train, img_size, scale, color_jitter, randaugment)
+        try:
+            dataset = ImageFolder(folder, transform=transform, is_valid_file=valid)
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"no images in {folder}: {exc}") from None
+        if expected_classes is not None and list(dataset.classes) != list(expected_classes):
+            raise DataError(
+                f"class folders of {folder} differ from the converted dataset's class list "
+                f"({len(dataset.classes)} vs {len(expected_classes)} classes)"
+            )
+        super().__init__(
+            num_total=len(dataset),
+            num_classes=len(dataset.classes),
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+        self.folder = folder
+        self.dataset = dataset
+        self.train = train
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=drop_last
+        )
+        # Seeds the workers' augmentation RNGs; re-seeded per epoch so an epoch replays exactly.
+        self._generator = torch.Generator()
+        pin = bool(backend_kw.get("pin_memory", device.type == "cuda"))
+        extra: dict[str, Any] = {"prefetch_factor": batches_ahead} if num_workers > 0 else {}
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=pin,
+            drop_last=drop_last,
+            generator=self._generator,
+            **extra,
+        )
+        assert len(self.loader) == len(self), (len(self.loader), len(self))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self._start_epoch()
+        self.sampler.set_epoch(epoch)
+        self._generator.manual_seed(derive_seed(self.seed, epoch, self.rank))
+        non_blocking = self.device.type == "cuda"
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=non_blocking)  # [B, 3, S, S] float32, normalised
+            if images.dtype != self.dtype:
+                images = images.to(self.dtype)
+            yield images, labels.to(self.device, non_blocking=non_blocking)
