@@ -321,8 +321,8 @@ def build_deit(arch: Arch, device: torch.device, batch_size: int, dtype: torch.d
     return _build_supervised(
         "deit", arch, device, batch_size, dtype, global_pool="token", lr=5e-4 * batch_size / 512,
         betas=(0.9, 0.999), weight_decay=0.05,
-        notes="RandAugment and random erasing are loader (CPU) augmentations: not in the step, and not "
-        "run at all with synthetic data",
+        notes="RandAugment and random erasing are loader (CPU) augmentations, not part of the step; they are "
+        "not run here (synthetic data, or a pipeline with the pretraining crop + flip)",
     )
 
 
@@ -330,7 +330,7 @@ def build_mae_scratch(arch: Arch, device: torch.device, batch_size: int, dtype: 
     return _build_supervised(
         "mae_scratch", arch, device, batch_size, dtype, global_pool="avg", lr=1e-4 * batch_size / 256,
         betas=(0.9, 0.95), weight_decay=0.3, ema=0.9999,
-        notes="RandAugment runs in the loader (CPU): not run with synthetic data",
+        notes="RandAugment is a loader (CPU) augmentation, not part of the step; not run here",
     )
 
 
@@ -338,7 +338,7 @@ def build_finetune(arch: Arch, device: torch.device, batch_size: int, dtype: tor
     return _build_supervised(
         "finetune", arch, device, batch_size, dtype, global_pool="avg", lr=1e-3 * batch_size / 256,
         betas=(0.9, 0.999), weight_decay=0.05, layer_decay=0.65,
-        notes="RandAugment and random erasing run in the loader (CPU): not run with synthetic data",
+        notes="RandAugment and random erasing are loader (CPU) augmentations, not part of the step; not run here",
     )
 
 

@@ -13,6 +13,7 @@ later epochs exist the projection uses only those, and says so.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -80,7 +81,18 @@ def project(
         epoch_images = num_images
     else:
         epoch_seconds = statistics.fmean(r["epoch_seconds"] for r in used)
-    wall_hours = epoch_seconds * total_epochs / 3600.0
+    # Evaluation and checkpointing happen between epochs, outside epoch_seconds: measure that gap from
+    # the cumulative elapsed time of consecutive epochs, and count it, because it is paid for too.
+    used_ids = {int(r["epoch"]) for r in used}
+    gaps = [
+        cur["elapsed_seconds"] - prev["elapsed_seconds"] - cur["epoch_seconds"]
+        for prev, cur in itertools.pairwise(epochs)
+        if int(cur["epoch"]) == int(prev["epoch"]) + 1 and int(cur["epoch"]) in used_ids
+        and "elapsed_seconds" in cur and "elapsed_seconds" in prev
+    ]
+    overhead = max(0.0, statistics.fmean(gaps)) if gaps else 0.0
+    training_hours = epoch_seconds * total_epochs / 3600.0
+    wall_hours = (epoch_seconds + overhead) * total_epochs / 3600.0
     device_hours = wall_hours * world
     waits = [r["data_wait_frac"] for r in used if "data_wait_frac" in r]
     last = epochs[-1]
@@ -98,6 +110,8 @@ def project(
         "total_epochs_source": total_source,
         "world_size": world,
         "device": last.get("device", "unknown"),
+        "between_epoch_seconds": overhead if gaps else None,
+        "projected_training_hours": training_hours,
         "projected_wall_hours": wall_hours,
         "projected_device_hours": device_hours,
         "price_per_gpu_hour": price_per_gpu_hour,
@@ -148,6 +162,11 @@ def render_markdown(run_dir: str, config: dict[str, Any], epochs: list[dict[str,
                      "--num-images is given")
     lines += [
         f"- recipe length: {fig['total_epochs']} epochs ({fig['total_epochs_source']})",
+        "- time between epochs (evaluation, checkpoint): "
+        + (f"{fig['between_epoch_seconds']:.2f} s per epoch, included below"
+           if fig["between_epoch_seconds"] is not None else "not measurable from this log (needs two consecutive "
+           "epochs after the warm-up one); not included"),
+        f"- projected training time alone: {fig['projected_training_hours']:.3f} h",
         (f"- projected wall-clock: {fig['projected_wall_hours']:.3f} h; device-hours: "
         f"{fig['projected_device_hours']:.3f} ({fig['world_size']} device(s))"),
         f"- projected cost: {money}",
@@ -208,6 +227,7 @@ def write_plot(path: str, epochs: list[dict[str, Any]], steps: list[dict[str, An
     ax2.bar([int(r["epoch"]) for r in epochs], [r["epoch_seconds"] for r in epochs], color=colors)
     ax2.axhline(statistics.fmean(r["epoch_seconds"] for r in epochs if int(r["epoch"]) in used),
                 color="black", linestyle=":", linewidth=1)
+    ax2.set_xticks([int(r["epoch"]) for r in epochs])
     ax2.set_xlabel("epoch (grey: excluded warm-up)")
     ax2.set_ylabel("seconds")
     ax2.set_title(f"epoch times; projected {fig_data['total_epochs']} epochs = "

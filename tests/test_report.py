@@ -1,0 +1,130 @@
+"""`supmae report`: the cost report of a pretraining run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import write_report
+from supmae.errors import UserError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(path, epoch_rows, steps=(), config=None):
+    """A run directory in the format `supmae pretrain` writes (config.json, log.jsonl, steps.jsonl)."""
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = config if config is not None else {
+        "recipe": "tiny_cpu", "model": {"name": "supmae_vit_tiny_patch4"},
+        "data": {"batch_size": 64, "pipeline": "ffcv"}, "train": {"epochs": 3, "planned_epochs": 8},
+    }
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epoch_rows))
+    (path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    return str(path)
+
+
+def _epoch(epoch, seconds, elapsed, wait=0.1, world=1, total=8, images=384):
+    return {"epoch": epoch, "train_lr": 1e-3, "loss": 1.0, "rec_loss": 0.9, "cls_loss": 0.1, "epoch_seconds": seconds,
+            "images_per_sec": images / seconds, "step_time_ms": 1000 * seconds / 6, "data_wait_frac": wait,
+            "peak_mem_mb": 100.0, "device_hours": elapsed * world / 3600, "elapsed_seconds": elapsed,
+            "world_size": world, "device": "cpu", "steps": 6, "images": images, "total_epochs": total}
+
+
+def test_projection_skips_the_warmup_epoch(tmp_path):
+    # epoch 0 is slow (compilation); epochs 1 and 2 take 100 s and 110 s, each followed by 5 s of
+    # evaluation + checkpointing (visible in elapsed_seconds).
+    rows = [_epoch(0, 300.0, 310.0, wait=0.5), _epoch(1, 100.0, 415.0, wait=0.1), _epoch(2, 110.0, 530.0, wait=0.2)]
+    steps = [{"step": 5 * i, "epoch": i // 2, "lr": 1e-3, "loss": 1.0, "images_per_sec": 3.0 + i,
+              "data_wait_frac": 0.1, "elapsed_seconds": 60.0 * i} for i in range(1, 8)]
+    run = _write_run(tmp_path / "run", rows, steps)
+    out = write_report(run, price_per_gpu_hour=2.0, out_dir=str(tmp_path / "out"))
+    assert out["skipped_warmup_epoch"] is True
+    assert out["epochs_used"] == [1, 2]
+    assert out["mean_epoch_seconds"] == pytest.approx(105.0)
+    assert out["between_epoch_seconds"] == pytest.approx(5.0)
+    assert out["total_epochs"] == 8 and out["total_epochs_source"] == "total_epochs in log.jsonl"
+    assert out["projected_training_hours"] == pytest.approx(105.0 * 8 / 3600)
+    assert out["projected_wall_hours"] == pytest.approx(110.0 * 8 / 3600)
+    assert out["projected_device_hours"] == pytest.approx(110.0 * 8 / 3600)
+    assert out["projected_cost"] == pytest.approx(2.0 * 110.0 * 8 / 3600)
+    assert out["data_wait_frac"] == pytest.approx(0.15)
+    md = Path(out["report_md"]).read_text()
+    assert "epoch 0 (300.00 s) skipped" in md
+    assert "| 2 | 110.00 |" in md
+    assert "report.png" in md
+    with open(out["report_png"], "rb") as fh:
+        assert fh.read(8) == PNG_MAGIC
+
+
+def test_device_hours_scale_with_world_size_and_num_images(tmp_path):
+    rows = [_epoch(0, 50.0, 50.0, world=8, total=400, images=1000),
+            _epoch(1, 20.0, 70.0, world=8, total=400, images=1000)]
+    run = _write_run(tmp_path / "run", rows)
+    out = write_report(run)
+    assert out["world_size"] == 8
+    assert out["projected_wall_hours"] == pytest.approx(20.0 * 400 / 3600)  # no gap: 70 - 50 - 20 = 0
+    assert out["projected_device_hours"] == pytest.approx(8 * 20.0 * 400 / 3600)
+    assert out["projected_cost"] is None
+    assert "pass --price-per-gpu-hour" in Path(out["report_md"]).read_text()
+    # Projected to ImageNet-1k: 20 s per 1000 images -> 25,623 s per epoch of 1,281,167 images.
+    big = write_report(run, num_images=1_281_167)
+    assert big["mean_epoch_seconds"] == pytest.approx(20.0 * 1281.167)
+    assert big["epoch_images"] == 1_281_167
+
+
+def test_a_single_epoch_is_used_and_flagged(tmp_path):
+    run = _write_run(tmp_path / "run", [_epoch(0, 40.0, 45.0, total=0)],
+                     config={"train": {"epochs": 5}})
+    out = write_report(run)
+    assert out["skipped_warmup_epoch"] is False
+    assert out["mean_epoch_seconds"] == pytest.approx(40.0)
+    assert out["total_epochs"] == 5 and out["total_epochs_source"] == "config train.epochs"
+    assert out["between_epoch_seconds"] is None
+    assert "includes its one-off warm-up costs" in Path(out["report_md"]).read_text()
+    assert out["report_md"].startswith(str(tmp_path / "run"))  # default: written into the run directory
+
+
+def test_user_errors(tmp_path, capsys):
+    from supmae.cli import main
+
+    with pytest.raises(UserError, match="not found"):
+        write_report(str(tmp_path / "missing"))
+    empty = _write_run(tmp_path / "empty", [])
+    with pytest.raises(UserError, match="no timed epoch"):
+        write_report(empty)
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    run = _write_run(tmp_path / "run", [_epoch(0, 1.0, 1.0)])
+    with pytest.raises(UserError, match="negative"):
+        write_report(run, price_per_gpu_hour=-1.0)
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    run = _write_run(tmp_path / "run", [_epoch(0, 30.0, 30.0), _epoch(1, 10.0, 41.0)])
+    with open(tmp_path / "run" / "log.jsonl", "a") as fh:
+        fh.write('{"epoch": 2, "epoch_sec')  # a writer killed mid-line
+    out = write_report(run)
+    assert out["epochs_logged"] == 2 and out["mean_epoch_seconds"] == pytest.approx(10.0)
+
+
+@pytest.mark.slow
+def test_report_of_a_real_pretraining_run(tmp_path, synthetic_root, capsys):
+    """`supmae pretrain` writes the run directory; `supmae report` reads it."""
+    from supmae.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--recipe", "tiny_cpu", "--data.path", synthetic_root, "--data.pipeline", "torchvision",
+               "--data.num_workers", "0", "--data.batch_size", "16", "--model.kwargs", '{"depth": 1}',
+               "--train.epochs", "2", "--train.max_steps_per_epoch", "3", "--train.val", "false",
+               "--train.progress", "false", "--output-dir", str(run)])
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["report", str(run), "--price-per-gpu-hour", "1.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 0 (" in printed and "skipped" in printed
+    assert "recipe length: 8 epochs" in printed  # tiny_cpu plans 8 epochs
+    assert "capped epochs at 3 steps" in printed
+    assert (run / "report.png").read_bytes()[:8] == PNG_MAGIC
