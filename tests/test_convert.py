@@ -175,7 +175,7 @@ def _reference(src_path: str) -> np.ndarray:
     else:
         img = img.convert("RGB")
     size = target_size(*img.size, MAX_RES)
-    return np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+    return np.asarray(img.resize(size, Image.Resampling.BOX), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,18 +441,15 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
     rng = random.Random(0)
     work = os.path.join(out, ".work")
     n_shards = -(-120 // 8) + -(-30 // 8)
-    # Kill points: after a random number of finished chunks (mid-encoding), while the .beton is
-    # being written (its temporary exists), and at a random instant.
-    plans = [
-        ("chunks", rng.randint(1, n_shards // 2)),
-        ("chunks", rng.randint(n_shards // 2, n_shards - 1)),
-        ("beton", None),
-        ("time", rng.uniform(0.5, 3.0)),
-    ]
+    # Kill points: after a random number of finished chunks, twice (mid-encoding), then while the
+    # .beton is being written (its temporary exists). Each run pays the interpreter start-up, so
+    # three kills keep the test near a minute.
+    first = rng.randint(1, n_shards // 2)
+    plans = [("chunks", first), ("chunks", rng.randint(first + 1, n_shards - 1)), ("beton", None)]
     kills = 0
     for kind, arg in plans:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         t0 = time.monotonic()
         while proc.poll() is None and time.monotonic() - t0 < 60:
@@ -466,11 +463,9 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
                     else 0
                 )
                 hit = done >= arg
-            elif kind == "beton":
+            else:
                 ffcv_dir = os.path.join(out, "ffcv")
                 hit = os.path.isdir(ffcv_dir) and any(".tmp-" in n for n in os.listdir(ffcv_dir))
-            else:
-                hit = time.monotonic() - t0 >= arg
             if hit:
                 os.kill(proc.pid, signal.SIGKILL)
                 kills += 1
@@ -481,9 +476,7 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # nothing may be left, but never leak a worker
         except ProcessLookupError:
             pass
-        if os.path.exists(os.path.join(out, "manifest.json")):
-            break
-    assert kills >= 2, "the run finished before it could be interrupted"
+    assert kills == len(plans), "a run finished before it could be interrupted"
     final = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
 
