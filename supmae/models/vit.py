@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -70,19 +71,19 @@ def build_vit(
         raise UserError(f"unknown feature '{feature}': expected 'avg' (global pool) or 'token' (cls token)")
     if img_size % patch_size:
         raise UserError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
-    kwargs = dict(
-        img_size=img_size,
-        patch_size=patch_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=mlp_ratio,
-        qkv_bias=qkv_bias,
-        num_classes=num_classes,
-        global_pool=feature,
-        norm_layer=partial(nn.LayerNorm, eps=LN_EPS),
-        drop_path_rate=drop_path_rate,
-    )
+    kwargs = {
+        "img_size": img_size,
+        "patch_size": patch_size,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "mlp_ratio": mlp_ratio,
+        "qkv_bias": qkv_bias,
+        "num_classes": num_classes,
+        "global_pool": feature,
+        "norm_layer": partial(nn.LayerNorm, eps=LN_EPS),
+        "drop_path_rate": drop_path_rate,
+    }
     if probe:
         model = LinearProbeViT(**kwargs, fc_norm=False)
     else:
@@ -191,23 +192,23 @@ def registry_encoder_args(name: str) -> dict[str, Any]:
 
 def encoder_args_from_checkpoint(ckpt: dict[str, Any], model_name: str = "", log: Callable[[str], None] = print
                                  ) -> dict[str, Any]:
-    """Encoder hyper-parameters for a pretraining checkpoint, in this order of trust:
-    `model_name` (a supmae registry name, `--model`), the checkpoint's `model_args` (ours), its
-    `vit_args` (a downstream checkpoint of ours), its reference `args.model` when that name is in
-    our registry, else the state dict's shapes. Keys: img_size (of the checkpoint's position grid),
-    patch_size, embed_dim, depth, num_heads, mlp_ratio, qkv_bias."""
+    """Encoder hyper-parameters of a pretraining checkpoint, in this order of trust: its
+    `model_args` (ours), its `vit_args` (a downstream checkpoint of ours), `model_name` (a supmae
+    registry name, `--model`), its reference `args.model` when that name is in our registry, else
+    the state dict's shapes. Keys: img_size (of the checkpoint's position grid), patch_size,
+    embed_dim, depth, num_heads, mlp_ratio, qkv_bias, and `source` (where they came from)."""
     from supmae.train.checkpoint import model_state
 
     state = model_state(ckpt)
     inferred = infer_encoder_args(state)
     declared: dict[str, Any] | None = None
     source = "the state dict's shapes"
-    if model_name:
-        declared, source = registry_encoder_args(model_name), f"--model {model_name}"
-    elif isinstance(ckpt.get("model_args"), dict):
+    if isinstance(ckpt.get("model_args"), dict):
         declared, source = ckpt["model_args"], "the checkpoint's model_args"
     elif isinstance(ckpt.get("vit_args"), dict):
         declared, source = ckpt["vit_args"], "the checkpoint's vit_args"
+    elif model_name:
+        declared, source = registry_encoder_args(model_name), f"--model {model_name}"
     elif getattr(ckpt.get("args"), "model", None):
         ref_name = ckpt["args"].model
         try:
