@@ -434,19 +434,27 @@ def run_table1(
     }
     result["elapsed_seconds"] = time.perf_counter() - start
     if out:
-        result["files"] = write_outputs(result, out)
+        result["files"] = write_outputs(result, out, log)
     return result
 
 
-def write_outputs(result: dict[str, Any], out: str) -> dict[str, str]:
+def write_outputs(result: dict[str, Any], out: str, log: Any = print) -> dict[str, str]:
+    """table1.md/.csv/.json and, where matplotlib is installed, table1.png; returns the written paths."""
+    import importlib.util
+
     os.makedirs(out, exist_ok=True)
     paths = {ext: os.path.join(out, f"table1.{ext}") for ext in ("md", "csv", "json", "png")}
+    # The GPU image runs this harness with torch, timm and torchvision only: no chart there.
+    if importlib.util.find_spec("matplotlib") is None:
+        log("[table1] matplotlib is not installed: table1.png not written")
+        del paths["png"]
     with open(paths["md"], "w") as fh:
         fh.write(render_markdown(result))
     write_csv(paths["csv"], result["rows"])
     with open(paths["json"], "w") as fh:
         json.dump({**result, "files": paths}, fh, indent=2)
-    write_chart(paths["png"], result)
+    if "png" in paths:
+        write_chart(paths["png"], result)
     return paths
 
 
