@@ -176,18 +176,11 @@ def infer_encoder_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def registry_encoder_args(name: str) -> dict[str, Any]:
-    """Encoder hyper-parameters of a `supmae.models` registry name (the model is built on the
-    meta device, so even ViT-H costs no memory)."""
-    from supmae.models import create_model
+    """Encoder hyper-parameters of a `supmae.models` registry name (`UserError` for an unknown one)."""
+    from supmae.models import model_defaults
 
-    try:
-        with torch.device("meta"):
-            model = create_model(name)
-    except UserError:
-        raise
-    except (KeyError, ValueError) as exc:
-        raise UserError(f"unknown model '{name}': {exc}") from None
-    return {k: model.model_args[k] for k in ("img_size", *ENCODER_KEYS) if k in model.model_args}
+    args = model_defaults(name)
+    return {k: args[k] for k in ("img_size", *ENCODER_KEYS) if k in args}
 
 
 def encoder_args_from_checkpoint(ckpt: dict[str, Any], model_name: str = "", log: Callable[[str], None] = print
