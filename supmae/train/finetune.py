@@ -27,17 +27,46 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import Lars, param_groups_layer_decay
+from timm.utils import accuracy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from supmae.config import apply_overrides, from_dict, to_dict
 from supmae.errors import UserError
+from supmae.models.vit import (
+    build_vit,
+    downstream_args_from_state,
+    encoder_args_from_checkpoint,
+    load_pretrained,
+    registry_encoder_args,
+)
+from supmae.recipes import get_recipe, list_recipes
 from supmae.train.checkpoint import LAST_NAME, atomic_save, find_resume_checkpoint, load_checkpoint, model_state
 from supmae.train.data import DataConfig
+from supmae.train.distributed import all_reduce_sum, check_in_sync, distributed
 from supmae.train.finetune_config import TASKS, DownstreamConfig
+from supmae.train.metrics import DeviceMeter, TimedIterator, device_name, peak_memory_mb, reset_peak_memory, synchronize
+from supmae.train.optim import build_adamw
+from supmae.train.pretrain import (
+    NonFiniteLossError,
+    capture_rng,
+    config_differences,
+    has_split,
+    resolve_accumulation,
+    resolve_precision,
+    restore_rng,
+)
+from supmae.train.run_dir import RunDir
+from supmae.train.schedule import CosineSchedule, peak_lr, set_lr
 
 BEST_NAME = "checkpoint-best.pth"
 
@@ -57,8 +86,6 @@ def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: fl
     weight decay on 1-D parameters (biases, norms) nor on the model's `no_weight_decay()` names
     (`pos_embed`, `cls_token`).
     """
-    from timm.optim import param_groups_layer_decay
-
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
                                     layer_decay=layer_decay)
@@ -83,13 +110,9 @@ def build_optimizer(cfg: DownstreamConfig, model: nn.Module, lr: float, device: 
     """AdamW with layer-wise decay (fine-tuning) or timm's LARS (probing), per `cfg.optim.name`."""
     o = cfg.optim
     if o.name == "adamw":
-        from supmae.train.optim import build_adamw
-
         groups = finetune_param_groups(model, o.weight_decay, o.layer_decay)
         return build_adamw(groups, lr=lr, betas=tuple(o.betas), device=device, impl=o.impl)
     if o.name == "lars":
-        from timm.optim import Lars
-
         return Lars(probe_param_groups(model, o.weight_decay, o.lars_adapt_1d), lr=lr, momentum=o.momentum)
     raise UserError(f"unknown optimiser --optim.name {o.name!r} (expected adamw or lars)")
 
@@ -100,8 +123,6 @@ def build_optimizer(cfg: DownstreamConfig, model: nn.Module, lr: float, device: 
 def build_downstream_model(cfg: DownstreamConfig, num_classes: int, log: Callable[[str], None] = _print
                            ) -> tuple[nn.Module, dict[str, Any]]:
     """The downstream ViT of `cfg` with the pretrained encoder loaded (if any), and its `vit_args`."""
-    from supmae.models.vit import build_vit, encoder_args_from_checkpoint, load_pretrained, registry_encoder_args
-
     ckpt = None
     if cfg.pretrained:
         ckpt = load_checkpoint(cfg.pretrained)
@@ -146,8 +167,6 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
 def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a gradient scaler is needed) for `train.precision`, resolved
     the way pretraining resolves it (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU)."""
-    from supmae.train.pretrain import resolve_precision
-
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"unknown precision {precision!r} (expected auto, fp32, bf16 or fp16)")
     resolved = resolve_precision(precision, device)
@@ -159,10 +178,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp_dtype
              max_steps: int = 0) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` over `loader`, summed over every
     rank. Returns {"acc1", "acc5", "loss", "samples"}."""
-    from timm.utils import accuracy
-
-    from supmae.train.distributed import all_reduce_sum
-
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct@1, correct@5, samples
@@ -219,10 +234,6 @@ def _check_config(cfg: DownstreamConfig) -> None:
 
 def _mixup_and_loss(cfg: DownstreamConfig, num_classes: int, device: torch.device) -> tuple[Any, Any, nn.Module]:
     """(random eraser or None, mixup or None, criterion): the on-device batch augmentation and its loss."""
-    from timm.data import Mixup
-    from timm.data.random_erasing import RandomErasing
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     a = cfg.aug
     eraser = None
     if a.reprob > 0:
@@ -245,8 +256,6 @@ def _mixup_and_loss(cfg: DownstreamConfig, num_classes: int, device: torch.devic
 
 def _check_finite(first_bad: int | None, epoch: int) -> None:
     if first_bad is not None:
-        from supmae.train.pretrain import NonFiniteLossError
-
         raise NonFiniteLossError(f"the training loss became non-finite at step {first_bad} (epoch {epoch}); "
                                  f"{LAST_NAME} holds the last good state (lower the lr, or try fp32)")
 
@@ -254,8 +263,6 @@ def _check_finite(first_bad: int | None, epoch: int) -> None:
 def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
     """Fine-tune or linearly probe (per `cfg.task`); returns the final / best top-1 and where the run is."""
     _check_config(cfg)
-    from supmae.train.distributed import distributed
-
     with distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
         return _run(cfg, info)
 
@@ -275,20 +282,6 @@ def run_linprobe(cfg: DownstreamConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
-    from torch.nn.parallel import DistributedDataParallel
-
-    from supmae.train.metrics import (
-        DeviceMeter,
-        TimedIterator,
-        device_name,
-        peak_memory_mb,
-        reset_peak_memory,
-        synchronize,
-    )
-    from supmae.train.pretrain import capture_rng, resolve_accumulation, restore_rng
-    from supmae.train.run_dir import RunDir
-    from supmae.train.schedule import CosineSchedule, peak_lr, set_lr
-
     device = info.device
     log: Callable[[str], None] = _print if info.is_main else (lambda _msg: None)
     run_dir = RunDir(cfg.output_dir, writer=info.is_main)
@@ -313,20 +306,18 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
     np.random.seed(cfg.seed + info.rank)
     torch.manual_seed(cfg.seed + info.rank)
 
-    run_dir.create()
-    run_dir.write_config(to_dict(cfg))
-
     train_loader = cfg.data.build(cfg.data.train_split, train=True, device=device, rank=info.rank,
                                   world_size=info.world_size, seed=cfg.seed)
     val_loader = None
     if cfg.data.val_split:
+        if not has_split(cfg.data.path, cfg.data.val_split):
+            raise UserError(f"{cfg.data.path} has no '{cfg.data.val_split}' split to evaluate on: point "
+                            "--data.val_split at one, or set --data.val_split '' to train without evaluation")
         val_loader = cfg.data.build(cfg.data.val_split, train=False, device=device, rank=info.rank,
                                     world_size=info.world_size, seed=cfg.seed)
     num_classes = cfg.model.num_classes or int(train_loader.num_classes)
 
     if resume is not None:
-        from supmae.models.vit import build_vit
-
         vit_args = dict(resume[1]["vit_args"])
         model = build_vit(**vit_args)
         model.load_state_dict(resume[1]["model"])
@@ -354,6 +345,17 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
         elapsed_before = float(ck.get("elapsed_seconds", 0.0))
         if ck.get("rng"):
             restore_rng(ck["rng"], device)
+        if "config" in ck:
+            diffs = config_differences(ck["config"], to_dict(cfg))
+            if diffs:
+                log("warning: resuming with a config that differs from the checkpoint's: " + "; ".join(diffs))
+        if start_epoch >= cfg.train.epochs:
+            log(f"nothing to do: {run_dir.path} already completed {start_epoch} of {cfg.train.epochs} epochs")
+            return {"task": cfg.task, "output_dir": run_dir.path, "epochs": cfg.train.epochs,
+                    "last_epoch": start_epoch - 1, "train_loss": None, "final_acc1": ck.get("test_acc1"),
+                    "final_acc5": ck.get("test_acc5"), "test_loss": None,
+                    "best_acc1": best_acc1 if best_acc1 >= 0 else None, "elapsed_seconds": elapsed_before,
+                    "ranks_in_sync": None}
         run_dir.truncate_after(int(ck["epoch"]))
         log(f"resumed from {resume[0]} (epoch {ck['epoch']} done)")
 
@@ -366,6 +368,9 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
         raise UserError(f"an epoch has fewer batches ({len(train_loader)}) than one optimiser step needs "
                         f"({accum} x {cfg.data.batch_size} images per device): lower --data.batch_size")
     schedule = CosineSchedule(lr, cfg.optim.warmup_epochs, cfg.train.epochs, steps_per_epoch, cfg.optim.min_lr)
+
+    run_dir.create()
+    run_dir.write_config(to_dict(cfg))
 
     ddp_model: nn.Module = model
     if info.distributed:
@@ -484,6 +489,12 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
         log(f"epoch {epoch}: lr {current_lr:.3g}, train loss {train_loss:.4f}{acc} ({epoch_seconds:.1f} s)")
     run_dir.close()
 
+    in_sync = None
+    if info.distributed:
+        in_sync = check_in_sync(model, device)
+        if not in_sync:
+            raise RuntimeError("the ranks ended with different weights (DDP went out of sync)")
+        log(f"weights identical on all {info.world_size} ranks")
     result = {
         "task": cfg.task,
         "output_dir": run_dir.path,
@@ -495,6 +506,7 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
         "test_loss": last_stats.get("loss"),
         "best_acc1": best_acc1 if best_acc1 >= 0 else None,
         "elapsed_seconds": elapsed_before + time.perf_counter() - wall0,
+        "ranks_in_sync": in_sync,
     }
     if result["final_acc1"] is not None:
         log(f"final top-1 {result['final_acc1']:.2f}% (top-5 {result['final_acc5']:.2f}%, best top-1 "
@@ -508,8 +520,6 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
 def load_downstream_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """(model, vit_args, checkpoint) of a fine-tuned or probed checkpoint: ours (with `vit_args`) or
     a reference one (the architecture read off the state dict)."""
-    from supmae.models.vit import build_vit, downstream_args_from_state
-
     ckpt = load_checkpoint(path)
     state = model_state(ckpt)
     if "vit_args" in ckpt:
@@ -543,6 +553,13 @@ def _eval_data_config(ckpt: dict[str, Any], vit_args: dict[str, Any]) -> DataCon
 # --------------------------------------------------------------------------- command line
 
 
+@dataclass
+class EvalConfig:
+    """What `supmae eval` overrides with --data.key VALUE (defaults: the checkpoint's own data section)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
 def _recipe_parser(prog: str, task: str, default_recipe: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -561,8 +578,6 @@ def _recipe_parser(prog: str, task: str, default_recipe: str) -> argparse.Argume
 
 
 def _config_from_argv(argv: list[str], task: str, default_recipe: str) -> DownstreamConfig | None:
-    from supmae.recipes import get_recipe, list_recipes
-
     parser = _recipe_parser(f"supmae {task}", task, default_recipe)
     args, rest = parser.parse_known_args(argv)
     if args.list_recipes:
@@ -600,10 +615,6 @@ def main_linprobe(argv: list[str]) -> int:
 
 def main_eval(argv: list[str]) -> int:
     """`supmae eval --checkpoint CKPT --data.path DIR [--output-dir DIR]`: top-1 / top-5 on the val split."""
-    from dataclasses import dataclass, field
-
-    from supmae.train.distributed import distributed
-
     p = argparse.ArgumentParser(
         prog="supmae eval",
         allow_abbrev=False,
@@ -618,11 +629,7 @@ def main_eval(argv: list[str]) -> int:
 
     model, vit_args, ckpt = load_downstream_checkpoint(args.checkpoint)
 
-    @dataclass
-    class EvalConfig:
-        data: DataConfig = field(default_factory=lambda: _eval_data_config(ckpt, vit_args))
-
-    cfg = apply_overrides(EvalConfig(), rest)
+    cfg = apply_overrides(EvalConfig(data=_eval_data_config(ckpt, vit_args)), rest)
     if cfg.data.randaugment:
         raise UserError("evaluation uses no RandAugment: drop --data.randaugment")
     if cfg.data.img_size != vit_args["img_size"]:
@@ -642,8 +649,6 @@ def main_eval(argv: list[str]) -> int:
                    "samples": int(stats["samples"]), "eval_seconds": seconds, "split": cfg.data.val_split,
                    "pipeline": cfg.data.pipeline}
             if args.output_dir:
-                from supmae.train.run_dir import RunDir
-
                 run_dir = RunDir(args.output_dir)
                 run_dir.create()
                 run_dir.log_epoch(row)
