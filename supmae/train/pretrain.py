@@ -293,13 +293,16 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
             raise UserError(f"run directory {run_dir.path} already holds a run (log or checkpoints); continue it "
                             f"with --resume auto, or choose another --output-dir")
     elif cfg.resume == "auto":
-        found = None
+        # Rank 0 decides and tells the others (an error included, so that no rank is left waiting).
+        found, refusal = None, ""
         if info.is_main:
             found = find_resume_checkpoint(run_dir.path, log=log)
             if found is None and run_dir.holds_a_run():
-                raise UserError(f"--resume auto: no usable checkpoint in {run_dir.path}, but it holds a run; "
-                                f"refusing to start over and overwrite it (choose another --output-dir)")
-        chosen = dist_utils.broadcast_object(found[0] if found else "")
+                refusal = (f"--resume auto: no usable checkpoint in {run_dir.path}, but it holds a run; "
+                           f"refusing to start over and overwrite it (choose another --output-dir)")
+        chosen, refusal = dist_utils.broadcast_object((found[0] if found else "", refusal))
+        if refusal:
+            raise UserError(refusal)
         if chosen:
             ckpt_path = chosen
             ckpt = found[1] if info.is_main and found else load_checkpoint(chosen)
