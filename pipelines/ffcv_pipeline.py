@@ -298,10 +298,20 @@ class FfcvPipeline(Pipeline):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.loader.next_epoch = self._start_epoch()
-        for images, labels in self.loader:
-            if self._normalize is not None:
-                images = self._normalize(images)  # [B, 3, S, S] fresh tensor on the device
-            elif images.dtype != self.dtype:
-                images = images.to(self.dtype)
-            # FFCV recycles its label buffers batches later: hand out a copy.
-            yield images, labels.view(-1).clone()
+        # FFCV sets torch's intra-op thread count to its worker count at every epoch start; the
+        # training process keeps its own setting.
+        torch_threads = torch.get_num_threads()
+        batches = iter(self.loader)
+        try:
+            for n, (images, labels) in enumerate(batches):
+                if n == 0:
+                    torch.set_num_threads(torch_threads)
+                if self._normalize is not None:
+                    images = self._normalize(images)  # [B, 3, S, S] fresh tensor on the device
+                elif images.dtype != self.dtype:
+                    images = images.to(self.dtype)
+                # FFCV recycles its label buffers batches later: hand out a copy.
+                yield images, labels.view(-1).clone()
+        finally:
+            batches.close()  # stop FFCV's prefetch thread when the consumer stops early
+            torch.set_num_threads(torch_threads)

@@ -39,18 +39,35 @@ def image_root(path: str, split: str) -> str:
     raise DataError(f"no '{split}' folder in {path}")
 
 
+def _unescape_tsv(cell: str) -> str:
+    """Undo the converter's TSV escaping (backslash, tab, CR, newline)."""
+    out, i = [], 0
+    while i < len(cell):
+        if cell[i] == "\\" and i + 1 < len(cell):
+            out.append({"t": "\t", "n": "\n", "r": "\r"}.get(cell[i + 1], cell[i + 1]))
+            i += 2
+        else:
+            out.append(cell[i])
+            i += 1
+    return "".join(out)
+
+
 def _skipped_files(root: str, source_root: str) -> set[str]:
-    """Absolute paths the converter listed in skipped.tsv (unreadable inputs), to leave out too."""
+    """Absolute paths the converter listed in skipped.tsv (unreadable inputs), so that the baseline
+    reads the same samples as the converted formats instead of failing on a broken file."""
     listing = os.path.join(root, SKIPPED_FILE)
     skipped: set[str] = set()
     if not os.path.isfile(listing):
         return skipped
     with open(listing, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if "path" not in header:
+            raise DataError(f"{listing} has no 'path' column")
+        col = header.index("path")
         for line in f:
-            first = line.rstrip("\n").split("\t")[0].strip()
-            if not first or first.startswith("#") or first == "path":
-                continue
-            skipped.add(os.path.normpath(first if os.path.isabs(first) else os.path.join(source_root, first)))
+            cells = line.rstrip("\n").split("\t")
+            if len(cells) > col and cells[col]:
+                skipped.add(os.path.normpath(os.path.join(source_root, _unescape_tsv(cells[col]))))
     return skipped
 
 
@@ -134,7 +151,8 @@ class TorchvisionPipeline(Pipeline):
         from torchvision.datasets import ImageFolder
 
         skipped: set[str] = set()
-        expected_classes = None
+        expected_classes: list[str] | None = None
+        expected_count: int | None = None
         if os.path.exists(path) and is_converted(path):
             converted = ConvertedDataset(path)
             source = converted.source_root
@@ -147,18 +165,29 @@ class TorchvisionPipeline(Pipeline):
                 raise DataError(f"raw JPEG tree named by {converted.root}'s manifest is missing: {source}")
             skipped = _skipped_files(converted.root, source)
             expected_classes = converted.classes
+            expected_count = converted.count(split)
             folder = image_root(source, split)
         else:
             folder = image_root(os.path.abspath(path), split)
 
-        def valid(p: str) -> bool:
-            return p.lower().endswith((".jpg", ".jpeg", ".png")) and os.path.normpath(p) not in skipped
+        # The converter decides a file's format by its content, whatever its extension; for a converted
+        # dataset read exactly the files it converted (all but those in skipped.tsv).
+        valid = None
+        if expected_classes is not None:
+
+            def valid(p: str) -> bool:
+                return os.path.normpath(p) not in skipped
 
         transform = build_transform(train, img_size, scale, color_jitter, randaugment)
         try:
             dataset = ImageFolder(folder, transform=transform, is_valid_file=valid)
         except (FileNotFoundError, OSError) as exc:
             raise DataError(f"no images in {folder}: {exc}") from None
+        if expected_count is not None and len(dataset) != expected_count:
+            raise DataError(
+                f"{folder} now holds {len(dataset)} images but {path} converted {expected_count}; "
+                "the raw tree changed since the conversion"
+            )
         if expected_classes is not None and list(dataset.classes) != list(expected_classes):
             raise DataError(
                 f"class folders of {folder} differ from the converted dataset's class list "
