@@ -37,9 +37,24 @@ writer runs single-process). A finished conversion is marked by `manifest.json`;
 does nothing. Changing an output-affecting option or the source tree under an unfinished
 conversion is refused.
 
-Unreadable inputs. Tests run as root, for whom `chmod 000` does not make a file unreadable; the
-converter treats any OSError on stat/open/read as "unreadable" (a symlink loop, ELOOP, is the
-test case that fails for root too), and refuses to open non-regular files (a FIFO would block).
+Bad input never stops the run and is never dropped silently; each file not converted is a row of
+`skipped.tsv` (split, path, reason, detail):
+
+    zero-byte file                                  skipped  empty
+    truncated image (JPEG, PNG, ...)                skipped  truncated
+    unparsable header / undecodable data            skipped  corrupt
+    content that is no image format                 skipped  not-an-image
+    PNG / GIF / TIFF / WebP / BMP under any name    converted (format is read from the content)
+    more pixels than --max-pixels (header check)    skipped  too-many-pixels
+    FIFO, socket, device                            skipped  not-a-regular-file (never opened)
+    broken symlink                                  skipped  broken-symlink
+    stat/open/read fails (permissions, link loop)   skipped  unreadable
+    file directly inside a split folder             skipped  outside-class-folder
+    empty (or, in val, missing) class folder        warning; the class keeps its index, 0 samples
+
+Tests run as root, for whom `chmod 000` does not make a file unreadable: there a symlink loop
+(ELOOP on open) is the unreadable file. With --strict any skipped file makes the exit status 1
+(the outputs and `skipped.tsv` are still written, for inspection).
 """
 
 from __future__ import annotations
@@ -785,7 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an ImageNet-style folder to FFCV .beton files and DALI webdataset shards "
         "(one pass, resumable), or check a converted folder with --verify.",
     )
-    p.add_argument("paths", nargs="+", metavar="SRC OUT", help="source folder and output folder (with --verify: OUT)")
+    p.add_argument("src", nargs="?", metavar="SRC", help="source folder (with --verify: the converted folder)")
+    p.add_argument("out", nargs="?", metavar="OUT", help="output folder (created; must be empty or a resumable run)")
     p.add_argument(
         "--verify", action="store_true", help="re-read every output of OUT and check it against the manifest"
     )
@@ -824,26 +840,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.verify:
-        if len(args.paths) != 1:
+        if args.src is None or args.out is not None:
             raise DataError("--verify takes one folder: supmae convert --verify OUT")
-        from tools.verify import verify
-
-        problems = verify(args.paths[0], workers=max(args.workers, 1), progress=not args.no_progress)
+        target = args.src
+        if not os.path.isdir(target):
+            raise DataError(f"{target} is not a folder")
+        problems = verify(target, workers=max(args.workers, 1), progress=not args.no_progress)
         if problems:
             shown = problems[:50]
-            print(f"verify {args.paths[0]}: {len(problems)} problem(s)", file=sys.stderr)
+            print(f"verify {target}: {len(problems)} problem(s)", file=sys.stderr)
             for line in shown:
                 print(f"  {line}", file=sys.stderr)
             if len(problems) > len(shown):
                 print(f"  ... and {len(problems) - len(shown)} more", file=sys.stderr)
             return 1
-        print(f"verify {args.paths[0]}: OK")
+        print(f"verify {target}: OK")
         return 0
-    if len(args.paths) != 2:
-        raise DataError("expected SRC and OUT: supmae convert SRC OUT [options]")
+    if args.src is None or args.out is None:
+        raise DataError("expected SRC and OUT: supmae convert SRC OUT [options] (or: supmae convert --verify OUT)")
     manifest = convert(
-        args.paths[0],
-        args.paths[1],
+        args.src,
+        args.out,
         formats=_csv(args.formats),
         max_res=args.max_res,
         quality=args.quality,
@@ -858,7 +875,7 @@ def main(argv: list[str]) -> int:
     if args.strict and manifest["skipped"]["count"]:
         print(
             f"supmae convert: --strict: {manifest['skipped']['count']} input file(s) were not converted "
-            f"(see {os.path.join(args.paths[1], SKIPPED_FILE)})",
+            f"(see {os.path.join(args.out, SKIPPED_FILE)})",
             file=sys.stderr,
         )
         return 1

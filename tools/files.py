@@ -70,6 +70,9 @@ def die_with_parent(parent_pid: int) -> None:
     converter leaves no orphaned workers behind. Linux only; elsewhere a no-op."""
     import signal
 
+    if os.getppid() != parent_pid:
+        # Started by a fork server or spawn helper, not by the converter itself: nothing to tie to.
+        return
     try:
         import ctypes
 
