@@ -273,8 +273,8 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], log: Calla
             grid = tuple(model.patch_embed.grid_size)
             keep["pos_embed"] = resample_pos_embed(src, grid)
             log(f"resampled pos_embed {tuple(src.shape)} -> {tuple(keep['pos_embed'].shape)} (bicubic, cls row kept)")
-    unexpected = sorted(k for k in keep if k not in own)
-    mismatched = sorted(k for k in keep if k in own and keep[k].shape != own[k].shape)
+    unexpected = [k for k in keep if k not in own]  # checkpoint order: the embeddings come first
+    mismatched = [k for k in keep if k in own and keep[k].shape != own[k].shape]
     if unexpected or mismatched:
         parts = []
         if mismatched:

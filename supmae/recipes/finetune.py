@@ -82,13 +82,13 @@ def tiny_cpu_ft() -> DownstreamConfig:
     and a higher base lr (blr 1e-2, one warmup epoch), because a few hundred steps of a small
     model need them; RandomResizedCrop scale 0.35-1 instead of 0.08-1, RandAugment magnitude 5
     and mixup / cutmix at half strength, because the generated classes are shapes that a 8% crop
-    of a 64 px image no longer shows. Without --pretrained it trains supmae_vit_tiny_patch4's
-    encoder from random weights.
+    of a 64 px image no longer shows. `--model supmae_vit_tiny_patch4` without --pretrained
+    trains that encoder from random weights instead.
     """
     return DownstreamConfig(
         task="finetune",
         recipe="tiny_cpu_ft",
-        model=DownstreamModelConfig(name="supmae_vit_tiny_patch4", feature="avg", drop_path=0.1),
+        model=DownstreamModelConfig(feature="avg", drop_path=0.1),
         data=DataConfig(pipeline="torchvision", batch_size=32, num_workers=2, img_size=32, scale_min=0.35,
                         randaugment="rand-m5-mstd0.5-inc1"),
         optim=DownstreamOptimConfig(name="adamw", blr=1e-2, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
@@ -115,7 +115,7 @@ def tiny_cpu_lin() -> DownstreamConfig:
     return DownstreamConfig(
         task="linprobe",
         recipe="tiny_cpu_lin",
-        model=DownstreamModelConfig(name="supmae_vit_tiny_patch4", feature="avg", drop_path=0.0),
+        model=DownstreamModelConfig(feature="avg", drop_path=0.0),
         data=DataConfig(pipeline="ffcv", batch_size=32, num_workers=2, img_size=32, scale_min=0.35),
         optim=DownstreamOptimConfig(name="lars", blr=128.0, min_lr=0.0, weight_decay=0.0, layer_decay=1.0,
                                     momentum=0.9, lars_adapt_1d=True, warmup_epochs=1.0),

@@ -16,10 +16,11 @@ TASKS = ("finetune", "linprobe")
 
 @dataclass
 class DownstreamModelConfig:
-    """The downstream ViT. Its encoder shape comes from the pretrained checkpoint (`model_args`, or
-    the state dict's shapes for a reference checkpoint); `name` (a supmae model name, `--model`)
-    overrides that, and without `--pretrained` it is the architecture trained from random weights.
-    `img_size` comes from `data.img_size` (position embeddings are resampled when it differs)."""
+    """The downstream ViT. Its encoder shape comes from the pretrained checkpoint's `model_args`;
+    for a checkpoint without them (the reference's) from `name` (a supmae model name, `--model`),
+    else from the state dict's shapes. Without `--pretrained`, `name` is the architecture trained
+    from random weights. `img_size` comes from `data.img_size` (position embeddings are resampled
+    when it differs from the checkpoint's grid)."""
 
     name: str = ""
     feature: str = "avg"  # avg: global pool of patch tokens (fine-tune: + fc_norm) | token: cls token
