@@ -528,6 +528,33 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
     assert verify(out) == []
 
 
+def test_real_imagenet_jpegs_convert_and_verify(imagenet_sample, tmp_path):
+    """Real ImageNet files: every grayscale one, the largest and the smallest, plus a spread of
+    others (linked into a small tree), convert without a skip and pass --verify."""
+    train = os.path.join(imagenet_sample, "train")
+    picked = {}
+    for cls in sorted(os.listdir(train)):
+        for name in sorted(os.listdir(os.path.join(train, cls))):
+            path = os.path.join(train, cls, name)
+            with Image.open(path) as img:
+                picked[path] = (img.mode, img.size[0] * img.size[1])
+    gray = [p for p, (mode, _) in picked.items() if mode == "L"]
+    by_size = sorted(picked, key=lambda p: picked[p][1])
+    chosen = sorted(set(gray) | {by_size[0], by_size[-1]} | set(sorted(picked)[::97]))
+    src = tmp_path / "src" / "train"
+    for path in chosen:
+        cls = os.path.basename(os.path.dirname(path))
+        (src / cls).mkdir(parents=True, exist_ok=True)
+        os.symlink(path, src / cls / os.path.basename(path))
+    out = str(tmp_path / "out")
+    manifest = convert(str(tmp_path / "src"), out, max_res=96, workers=2, shard_size=16, progress=False)
+    assert manifest["converted"] == len(chosen) and manifest["skipped"]["count"] == 0
+    assert verify(out) == []
+    for _, members in _tar_samples(out, manifest, "train"):
+        img = Image.open(io.BytesIO(members["jpg"][1]))
+        assert img.mode == "RGB" and max(img.size) <= 96
+
+
 # ----------------------------------------------------------------------------------------------
 # Unit rules of the image step
 
