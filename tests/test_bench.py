@@ -248,14 +248,10 @@ def test_table1_command_all_rows_tiny(tmp_path, capsys):
     assert (out / "table1.png").read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.slow  # FFCV compiles its decoders with numba on first use (tens of seconds on a busy CPU)
+@pytest.mark.slow
 def test_table1_with_a_real_pipeline_reports_data_wait(tmp_path, synthetic_root):
-    from tools.convert import main as convert
-
-    converted = tmp_path / "converted"
-    assert convert([synthetic_root, str(converted), "--formats", "ffcv", "--workers", "0", "--max-res", "64",
-                    "--no-progress"]) == 0
-    result = T.run_table1(device="cpu", data=str(converted), pipeline="ffcv", num_workers=1,
+    # The torchvision pipeline reads the ImageFolder tree directly (FFCV would first compile its decoders).
+    result = T.run_table1(device="cpu", data=synthetic_root, pipeline="torchvision", num_workers=1,
                           model_scale="tiny", depth=2, iters=2, warmup=1, batch_size=16, methods=["supmae"],
                           gpus=1, out=str(tmp_path), log=lambda *_: None)
     assert result["config"]["num_images"] == 400  # the dataset's train split, not ImageNet's
@@ -283,6 +279,48 @@ def test_step_command_ours_vs_paper(tmp_path, capsys):
     assert 0 < ours["mfu"] < 1 and 0 < paper["mfu"] < 1
     assert math.isclose(ours["achieved_tflops"] * 1e12, data["flops_per_image"] * ours["images_per_sec"], rel_tol=1e-9)
     assert os.path.isfile(tmp_path / "step.md")
+
+
+@pytest.mark.slow
+def test_harness_runs_without_ffcv_dali_or_matplotlib(tmp_path):
+    """The GPU image has only torch, timm and torchvision: gpu_check.sh's commands must run there."""
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ffcv", "nvidia", "matplotlib", "numba", "cv2"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import torch
+torch.set_num_threads(1)
+from supmae.cli import main
+assert main(["bench", "table1", "--device", "cpu", "--model-scale", "tiny", "--depth", "1", "--iters", "1",
+             "--warmup", "0", "--methods", "supmae", "--out", {str(tmp_path / "t1")!r}]) == 0
+assert main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--batch-size", "2",
+             "--iters", "1", "--warmup", "0", "--out", {str(tmp_path / "step")!r}]) == 0
+assert not any(m.split(".")[0] in ("ffcv", "nvidia", "matplotlib") for m in sys.modules)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "table1.png not written" in proc.stdout
+    assert (tmp_path / "t1" / "table1.csv").is_file() and not (tmp_path / "t1" / "table1.png").exists()
+    assert (tmp_path / "step" / "step.json").is_file()
+
+
+def test_gpu_check_script_is_valid_bash():
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
+    with open(script) as fh:
+        text = fh.read()
+    assert "set -euo pipefail" in text and "pip install" not in text
+    assert "--batch-size 256" in text and "bench table1" in text and "bench step" in text
 
 
 def test_bench_cli_reports_user_errors(capsys):
