@@ -144,7 +144,7 @@ def run_step_bench(
     log(f"[step] {device_name(dev)}: {model_name}, batch {batch_size}, {warmup} warm-up + {iters} timed iterations")
     peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     peak = measure_matmul_peak(dev, peak_dtype)
-    log(f"[step] measured {precision_name(peak_dtype)} matmul peak: {peak / 1e12:.2f} TFLOP/s")
+    log(f"[step] measured {precision_name(peak_dtype)} matmul peak: {peak / 1e12:.3g} TFLOP/s")
     images, labels = synthetic_batch(batch_size, img_size, num_classes, dev, seed)
 
     results: dict[str, dict[str, Any]] = {}
@@ -229,7 +229,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         (f"{result['device_name']}; {result['model']}, batch {result['batch_size']}, mask ratio {result['mask_ratio']}; "
         f"{result['warmup']} warm-up + {result['iters']} timed iterations; "
         f"{result['flops_per_image'] / 1e9:.2f} GFLOP per image per step (fwd + bwd, counted); "
-        f"measured {result['peak_dtype']} matmul peak {result['peak_tflops']:.2f} TFLOP/s."),
+        f"measured {result['peak_dtype']} matmul peak {result['peak_tflops']:.3g} TFLOP/s."),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -238,7 +238,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         if r.get("compile_error"):
             name = f"{name} (compile failed: {r['compile_error'][:80]})"
         cells = [name, r["attention"], r["precision"], "yes" if r["compile"] else "no", r["optimizer"], r["host_sync"],
-                 f"{r['ms_per_iter']:.1f}", f"{r['images_per_sec']:.1f}", f"{r['achieved_tflops']:.3f}",
+                 f"{r['ms_per_iter']:.1f}", f"{r['images_per_sec']:.1f}", f"{r['achieved_tflops']:.3g}",
                  f"{r['mfu']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     if result["speedup"] is not None:

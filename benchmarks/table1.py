@@ -226,7 +226,7 @@ def measure_step(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     log(f"[table1] {method:<12} {result.seconds_per_iter * 1e3:9.1f} ms/iter  {result.images_per_sec:9.1f} img/s  "
-        f"{fpi / 1e9:8.2f} GFLOP/img  {result.achieved_flops / 1e12:7.3f} TFLOP/s  "
+        f"{fpi / 1e9:8.2f} GFLOP/img  {result.achieved_flops / 1e12:7.3g} TFLOP/s  "
         f"data-wait {result.data_wait_frac:5.1%}")
     return result
 
@@ -283,7 +283,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     out += [
         "## Steps: how close to compute-bound",
         "",
-        f"Measured dense matmul peak of this device ({result['peak_dtype']}): {result['peak_tflops']:.2f} TFLOP/s.",
+        f"Measured dense matmul peak of this device ({result['peak_dtype']}): {result['peak_tflops']:.3g} TFLOP/s.",
         "",
     ]
     sheader = ["step", "ms/iter", "img/s", "GFLOP/img", "FLOPs from", "TFLOP/s", "of peak", "of best", "params (M)"]
@@ -294,7 +294,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         b = bound[name]
         line = [
             name, _fmt(s["seconds_per_iter"] * 1e3, ".1f"), _fmt(s["batch_size"] / s["seconds_per_iter"], ".1f"),
-            _fmt(s["flops_per_image"] / 1e9, ".2f"), s["flops_source"], _fmt(b["achieved_tflops"], ".3f"),
+            _fmt(s["flops_per_image"] / 1e9, ".2f"), s["flops_source"], _fmt(b["achieved_tflops"], ".3g"),
             _fmt(b["frac_of_peak"], ".1%"), _fmt(b["frac_of_best"], ".1%"), _fmt(s["params"] / 1e6, ".1f"),
         ]
         if real_data:
@@ -355,7 +355,7 @@ def write_chart(path: str, result: dict[str, Any]) -> None:
     fracs = [result["compute_bound"][n]["frac_of_peak"] * 100 for n in names]
     ax2.bar(names, fracs, color="tab:green")
     ax2.set_ylabel(f"% of measured {result['peak_dtype']} matmul peak")
-    ax2.set_title(f"achieved FLOP/s per step (peak {result['peak_tflops']:.1f} TFLOP/s)", fontsize=9)
+    ax2.set_title(f"achieved FLOP/s per step (peak {result['peak_tflops']:.3g} TFLOP/s)", fontsize=9)
     ax2.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -400,7 +400,7 @@ def run_table1(
         f"{len(rows)} rows, data: {data_desc}")
     peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     peak = measure_matmul_peak(dev, peak_dtype)
-    log(f"[table1] measured {precision_name(peak_dtype)} matmul peak: {peak / 1e12:.2f} TFLOP/s")
+    log(f"[table1] measured {precision_name(peak_dtype)} matmul peak: {peak / 1e12:.3g} TFLOP/s")
 
     if loader is not None:
         batches = loader_batches(loader)
