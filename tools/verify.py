@@ -116,12 +116,21 @@ def _check_beton_chunk(task: tuple[str, list[tuple[int, int]], bool]) -> list[tu
     return out
 
 
-def _imap(func, tasks: list, workers: int) -> Iterator:
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(func, tasks)
-        return
-    with multiprocessing.Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap(func, tasks)
+def _imap(func, tasks: list, workers: int, desc: str | None = None) -> Iterator:
+    """func over tasks in order, in a process pool; a tqdm bar on stderr when `desc` is given."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(tasks), desc=desc, unit="chunk", disable=desc is None, file=sys.stderr) as bar:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                result = func(task)
+                bar.update(1)
+                yield result
+            return
+        with multiprocessing.Pool(min(workers, len(tasks))) as pool:
+            for result in pool.imap(func, tasks):
+                bar.update(1)
+                yield result
 
 
 def _read_tsv(path: str) -> list[list[str]]:
@@ -189,12 +198,10 @@ def verify(out: str, workers: int = 2, progress: bool = False) -> list[str]:
         wds_decoded = None
         wds_info = manifest["formats"].get("wds", {}).get(split)
         if wds_info is not None:
-            wds_decoded = _verify_wds(out, split, wds_info, expected, max_res, workers, problems)
+            wds_decoded = _verify_wds(out, split, wds_info, expected, max_res, workers, progress, problems)
         ffcv_info = manifest["formats"].get("ffcv", {}).get(split)
         if ffcv_info is not None:
-            _verify_ffcv(out, split, ffcv_info, expected, max_res, workers, wds_decoded, problems)
-        if progress:
-            print(f"verified split {split}: {n} samples", file=sys.stderr)
+            _verify_ffcv(out, split, ffcv_info, expected, max_res, workers, progress, wds_decoded, problems)
     return problems
 
 
@@ -209,7 +216,14 @@ def _file_ok(out: str, entry: dict, problems: list[str], key: str = "path", size
 
 
 def _verify_wds(
-    out: str, split: str, info: dict, expected: np.ndarray, max_res: int, workers: int, problems: list[str]
+    out: str,
+    split: str,
+    info: dict,
+    expected: np.ndarray,
+    max_res: int,
+    workers: int,
+    progress: bool,
+    problems: list[str],
 ) -> list[tuple[bytes, int, int]] | None:
     """Check the shards of one split; return (digest, width, height) of each sample in output order."""
     tasks = []
@@ -223,7 +237,9 @@ def _verify_wds(
     if len(tasks) != len(info["files"]):
         return None
     labels, decoded, keys = [], [], []
-    for entry, result in zip(info["files"], _imap(_check_shard, tasks, workers)):
+    for entry, result in zip(
+        info["files"], _imap(_check_shard, tasks, workers, f"verify wds/{split}" if progress else None)
+    ):
         problems.extend(os.path.relpath(p, out) if p.startswith(out) else p for p in result["problems"])
         if len(result["samples"]) != entry.get("count", len(result["samples"])):
             problems.append(f"{entry['path']}: {len(result['samples'])} samples, manifest says {entry['count']}")
@@ -256,6 +272,7 @@ def _verify_ffcv(
     expected: np.ndarray,
     max_res: int,
     workers: int,
+    progress: bool,
     wds_decoded: list[tuple[bytes, int, int]] | None,
     problems: list[str],
 ) -> None:
@@ -296,7 +313,11 @@ def _verify_ffcv(
         ranges.append((ptr, size))
     decode = wds_decoded is None
     chunks = [(path, ranges[i : i + _DECODE_CHUNK], decode) for i in range(0, len(ranges), _DECODE_CHUNK)]
-    results = [r for chunk in _imap(_check_beton_chunk, chunks, workers) for r in chunk]
+    results = [
+        r
+        for chunk in _imap(_check_beton_chunk, chunks, workers, f"verify ffcv/{split}" if progress else None)
+        for r in chunk
+    ]
     for i, (err, width, height, digest) in enumerate(results):
         where = f"{entry['path']}: sample {i}"
         if wds_decoded is not None:
