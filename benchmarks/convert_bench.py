@@ -47,7 +47,11 @@ def _split_root(src: str) -> str:
 def _cpu_seconds() -> float:
     """CPU seconds of this process and its reaped children: unlike wall time, barely affected by
     other users of a shared machine."""
-    multiprocessing.active_children()  # reaps finished worker processes so their time is counted
+    # Reap every worker process (FFCV's writer returns before its workers have exited) so that
+    # all their CPU time is counted, and counted in this run.
+    deadline = time.monotonic() + 30
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.01)
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 

@@ -65,6 +65,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 import zlib
@@ -240,6 +241,8 @@ def _init_worker(max_res: int, quality: int, max_pixels: int, parent_pid: int) -
     global _WORKER_ARGS
     _WORKER_ARGS = (max_res, quality, max_pixels)
     if os.getpid() != parent_pid:
+        # Ctrl-C is the parent's to handle (it stops the pool); workers would only print tracebacks.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         die_with_parent(parent_pid)
 
 
