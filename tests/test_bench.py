@@ -265,14 +265,15 @@ def test_table1_with_a_real_pipeline_reports_data_wait(tmp_path, synthetic_root)
 def test_step_command_ours_vs_paper(tmp_path, capsys):
     from supmae.cli import main
 
-    rc = main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--batch-size", "4",
-               "--iters", "2", "--warmup", "1", "--out", str(tmp_path)])
+    rc = main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--depth", "2",
+               "--batch-size", "4", "--iters", "2", "--warmup", "1", "--rounds", "2", "--out", str(tmp_path)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Speed-up ours / paper" in printed
     data = json.loads((tmp_path / "step.json").read_text())
     ours, paper = data["configs"]["ours"], data["configs"]["paper"]
     assert ours["attention"] == "sdpa" and paper["attention"] == "eager"
+    assert data["depth"] == 2 and data["rounds"] == 2
     assert ours["compile"] is False  # off by default on CPU
     assert ours["precision"] == paper["precision"] == "fp32"
     assert data["speedup"] == pytest.approx(ours["images_per_sec"] / paper["images_per_sec"])
@@ -299,8 +300,8 @@ torch.set_num_threads(1)
 from supmae.cli import main
 assert main(["bench", "table1", "--device", "cpu", "--model-scale", "tiny", "--depth", "1", "--iters", "1",
              "--warmup", "0", "--methods", "supmae", "--out", {str(tmp_path / "t1")!r}]) == 0
-assert main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--batch-size", "2",
-             "--iters", "1", "--warmup", "0", "--out", {str(tmp_path / "step")!r}]) == 0
+assert main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--depth", "1",
+             "--batch-size", "2", "--iters", "1", "--warmup", "0", "--out", {str(tmp_path / "step")!r}]) == 0
 assert not any(m.split(".")[0] in ("ffcv", "nvidia", "matplotlib") for m in sys.modules)
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
