@@ -391,8 +391,12 @@ def run_table1(
         from pipelines import build_pipeline
 
         img_size = M.arch_for_scale(model_scale, depth=depth).img_size
+        threads = torch.get_num_threads()
         loader = build_pipeline(pipeline, data, split="train", batch_size=batch_size, img_size=img_size,
                                 device=dev, num_workers=num_workers, train=True, seed=seed)
+        # A loader library may change torch's intra-op thread count (FFCV sets it to its worker
+        # count); the steps are timed with this process's own setting, as the training loop does.
+        torch.set_num_threads(threads)
         arch = M.arch_for_scale(model_scale, num_classes=loader.num_classes, depth=depth)
         data_desc = f"{pipeline} pipeline on {os.path.abspath(data)}"
         n_images = num_images or int(loader.num_samples)
