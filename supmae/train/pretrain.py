@@ -74,6 +74,7 @@ def validate(cfg: PretrainConfig) -> None:
         (t.epochs >= 1, f"--train.epochs must be >= 1, got {t.epochs}"),
         (t.log_every >= 1, f"--train.log_every must be >= 1, got {t.log_every}"),
         (t.save_every >= 1, f"--train.save_every must be >= 1, got {t.save_every}"),
+        (t.epochs_per_run >= 0, f"--train.epochs_per_run must be >= 0, got {t.epochs_per_run}"),
         (t.max_steps_per_epoch >= 0, f"--train.max_steps_per_epoch must be >= 0, got {t.max_steps_per_epoch}"),
         (t.precision in ("auto", "fp32", "bf16", "fp16"),
          f"--train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}"),
@@ -275,6 +276,11 @@ def _run(cfg: PretrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
         raise error if error is not None else UserError("another rank failed during set-up (see its message)")
     if error is not None:
         raise error
+    if state["done"]:
+        log(f"nothing to do: {run_dir.path} already completed {state['start_epoch']} of {cfg.train.epochs} epochs")
+        return {"run_dir": run_dir.path, "final_log": None, "start_epoch": state["start_epoch"], "epochs_run": 0,
+                "checkpoint": state["ckpt_path"], "world_size": info.world_size, "rank": info.rank,
+                "ranks_in_sync": None}
     return _train(cfg, info, run_dir, log, state, t_start)
 
 
@@ -313,6 +319,8 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         missing = [k for k in ("model", "optimizer", "epoch", "step") if k not in ckpt]
         if missing:
             raise UserError(f"{ckpt_path} is not a pretraining checkpoint of this trainer (no {', '.join(missing)})")
+        if int(ckpt["epoch"]) + 1 >= tc.epochs:  # a finished run: build nothing, write nothing
+            return {"done": True, "start_epoch": int(ckpt["epoch"]) + 1, "ckpt_path": ckpt_path}
 
     # ---- precision, compile, determinism, threads.
     if tc.cpu_threads:
@@ -414,7 +422,7 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         log(f"resuming from {ckpt_path} (epoch {start_epoch - 1} complete, step {step})")
 
     return {
-        "model": model, "optimizer": optimizer, "scaler": scaler, "schedule": schedule, "precision": precision,
+        "done": False, "model": model, "optimizer": optimizer, "scaler": scaler, "schedule": schedule, "precision": precision,
         "use_compile": use_compile, "train_loader": train_loader, "val_loader": val_loader, "accum": accum,
         "micro_steps": micro_steps, "eff_batch": eff_batch, "start_epoch": start_epoch, "step": step,
         "prev_elapsed": prev_elapsed, "ckpt": ckpt, "ckpt_path": ckpt_path,
@@ -453,12 +461,6 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         model = ddp
     if st["use_compile"]:
         model = torch.compile(model)
-
-    if start_epoch >= tc.epochs:
-        log(f"nothing to do: {run_dir.path} already completed {start_epoch} of {tc.epochs} epochs")
-        return {"run_dir": run_dir.path, "final_log": None, "start_epoch": start_epoch, "epochs_run": 0,
-                "checkpoint": st["ckpt_path"] or None, "world_size": info.world_size, "rank": info.rank,
-                "ranks_in_sync": None}
 
     # ---- the run directory: written from here on (rank 0 only).
     run_dir.create()
@@ -509,8 +511,9 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
     def elapsed() -> float:
         return st["prev_elapsed"] + time.perf_counter() - t_start
 
+    end_epoch = tc.epochs if not tc.epochs_per_run else min(tc.epochs, start_epoch + tc.epochs_per_run)
     try:
-        for epoch in range(start_epoch, tc.epochs):
+        for epoch in range(start_epoch, end_epoch):
             train_loader.set_epoch(epoch)
             gen.manual_seed(_epoch_seed(cfg.seed, epoch, info.rank))
             core.train()

@@ -75,6 +75,9 @@ class TrainConfig:
 
     epochs: int = 400  # epochs of the lr schedule, and epochs this run trains
     planned_epochs: int = 0  # the recipe's full length (logged as total_epochs); 0 = epochs
+    # Stop after this many epochs in one invocation (0 = run to `epochs`); the lr schedule still spans
+    # `epochs`, and --resume auto continues: for job time limits, or timing a few epochs of a long recipe.
+    epochs_per_run: int = 0
     log_every: int = 20  # steps between reads of the device-side loss sums (steps.jsonl lines)
     save_every: int = 50  # epochs between numbered checkpoints (checkpoint-last.pth is written every epoch)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)
