@@ -631,3 +631,10 @@ def test_single_split_folder_becomes_train_and_wds_only(tmp_path):
     assert counts == {0: 3, 1: 3}
     with tarfile.open(os.path.join(out, manifest["formats"]["wds"]["train"]["files"][0]["path"])) as tar:
         assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
+
+    # FFCV alone: the chunks live in .work/ until the .beton is assembled, then go.
+    only_ffcv = str(tmp_path / "only_ffcv")
+    manifest = convert(flat, only_ffcv, formats=("ffcv",), workers=0, shard_size=4, progress=False)
+    assert set(manifest["formats"]) == {"ffcv"}
+    assert sorted(os.listdir(only_ffcv)) == ["classes.json", "ffcv", "manifest.json", "skipped.tsv", "sources"]
+    assert verify(only_ffcv) == []
