@@ -23,7 +23,9 @@ HWC->CHW transpose and writes a fresh tensor, so nothing is copied twice.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -156,10 +158,49 @@ def _scaled_crop_decoder(base: Any, dct_scale: bool) -> Any:
     return Scaled
 
 
+@functools.cache
+def _normalize_kernel() -> Any:
+    """Numba kernel: uint8 [B, H, W, 3] -> float32 [B, 3, H, W] normalised, in parallel over images.
+    A plain module-level function, so it is compiled once per process, not once per loader."""
+    from numba import njit, prange
+
+    @njit(parallel=True, nogil=True, fastmath=True)
+    def kernel(images, out, mul, add):  # pragma: no cover - runs compiled
+        n, h, w, _c = images.shape
+        for b in prange(n):
+            for y in range(h):
+                for x in range(w):
+                    out[b, 0, y, x] = images[b, y, x, 0] * mul[0] + add[0]
+                    out[b, 1, y, x] = images[b, y, x, 1] * mul[1] + add[1]
+                    out[b, 2, y, x] = images[b, y, x, 2] * mul[2] + add[2]
+
+    return kernel
+
+
+class BufferPool:
+    """Output arrays handed out as torch tensors and reused once nobody holds them any more.
+
+    A fresh 38 MB array per batch (64 x 3 x 224 x 224 float32) costs more in page faults than the
+    normalisation itself (measured: 100 ms against 17 ms per batch), and FFCV's own buffers are
+    recycled while the consumer may still hold a batch. `torch.from_numpy` keeps the array alive
+    (through every view of the tensor), so an array whose only holder is this pool is free."""
+
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray] = []
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        for arr in self.arrays:
+            # References: the pool's list, the loop variable and getrefcount's argument.
+            if arr.shape[1:] == shape[1:] and arr.shape[0] >= shape[0] and sys.getrefcount(arr) <= 3:
+                return arr[: shape[0]]
+        arr = np.empty(shape, dtype=np.float32)
+        self.arrays.append(arr)
+        return arr
+
+
 def _normalize_chw_op() -> Any:
-    """FFCV operation: uint8 [B, H, W, 3] -> float32 [B, 3, H, W] normalised, in one parallel
-    JIT pass that allocates a fresh output (FFCV's own buffers are recycled batches later)."""
-    from ffcv.pipeline.compiler import Compiler
+    """FFCV operation: uint8 [B, H, W, 3] -> float32 [B, 3, H, W] normalised, one parallel pass
+    (normalise + HWC->CHW) in FFCV's worker thread, into a pooled output array."""
     from ffcv.pipeline.operation import Operation
 
     mean = np.array(IMAGENET_MEAN, dtype=np.float32)
@@ -168,28 +209,26 @@ def _normalize_chw_op() -> Any:
     add = (-mean / std).astype(np.float32)
 
     class NormalizeCHW(Operation):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = BufferPool()
+
         def generate_code(self) -> Any:
-            my_range = Compiler.get_iterator()
-            m0, m1, m2 = float(mul[0]), float(mul[1]), float(mul[2])
-            a0, a1, a2 = float(add[0]), float(add[1]), float(add[2])
+            kernel = _normalize_kernel()
+            pool = self.pool
 
             def normalize(images, _unused):
-                n, h, w, _c = images.shape
-                out = np.empty((n, 3, h, w), dtype=np.float32)
-                for b in my_range(n):
-                    for y in range(h):
-                        for x in range(w):
-                            out[b, 0, y, x] = images[b, y, x, 0] * m0 + a0
-                            out[b, 1, y, x] = images[b, y, x, 1] * m1 + a1
-                            out[b, 2, y, x] = images[b, y, x, 2] * m2 + a2
+                n, h, w, c = images.shape
+                out = pool.take((n, c, h, w))
+                kernel(images, out, mul, add)
                 return out
 
-            normalize.is_parallel = True
             return normalize
 
         def declare_state_and_memory(self, previous_state: Any) -> Any:
             h, w, c = previous_state.shape
-            return replace(previous_state, jit_mode=True, shape=(c, h, w), dtype=np.dtype("float32")), None
+            # Not JIT-fused: the pool is Python; the kernel it calls is compiled and releases the GIL.
+            return replace(previous_state, jit_mode=False, shape=(c, h, w), dtype=np.dtype("float32")), None
 
     return NormalizeCHW()
 

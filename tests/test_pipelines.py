@@ -183,6 +183,20 @@ def test_rank_order_disjoint_equal_and_seeded(n, world, batch):
         assert not np.array_equal(e0, e1)
 
 
+def test_ffcv_buffer_pool_reuses_only_released_arrays():
+    from pipelines.ffcv_pipeline import BufferPool
+
+    pool = BufferPool()
+    first = torch.from_numpy(pool.take((4, 3, 8, 8)))
+    view = first[1:2]  # a view keeps the array alive too
+    del first
+    second = pool.take((4, 3, 8, 8))
+    assert len(pool.arrays) == 2 and not np.shares_memory(second, view.numpy())
+    del view, second
+    pool.take((2, 3, 8, 8))  # a partial batch reuses a free full-size array
+    assert len(pool.arrays) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # Every backend: output contract, labels against pixels, ranks, epochs, seeds
 
@@ -215,6 +229,11 @@ def test_train_contract_labels_ranks_and_epochs(kind, train_pair, coded):
     # Without set_epoch, the next iteration is the following epoch (epoch 1 here).
     ids0_next, _ = run_epoch(r0)
     assert ids0_next == ids0_e1
+    # Batches stay valid while held: no backend hands out a buffer it later overwrites.
+    r0.set_epoch(0)
+    held = list(r0)
+    assert np.concatenate([decode_ids(x)[0] for x, _ in held]).tolist() == ids0
+    assert np.concatenate([y.numpy() for _, y in held]).tolist() == [i % NUM_CODED_CLASSES for i in ids0]
 
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
