@@ -119,6 +119,16 @@ class MethodStep:
         return count_flops(lambda: self.step(images, labels))
 
 
+def count_step_flops(method: str, arch: Arch, batch_size: int) -> int:
+    """FLOPs of one training step of `method`, counted on a replica built on the meta device: the
+    same code path as the timed step, with shapes but no arithmetic and no memory."""
+    meta = torch.device("meta")
+    step = build_step(method, arch, meta, batch_size, None)
+    images = torch.empty(batch_size, 3, arch.img_size, arch.img_size, device=meta)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=meta)
+    return step.flops_per_step(images, labels)
+
+
 def _timm_vit(arch: Arch, **kw: Any) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -296,7 +306,9 @@ def _build_supervised(
     mixup = _mixup(arch, batch_size)
     criterion = SoftTargetCrossEntropy()
     ema_model = None
-    if ema is not None:
+    # On the meta device (FLOP counting) the EMA is left out: its lerp has no counted FLOPs, and
+    # timm's EMA does not run on meta tensors.
+    if ema is not None and device.type != "meta":
         import timm.utils
 
         ema_cls = getattr(timm.utils, "ModelEmaV3", None) or timm.utils.ModelEmaV2

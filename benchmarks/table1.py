@@ -204,9 +204,8 @@ def measure_step(
     step = M.build_step(method, arch, device, batch_size, dtype)
     timing = time_steps(step, batches, device, warmup, iters)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    # FLOPs depend on shapes only: count one more real step on a synthetic batch of the same shape.
-    images, labels = synthetic_batch(batch_size, arch.img_size, arch.num_classes, device, seed)
-    step_fpi = step.flops_per_step(images, labels) / batch_size
+    # FLOPs depend on shapes only: counted on a meta-device replica of the same step (no arithmetic).
+    step_fpi = M.count_step_flops(method, arch, batch_size) / batch_size
     fpi, source = step_fpi, "FlopCounterMode on the step"
     if method in ("mae", "supmae"):
         try:
@@ -221,7 +220,7 @@ def measure_step(
         data_wait_frac=timing.data_wait_frac, spread=timing.spread, flops_per_image=fpi, flops_source=source,
         step_flops_per_image=step_fpi, params=step.num_params(), peak_mem_mb=peak_mem, notes=step.notes,
     )
-    del step, images, labels
+    del step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

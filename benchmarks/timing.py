@@ -72,7 +72,11 @@ def device_name(device: torch.device) -> str:
 def fused_adamw(params: Any, device: torch.device, **kw: Any) -> torch.optim.AdamW:
     """AdamW with the fused kernel where this torch build has it for `device`, else the foreach one.
 
-    Feature-detected by constructing it: the fused CPU kernel exists only in newer torch builds."""
+    Feature-detected by constructing it: the fused CPU kernel exists only in newer torch builds.
+    On the meta device (FLOP counting without arithmetic) the plain loop is used: its update has no
+    matmul FLOPs either way."""
+    if device.type == "meta":
+        return torch.optim.AdamW(params, foreach=False, **kw)
     try:
         return torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):

@@ -194,6 +194,12 @@ def test_step_flops_agree_with_the_model_flop_counter(stepped):
     assert stepped["deit"]["model_fpi"] is None
 
 
+def test_meta_device_flop_count_matches_the_real_step(stepped, arch):
+    """Table 1 counts FLOPs on a meta-device replica of each step; it must agree with the real step."""
+    for method in M.METHODS:
+        assert M.count_step_flops(method, arch, 8) / 8 == pytest.approx(stepped[method]["fpi"], rel=0.02), method
+
+
 def test_flops_order_of_the_methods(stepped):
     fpi = {m: r["fpi"] for m, r in stepped.items()}
     assert fpi["deit"] == pytest.approx(fpi["mae_scratch"], rel=0.01) == pytest.approx(fpi["finetune"], rel=0.01)
