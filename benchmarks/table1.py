@@ -363,7 +363,7 @@ def write_chart(path: str, result: dict[str, Any]) -> None:
 
 def run_table1(
     device: str = "auto", gpus: int = 8, data: str = "synthetic", pipeline: str = "ffcv", num_workers: int = 2,
-    model_scale: str = "base", depth: int | None = None, iters: int = 10, warmup: int = 3,
+    model_scale: str = "base", depth: int | None = None, iters: int = 10, warmup: int | None = None,
     batch_size: int | None = None, num_images: int | None = None, methods: list[str] | None = None,
     out: str | None = None, seed: int = 0, log: Any = print,
 ) -> dict[str, Any]:
@@ -373,6 +373,9 @@ def run_table1(
     dtype = amp_dtype(dev)
     if batch_size is None:
         batch_size = 256 if dev.type == "cuda" else 8
+    if warmup is None:
+        # One CPU step is already steady (no compilation, no clock ramp); a GPU needs a few.
+        warmup = 3 if dev.type == "cuda" else 1
     keys = methods or [r.key for r in ROWS]
     unknown = [k for k in keys if k not in {r.key for r in ROWS}]
     if unknown:
@@ -471,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-scale", default="base", choices=tuple(M.SCALES))
     p.add_argument("--depth", type=int, default=None, help="override the encoder depth of every row")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per step")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before timing")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations before timing (default 3 on GPU, 1 on CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default 256 on GPU, 8 on CPU)")
     p.add_argument("--num-images", type=int, default=None,
                    help=f"images per epoch (default {IMAGENET_TRAIN_IMAGES:,} = ImageNet-1k train, or the dataset's)")
