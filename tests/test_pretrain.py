@@ -330,3 +330,31 @@ def test_torchrun_ranks_read_disjoint_shards(converted, tmp_path, pipeline):
     # Without drop_last: 200 samples per rank in 13 batches (the last one of 8), together all 400 once.
     assert got["len"] == 13 and len(got["ranks"][0]) == len(got["ranks"][1]) == 200
     assert len(a) == 200 and len(b) == 200 and not a & b
+
+
+@pytest.mark.slow
+def test_accumulation_bf16_and_the_batch_norm_warning(converted, tmp_path, capsys):
+    out = str(tmp_path / "accum")
+    argv = run_args(converted, out, "dali", 1, 6, "--data.batch_size", "16", "--optim.accum_iter", "2",
+                    "--train.precision", "bf16", "--train.val", "false")
+    assert cli_main(["pretrain", *argv]) == 0
+    stdout = capsys.readouterr().out
+    assert "effective batch 32 = 16 per device x 2 accumulation x 1 devices; peak lr 0.002" in stdout
+    assert "precision bf16" in stdout
+    assert "warning: gradient accumulation (2) with the BatchNorm classification head" in stdout
+    (row,) = read_jsonl(os.path.join(out, "log.jsonl"))
+    assert row["steps"] == 3 and row["images"] == 6 * 16 and "val_cls_acc1" not in row
+    assert math.isfinite(row["loss"])
+
+
+@pytest.mark.gpu
+def test_gpu_run_bf16_compiled(synthetic_root, tmp_path, capsys):
+    # torchvision reads the raw ImageFolder tree: no conversion needed on a GPU machine.
+    out = str(tmp_path / "gpu")
+    argv = run_args(synthetic_root, out, "torchvision", 2, 6, "--train.device", "cuda", "--train.cpu_threads", "0")
+    assert cli_main(["pretrain", *argv]) == 0
+    stdout = capsys.readouterr().out
+    assert "precision bf16" in stdout and "compile on" in stdout
+    rows = read_jsonl(os.path.join(out, "log.jsonl"))
+    assert rows[0]["device"] != "cpu" and rows[0]["peak_mem_mb"] > 0 and rows[1]["loss"] < rows[0]["loss"]
+    assert load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["optimizer"]["param_groups"][0]["fused"]

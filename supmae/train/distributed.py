@@ -163,6 +163,18 @@ def agree(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_min(t).item())
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after an epoch's last forward every rank
+    holds running statistics of its own last batch; this makes them rank `src`'s (the checkpointed ones).
+    """
+    if not is_dist():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=src)
+
+
 def params_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     """Two float64 numbers summarising every parameter and buffer: sum and sum of squares weighted by position.
 

@@ -591,6 +591,8 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
                 "train_lr": lr_sum / updates_per_epoch,
                 **{name: sums[k] / max(count, 1) for k, name in enumerate(METER_NAMES)},
             }
+            # Every rank evaluates, and rank 0 saves, the same model: rank 0's BN running statistics.
+            dist_utils.broadcast_buffers(core)
             if val_loader is not None:
                 row["val_cls_acc1"] = evaluate_cls(core, val_loader, device, amp_dtype)
             total_elapsed = elapsed()
