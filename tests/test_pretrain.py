@@ -358,3 +358,23 @@ def test_gpu_run_bf16_compiled(synthetic_root, tmp_path, capsys):
     rows = read_jsonl(os.path.join(out, "log.jsonl"))
     assert rows[0]["device"] != "cpu" and rows[0]["peak_mem_mb"] > 0 and rows[1]["loss"] < rows[0]["loss"]
     assert load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["optimizer"]["param_groups"][0]["fused"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["ffcv", "dali", "torchvision"])
+def test_validation_counts_every_sample_once_across_ranks(converted, pipeline):
+    # 100 val images over 3 ranks: 34 per rank, 2 repeats; the counted samples are exactly the 100.
+    from supmae.train.data import DataConfig
+    from supmae.train.pretrain import real_samples
+
+    cfg = DataConfig(path=converted, pipeline=pipeline, batch_size=16, img_size=32, num_workers=1)
+    counted, repeats = [], []
+    for rank in range(3):
+        loader = cfg.build("val", train=False, device="cpu", rank=rank, world_size=3, seed=0)
+        hashes = [hashlib.sha1(img.numpy().tobytes()).hexdigest() for imgs, _ in loader for img in imgs]
+        assert len(hashes) == 34
+        real = real_samples(loader)
+        counted += hashes[:real]
+        repeats += hashes[real:]
+    assert len(counted) == 100 and len(set(counted)) == 100
+    assert len(repeats) == 2 and set(repeats) <= set(counted)

@@ -679,6 +679,28 @@ def _log_window(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir,
     window.update(t=now, wait=batches.wait_seconds, sums=sums, count=count, micro=micro_done)
 
 
+def real_samples(loader: Any) -> int:
+    """How many of this rank's validation samples are not repeats.
+
+    Without drop_last every rank reads ceil(N / S) samples; to even the ranks out the backends repeat
+    a few (fewer than S in all) at the *end* of some ranks' unshuffled order. Which ranks depends on
+    how each backend splits the N samples: torchvision's DistributedSampler deals them out in turn
+    (rank r gets r, r + S, ...), FFCV's order (pipelines.base.rank_order) cuts the padded list into
+    contiguous pieces, DALI's reader cuts the unpadded list into contiguous shards. Counting only
+    these samples, the ranks together count each validation sample exactly once.
+    """
+    n, s, r, per = loader.num_total, loader.world_size, loader.rank, loader.num_samples
+    if s == 1:
+        return per
+    if loader.kind == "torchvision":
+        real = len(range(r, n, s))
+    elif loader.kind == "dali":
+        real = (r + 1) * n // s - r * n // s
+    else:
+        real = n - r * per
+    return max(0, min(per, real))
+
+
 @torch.no_grad()
 def evaluate_cls(core: torch.nn.Module, loader: Any, device: torch.device, amp_dtype: torch.dtype | None) -> float:
     """Top-1 (percent) of the classification branch on `loader`, every patch visible; summed over ranks."""
@@ -686,11 +708,7 @@ def evaluate_cls(core: torch.nn.Module, loader: Any, device: torch.device, amp_d
     core.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = torch.zeros((), dtype=torch.int64, device=device)
-    # Without drop_last the pipelines even the ranks out by repeating a few samples at the end of the
-    # (unshuffled) validation order; count each sample once: this rank's first `real` samples.
-    real = loader.num_samples
-    if getattr(loader, "world_size", 1) > 1 and hasattr(loader, "num_total"):
-        real = max(0, min(loader.num_samples, loader.num_total - loader.rank * loader.num_samples))
+    real = real_samples(loader)
     done = 0
     try:
         for imgs, labels in loader:
