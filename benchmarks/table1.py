@@ -207,13 +207,9 @@ def measure_step(
     # FLOPs depend on shapes only: counted on a meta-device replica of the same step (no arithmetic).
     step_fpi = M.count_step_flops(method, arch, batch_size) / batch_size
     fpi, source = step_fpi, "FlopCounterMode on the step"
-    if method in ("mae", "supmae"):
-        try:
-            counted = M.model_flops_per_image(step, arch)
-        except ImportError:
-            counted = None
-        if counted is not None:
-            fpi, source = counted["total"], "supmae.models.flops"
+    counted = M.model_flops_per_image(step, arch)  # the model's own counter, for the masked rows
+    if counted is not None:
+        fpi, source = counted["total"], "supmae.models.flops"
     synchronize(device)
     result = StepResult(
         method=method, batch_size=batch_size, seconds_per_iter=timing.seconds_per_iter,
