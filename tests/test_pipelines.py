@@ -560,3 +560,19 @@ def test_bench_loaders_cli(coded, tmp_path):
     for r in rows.values():
         assert r["available"] and r["images"] == 24 and r["images_per_sec"] > 0
         assert r["batch_shape"] == [8, 3, SIZE, SIZE]
+
+
+@pytest.mark.slow
+def test_ffcv_reduced_dct_decode_matches_full_decode(synth_val):
+    """Centre crops of 56 px resized to 16: the decoder takes the 1/2-scale DCT path; the pixels
+    match a full decode + resize up to resampling differences."""
+    from pipelines import build_pipeline
+
+    out = {}
+    for dct in (True, False):
+        pipe = build_pipeline("ffcv", synth_val, split="val", batch_size=100, img_size=16, num_workers=1, dct_scale=dct)
+        out[dct] = next(iter(pipe))
+    (scaled, y1), (full, y2) = out[True], out[False]
+    assert torch.equal(y1, y2)
+    assert (scaled - full).abs().mean() < 0.1  # normalised units; a misplaced crop gives ~0.5 or more
+    assert torch.corrcoef(torch.stack([scaled.flatten(), full.flatten()]))[0, 1] > 0.99
