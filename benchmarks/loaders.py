@@ -1,17 +1,20 @@
 """`supmae bench loaders`: images/s of every data pipeline against the torchvision baseline.
 
     supmae bench loaders --data DIR [--batch-size 64] [--workers 2] [--img-size 224]
-                         [--batches 30] [--warmup 5] [--json OUT] [--pipelines ffcv,dali,torchvision]
+                         [--batches 30] [--warmup 5] [--rounds 3] [--settle 4] [--json OUT]
+                         [--pipelines ffcv,dali,torchvision] [--device cpu]
 
 DIR is a directory written by `supmae convert`: ffcv reads its `.beton`, dali its webdataset
 shards, torchvision the raw JPEG tree its manifest names (`source_root`). Every pipeline runs the
 same training augmentation (RandomResizedCrop(img_size, scale 0.2-1) + flip, normalised output) on
-the same device with the same number of workers, one after the other in this process. Each is
-warmed up for `--warmup` batches (FFCV compiles its JIT code then, DALI fills its queues, the
-torchvision workers start), then `--batches` batches are timed; when an epoch ends the next one
-starts, its set-up included in the time, as in training. A pipeline whose library is missing is
-reported as unavailable. The figures are throughput of the loader alone (nothing consumes the
-batches), so on a shared machine they are indicative.
+the same device with the same number of workers, in this process. Each is built and warmed up for
+`--warmup` batches (FFCV compiles its JIT code then, DALI fills its queues, the torchvision workers
+start); then `--batches` batches of each are timed in `--rounds` interleaved rounds (each round
+starts with `--settle` untimed batches, so that batches prefetched while another pipeline ran do
+not count), so that load from other work on the machine hits all pipelines alike. When an epoch
+ends the next one starts, its set-up included in the time, as in training. A pipeline whose
+library is missing is reported as unavailable. The figures are the loader's throughput alone
+(nothing consumes the batches); on a shared machine they are indicative.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="loader workers (threads or processes) per pipeline")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batches", type=int, default=30, help="timed batches per pipeline")
-    p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    p.add_argument("--warmup", type=int, default=5, help="untimed batches first (FFCV compiles then)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds the timed batches are split into")
+    p.add_argument("--settle", type=int, default=4, help="untimed batches at the start of each round")
     p.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda[:N]")
     p.add_argument("--pipelines", default="ffcv,dali,torchvision", help="comma-separated subset to run")
     p.add_argument("--seed", type=int, default=0)
@@ -44,64 +49,107 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Build pipeline `kind`, warm it up, time `args.batches` batches; a result row."""
-    import torch
+class _Runner:
+    """One pipeline under measurement: its endless batch stream (epoch after epoch) and its tallies."""
 
-    from pipelines import available, build_pipeline
+    def __init__(self, kind: str, args: argparse.Namespace) -> None:
+        import torch
 
-    reason = available(kind)
-    if reason:
-        return {"pipeline": kind, "available": False, "reason": reason}
-    cuda = torch.device(args.device).type == "cuda"
-    t0 = time.perf_counter()
-    pipe = build_pipeline(
-        kind,
-        args.data,
-        split=args.split,
-        batch_size=args.batch_size,
-        img_size=args.img_size,
-        device=args.device,
-        num_workers=args.workers,
-        seed=args.seed,
-        train=True,
-    )
-    build_s = time.perf_counter() - t0
+        from pipelines import build_pipeline
 
-    def batches(loader: Any) -> Any:
-        while True:  # successive epochs, each with its own order
-            yield from loader
+        self.kind = kind
+        self.cuda = torch.device(args.device).type == "cuda"
+        t0 = time.perf_counter()
+        self.pipe = build_pipeline(
+            kind,
+            args.data,
+            split=args.split,
+            batch_size=args.batch_size,
+            img_size=args.img_size,
+            device=args.device,
+            num_workers=args.workers,
+            seed=args.seed,
+            train=True,
+        )
+        self.build_seconds = time.perf_counter() - t0
+        self.stream = self._batches()
+        self.images = 0
+        self.seconds = 0.0
+        self.batches = 0
+        self.shape: list[int] | None = None
 
-    stream = batches(pipe)
-    t1 = time.perf_counter()
-    for _ in range(args.warmup):
-        next(stream)
-    if cuda:
-        torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t1
-    images = 0
-    shape = None
-    t2 = time.perf_counter()
-    for _ in range(args.batches):
-        x, y = next(stream)
-        images += int(y.shape[0])
-        shape = list(x.shape)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t2
-    stream.close()
-    del stream, pipe
-    gc.collect()
-    return {
-        "pipeline": kind,
-        "available": True,
-        "images_per_sec": images / seconds,
-        "images": images,
-        "seconds": seconds,
-        "build_seconds": build_s,
-        "warmup_seconds": warmup_s,
-        "batch_shape": shape,
-    }
+    def _batches(self) -> Any:
+        while True:  # successive epochs, each with its own order, as in training
+            yield from self.pipe
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def run(self, n: int, timed: bool) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            images, labels = next(self.stream)
+            if timed:
+                self.images += int(labels.shape[0])
+                self.batches += 1
+                self.shape = list(images.shape)
+        self._sync()
+        elapsed = time.perf_counter() - t0
+        if timed:
+            self.seconds += elapsed
+        return elapsed
+
+    def close(self) -> None:
+        self.stream.close()
+        del self.stream, self.pipe
+        gc.collect()
+
+    def row(self, warmup_seconds: float) -> dict[str, Any]:
+        return {
+            "pipeline": self.kind,
+            "available": True,
+            "images_per_sec": self.images / self.seconds,
+            "images": self.images,
+            "batches": self.batches,
+            "seconds": self.seconds,
+            "build_seconds": self.build_seconds,
+            "warmup_seconds": warmup_seconds,
+            "batch_shape": self.shape,
+        }
+
+
+def measure_all(kinds: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Warm every available pipeline up, then time them in `args.rounds` interleaved rounds, so that
+    a change in the machine's load during the run hits every pipeline alike. Each round first draws
+    `settle` untimed batches, so that what a pipeline prefetched while the others ran is not
+    counted as its speed."""
+    from pipelines import available
+
+    rows: dict[str, dict[str, Any]] = {}
+    runners: list[_Runner] = []
+    warmups: dict[str, float] = {}
+    for kind in kinds:
+        reason = available(kind)
+        if reason:
+            rows[kind] = {"pipeline": kind, "available": False, "reason": reason}
+            continue
+        print(f"[bench loaders] building and warming up {kind} ...", file=sys.stderr, flush=True)
+        runner = _Runner(kind, args)
+        warmups[kind] = runner.run(args.warmup, timed=False)
+        runners.append(runner)
+    per_round = [args.batches // args.rounds + (1 if r < args.batches % args.rounds else 0) for r in range(args.rounds)]
+    for r, n in enumerate(per_round):
+        print(f"[bench loaders] round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        for runner in runners:
+            runner.run(args.settle, timed=False)
+            runner.run(n, timed=True)
+    for runner in runners:
+        rows[runner.kind] = runner.row(warmups[runner.kind])
+        runner.close()
+    return [rows[k] for k in kinds]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -132,14 +180,14 @@ def main(argv: list[str]) -> int:
         raise DataError(
             f"--pipelines: unknown pipeline(s) {', '.join(unknown) or '(none given)'} (known: {', '.join(KINDS)})"
         )
-    if args.batches < 1 or args.warmup < 0:
-        raise DataError(f"--batches must be >= 1 and --warmup >= 0, got {args.batches} and {args.warmup}")
+    if args.batches < 1 or args.warmup < 0 or args.settle < 0 or not 1 <= args.rounds <= args.batches:
+        raise DataError(
+            f"need --batches >= 1, --warmup >= 0, --settle >= 0 and 1 <= --rounds <= --batches; got "
+            f"{args.batches}, {args.warmup}, {args.settle}, {args.rounds}"
+        )
     # The baseline first, then the others in the order given.
     kinds = sorted(dict.fromkeys(kinds), key=lambda k: k != BASELINE)
-    rows = []
-    for kind in kinds:
-        print(f"[bench loaders] {kind} ...", file=sys.stderr, flush=True)
-        rows.append(measure(kind, args))
+    rows = measure_all(kinds, args)
     config = {
         "data": os.path.abspath(args.data),
         "split": args.split,
@@ -148,6 +196,8 @@ def main(argv: list[str]) -> int:
         "img_size": args.img_size,
         "batches": args.batches,
         "warmup": args.warmup,
+        "rounds": args.rounds,
+        "settle": args.settle,
         "device": args.device,
         "augmentation": "RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) + flip, normalised",
         "host": platform.node(),

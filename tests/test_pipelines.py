@@ -528,38 +528,36 @@ def test_gpu_delivery(kind, coded):
 # The loader benchmark
 
 
-def test_bench_loaders_cli(coded, tmp_path):
+def test_bench_loaders_cli(coded, tmp_path, capsys):
     from benchmarks.loaders import main
 
     out = tmp_path / "bench.json"
-    rc = main(
-        [
-            "--data",
-            coded,
-            "--batch-size",
-            "8",
-            "--workers",
-            "1",
-            "--img-size",
-            str(SIZE),
-            "--batches",
-            "3",
-            "--warmup",
-            "1",
-            "--pipelines",
-            "dali,torchvision",
-            "--json",
-            str(out),
-        ]
-    )
-    assert rc == 0
+    argv = f"--data {coded} --batch-size 8 --workers 1 --img-size {SIZE} --batches 3 --warmup 1 --rounds 2"
+    argv += f" --settle 1 --pipelines dali,torchvision --json {out}"
+    assert main(argv.split()) == 0
+    table = capsys.readouterr().out
+    assert "torchvision" in table and "dali" in table and "1.00x" in table
     result = json.loads(out.read_text())
     rows = {r["pipeline"]: r for r in result["results"]}
     assert set(rows) == {"dali", "torchvision"}
     assert rows["torchvision"]["ratio_to_baseline"] == pytest.approx(1.0)
     for r in rows.values():
-        assert r["available"] and r["images"] == 24 and r["images_per_sec"] > 0
+        assert r["available"] and r["images"] == 24 and r["batches"] == 3 and r["images_per_sec"] > 0
         assert r["batch_shape"] == [8, 3, SIZE, SIZE]
+
+
+def test_bench_loaders_reports_a_missing_library(coded, tmp_path, monkeypatch):
+    import benchmarks.loaders as bench
+    import pipelines
+
+    monkeypatch.setattr(pipelines, "_LIBRARY", {**pipelines._LIBRARY, "dali": "no_such_dali_module"})
+    out = tmp_path / "bench.json"
+    argv = f"--data {coded} --batch-size 8 --workers 1 --img-size {SIZE} --batches 1 --warmup 0 --rounds 1"
+    argv += f" --pipelines dali,torchvision --json {out}"
+    assert bench.main(argv.split()) == 0
+    rows = {r["pipeline"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["dali"]["available"] is False and "no_such_dali_module" in rows["dali"]["reason"]
+    assert rows["torchvision"]["available"] is True
 
 
 @pytest.mark.slow
