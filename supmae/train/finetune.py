@@ -376,7 +376,7 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
     if info.distributed:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{cfg.task}: {n_params / 1e6:.2f}M trainable parameters, {num_classes} classes, effective batch "
+    log(f"{cfg.task}: {n_params:,} trainable parameters, {num_classes} classes, effective batch "
         f"{eff_batch} (accum {accum} x {info.world_size} device(s)), peak lr {lr:.3g}, epochs {cfg.train.epochs}")
 
     wall0 = time.perf_counter()
