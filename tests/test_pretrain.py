@@ -98,7 +98,7 @@ def test_two_epochs_lower_the_loss_and_write_the_run_dir(converted, tmp_path, ca
     for r in rows:
         assert LOG_KEYS <= set(r), LOG_KEYS - set(r)
         assert r["world_size"] == 1 and r["device"] == "cpu" and r["steps"] == 6 and r["images"] == 6 * 32
-        assert r["total_epochs"] == 8  # the recipe's planned length, not this shortened run's
+        assert r["total_epochs"] == 5  # the recipe's planned length, not this shortened run's
         assert 0.0 <= r["data_wait_frac"] <= 1.0 and r["images_per_sec"] > 0
         assert r["loss"] == pytest.approx(r["rec_loss"] + r["cls_loss"])
         assert 0.0 <= r["val_cls_acc1"] <= 100.0  # the dataset has a val split
@@ -378,3 +378,16 @@ def test_validation_counts_every_sample_once_across_ranks(converted, pipeline):
         repeats += hashes[real:]
     assert len(counted) == 100 and len(set(counted)) == 100
     assert len(repeats) == 2 and set(repeats) <= set(counted)
+
+
+def test_tensorboard_is_feature_detected(converted, tmp_path, capsys):
+    from supmae.train.run_dir import tensorboard_available
+
+    out = str(tmp_path / "tb")
+    code = cli_main(["pretrain", *run_args(converted, out, "dali", 1, 2), "--train.tensorboard", "true",
+                     "--train.val", "false"])
+    if tensorboard_available():
+        assert code == 0 and os.listdir(os.path.join(out, "tb"))
+    else:
+        assert code == 2 and "needs the 'tensorboard' package" in capsys.readouterr().err
+        assert not os.path.exists(out)  # refused before writing anything
