@@ -98,7 +98,7 @@ def test_two_epochs_lower_the_loss_and_write_the_run_dir(converted, tmp_path, ca
     for r in rows:
         assert LOG_KEYS <= set(r), LOG_KEYS - set(r)
         assert r["world_size"] == 1 and r["device"] == "cpu" and r["steps"] == 6 and r["images"] == 6 * 32
-        assert r["total_epochs"] == 5  # the recipe's planned length, not this shortened run's
+        assert r["total_epochs"] == 8  # the recipe's planned length, not this shortened run's
         assert 0.0 <= r["data_wait_frac"] <= 1.0 and r["images_per_sec"] > 0
         assert r["loss"] == pytest.approx(r["rec_loss"] + r["cls_loss"])
         assert 0.0 <= r["val_cls_acc1"] <= 100.0  # the dataset has a val split
