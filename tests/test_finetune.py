@@ -194,7 +194,8 @@ def full(cfg, data: str, out: str, pretrained_path: str, epochs: int):
 @pytest.mark.slow
 def test_finetuning_a_pretrained_encoder_learns(synthetic_root, pretrained, tmp_path):
     result = run_finetune(full(get_recipe("tiny_cpu_ft"), synthetic_root, str(tmp_path / "ft"), pretrained, 5))
-    assert result["best_acc1"] >= 25.0, result  # chance: 10%
+    # Chance is 10%; this run reaches about 30% (100 val images: one image is 1%).
+    assert result["final_acc1"] >= 20.0 and result["best_acc1"] >= 25.0, result
 
 
 @pytest.mark.slow
@@ -202,8 +203,9 @@ def test_probe_of_the_pretrained_encoder_beats_its_random_initialisation(synthet
     random_init = save_random_supmae(tmp_path / "random.pth", seed=1)
     probe = run_linprobe(full(get_recipe("tiny_cpu_lin"), synthetic_root, str(tmp_path / "pre"), pretrained, 5))
     baseline = run_linprobe(full(get_recipe("tiny_cpu_lin"), synthetic_root, str(tmp_path / "rnd"), random_init, 5))
-    assert probe["final_acc1"] >= 25.0, probe  # chance: 10%
-    assert probe["final_acc1"] >= baseline["final_acc1"] + 8.0, (probe, baseline)
+    # Chance is 10%; these runs reach about 30% against 8%.
+    assert probe["final_acc1"] >= 20.0, probe
+    assert probe["final_acc1"] >= baseline["final_acc1"] + 10.0, (probe, baseline)
 
 
 # ------------------------------------------------------------------------------------------ torchrun
