@@ -214,6 +214,8 @@ def _check_config(cfg: DownstreamConfig) -> None:
         raise UserError(f"unknown task {cfg.task!r} (expected {' or '.join(TASKS)})")
     if not cfg.output_dir:
         raise UserError("no run directory: set --output-dir DIR")
+    if not (cfg.pretrained or cfg.model.name or cfg.resume):
+        raise UserError("no pretrained weights: pass --pretrained CKPT (or --model NAME to start from random weights)")
     if cfg.data.randaugment and cfg.data.pipeline != "torchvision":
         raise UserError(
             f"RandAugment ({cfg.data.randaugment}) runs only in the torchvision pipeline: use --data.pipeline "
