@@ -148,5 +148,5 @@ def test_report_of_a_real_pretraining_run_and_the_bench_projection(tmp_path, syn
     projected = bench["rows"][0]["pt_epoch_seconds"]
     assert bench["rows"][0]["pt_iters_per_epoch"] == 4
     # A sanity bound only: both sides run a few seconds on a machine shared with other jobs. The
-    # 15 % agreement is a documented measurement on a longer run (see the benchmarks README).
+    # 15 % agreement is a documented measurement on a longer run (benchmarks/COSTS.md).
     assert 0.5 < projected / measured < 2.0, (projected, measured)
