@@ -1,20 +1,19 @@
 """`supmae bench loaders`: images/s of every data pipeline against the torchvision baseline.
 
     supmae bench loaders --data DIR [--batch-size 64] [--workers 2] [--img-size 224]
-                         [--batches 30] [--warmup 5] [--rounds 3] [--settle 4] [--json OUT]
-                         [--pipelines ffcv,dali,torchvision] [--device cpu]
+                         [--batches 30] [--warmup 5] [--json OUT] [--pipelines ffcv,dali,torchvision]
+                         [--device cpu]
 
 DIR is a directory written by `supmae convert`: ffcv reads its `.beton`, dali its webdataset
 shards, torchvision the raw JPEG tree its manifest names (`source_root`). Every pipeline runs the
 same training augmentation (RandomResizedCrop(img_size, scale 0.2-1) + flip, normalised output) on
-the same device with the same number of workers, in this process. Each is built and warmed up for
-`--warmup` batches (FFCV compiles its JIT code then, DALI fills its queues, the torchvision workers
-start); then `--batches` batches of each are timed in `--rounds` interleaved rounds (each round
-starts with `--settle` untimed batches, so that batches prefetched while another pipeline ran do
-not count), so that load from other work on the machine hits all pipelines alike. When an epoch
-ends the next one starts, its set-up included in the time, as in training. A pipeline whose
-library is missing is reported as unavailable. The figures are the loader's throughput alone
-(nothing consumes the batches); on a shared machine they are indicative.
+the same device with the same number of workers, one after the other in this process (the
+torchvision baseline first). Each is built, warmed up for `--warmup` batches (FFCV compiles its JIT
+code then, DALI fills its queues, the torchvision workers start), timed over `--batches` batches,
+and closed before the next starts. When an epoch ends the next one starts, its set-up included in
+the time, as in training. A pipeline whose library is missing is reported as unavailable. The
+figures are the loader's throughput alone (nothing consumes the batches); on a machine shared with
+other work they are indicative.
 """
 
 from __future__ import annotations
@@ -40,8 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batches", type=int, default=30, help="timed batches per pipeline")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first (FFCV compiles then)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds the timed batches are split into")
-    p.add_argument("--settle", type=int, default=4, help="untimed batches at the start of each round")
     p.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda[:N]")
     p.add_argument("--pipelines", default="ffcv,dali,torchvision", help="comma-separated subset to run")
     p.add_argument("--seed", type=int, default=0)
@@ -122,34 +119,26 @@ class _Runner:
 
 
 def measure_all(kinds: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Warm every available pipeline up, then time them in `args.rounds` interleaved rounds, so that
-    a change in the machine's load during the run hits every pipeline alike. Each round first draws
-    `settle` untimed batches, so that what a pipeline prefetched while the others ran is not
-    counted as its speed."""
+    """Each available pipeline in turn: build, warm up, time, close, so that only one loader's
+    workers run at a time. The baseline goes first: its DataLoader forks worker processes at
+    every epoch, which must not happen while another pipeline's compiled thread pool (numba's TBB
+    layer, used by FFCV) is alive in this process: numba warns at each such fork, and in an
+    interleaved trial on a shared machine FFCV ran at about half its speed measured alone."""
     from pipelines import available
 
-    rows: dict[str, dict[str, Any]] = {}
-    runners: list[_Runner] = []
-    warmups: dict[str, float] = {}
+    rows = []
     for kind in kinds:
         reason = available(kind)
         if reason:
-            rows[kind] = {"pipeline": kind, "available": False, "reason": reason}
+            rows.append({"pipeline": kind, "available": False, "reason": reason})
             continue
-        print(f"[bench loaders] building and warming up {kind} ...", file=sys.stderr, flush=True)
+        print(f"[bench loaders] {kind}: build, warm up, time", file=sys.stderr, flush=True)
         runner = _Runner(kind, args)
-        warmups[kind] = runner.run(args.warmup, timed=False)
-        runners.append(runner)
-    per_round = [args.batches // args.rounds + (1 if r < args.batches % args.rounds else 0) for r in range(args.rounds)]
-    for r, n in enumerate(per_round):
-        print(f"[bench loaders] round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        for runner in runners:
-            runner.run(args.settle, timed=False)
-            runner.run(n, timed=True)
-    for runner in runners:
-        rows[runner.kind] = runner.row(warmups[runner.kind])
+        warmup = runner.run(args.warmup, timed=False)
+        runner.run(args.batches, timed=True)
+        rows.append(runner.row(warmup))
         runner.close()
-    return [rows[k] for k in kinds]
+    return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -180,11 +169,8 @@ def main(argv: list[str]) -> int:
         raise DataError(
             f"--pipelines: unknown pipeline(s) {', '.join(unknown) or '(none given)'} (known: {', '.join(KINDS)})"
         )
-    if args.batches < 1 or args.warmup < 0 or args.settle < 0 or not 1 <= args.rounds <= args.batches:
-        raise DataError(
-            f"need --batches >= 1, --warmup >= 0, --settle >= 0 and 1 <= --rounds <= --batches; got "
-            f"{args.batches}, {args.warmup}, {args.settle}, {args.rounds}"
-        )
+    if args.batches < 1 or args.warmup < 0:
+        raise DataError(f"need --batches >= 1 and --warmup >= 0, got {args.batches} and {args.warmup}")
     # The baseline first, then the others in the order given.
     kinds = sorted(dict.fromkeys(kinds), key=lambda k: k != BASELINE)
     rows = measure_all(kinds, args)
@@ -196,8 +182,6 @@ def main(argv: list[str]) -> int:
         "img_size": args.img_size,
         "batches": args.batches,
         "warmup": args.warmup,
-        "rounds": args.rounds,
-        "settle": args.settle,
         "device": args.device,
         "augmentation": "RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) + flip, normalised",
         "host": platform.node(),

@@ -532,8 +532,8 @@ def test_bench_loaders_cli(coded, tmp_path, capsys):
     from benchmarks.loaders import main
 
     out = tmp_path / "bench.json"
-    argv = f"--data {coded} --batch-size 8 --workers 1 --img-size {SIZE} --batches 3 --warmup 1 --rounds 2"
-    argv += f" --settle 1 --pipelines dali,torchvision --json {out}"
+    argv = f"--data {coded} --batch-size 8 --workers 1 --img-size {SIZE} --batches 3 --warmup 1"
+    argv += f" --pipelines dali,torchvision --json {out}"
     assert main(argv.split()) == 0
     table = capsys.readouterr().out
     assert "torchvision" in table and "dali" in table and "1.00x" in table
@@ -552,7 +552,7 @@ def test_bench_loaders_reports_a_missing_library(coded, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipelines, "_LIBRARY", {**pipelines._LIBRARY, "dali": "no_such_dali_module"})
     out = tmp_path / "bench.json"
-    argv = f"--data {coded} --batch-size 8 --workers 1 --img-size {SIZE} --batches 1 --warmup 0 --rounds 1"
+    argv = f"--data {coded} --batch-size 8 --workers 1 --img-size {SIZE} --batches 1 --warmup 0"
     argv += f" --pipelines dali,torchvision --json {out}"
     assert bench.main(argv.split()) == 0
     rows = {r["pipeline"]: r for r in json.loads(out.read_text())["results"]}
