@@ -271,12 +271,18 @@ def test_table1_with_a_real_pipeline_reports_data_wait(tmp_path, synthetic_root)
 def test_step_command_ours_vs_paper(tmp_path, capsys):
     from supmae.cli import main
 
-    rc = main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--depth", "2",
-               "--batch-size", "4", "--iters", "2", "--warmup", "1", "--rounds", "2", "--out", str(tmp_path)])
+    try:
+        rc = main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--depth", "2",
+                   "--batch-size", "4", "--iters", "2", "--warmup", "1", "--rounds", "2", "--threads", "2",
+                   "--out", str(tmp_path)])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Speed-up ours / paper" in printed
     data = json.loads((tmp_path / "step.json").read_text())
+    assert "2 threads" in data["device_name"]
     ours, paper = data["configs"]["ours"], data["configs"]["paper"]
     assert ours["attention"] == "sdpa" and paper["attention"] == "eager"
     assert data["depth"] == 2 and data["rounds"] == 2
@@ -335,6 +341,7 @@ def test_bench_cli_reports_user_errors(capsys):
 
     assert main(["bench", "table1", "--device", "cpu", "--methods", "mocov3,byol", "--out", ""]) == 2
     assert "byol" in capsys.readouterr().err
+    assert main(["bench", "table1", "--device", "cpu", "--threads", "-1", "--out", ""]) == 2
     if not torch.cuda.is_available():
         assert main(["bench", "step", "--device", "cuda"]) == 2
 
