@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipelines.base import ConvertedDataset, Pipeline, check_args, epoch_plan, is_converted, resolve_device
+from pipelines.base import ConvertedDataset, Pipeline, check_args, epoch_plan, resolve_device
 from pipelines.constants import (
     CROP_PCT,
     IMAGENET_MEAN,
@@ -92,7 +92,7 @@ def build_pipeline(
     resized to img_size / 0.875 and the centre img_size square kept. `drop_last` (default: train)
     drops the last partial batch. `len()` is the number of batches per epoch, equal on every rank;
     `set_epoch(e)` selects epoch e's seeded order. Backend options (`**backend_kw`):
-    ffcv `dct_scale`; dali `hw_decoder_load`, `initial_fill`; torchvision `pin_memory`.
+    ffcv `dct_scale`; dali `hw_decoder_load`, `initial_fill`, `preallocate_hint`; torchvision `pin_memory`.
     Raises DataError (one line, naming the file) for a missing or unreadable dataset."""
     if kind not in KINDS:
         raise DataError(f"unknown pipeline '{kind}' (choose from {', '.join(KINDS)})")
@@ -146,6 +146,10 @@ def build_pipeline(
         )
     from pipelines.dali_pipeline import DaliPipeline
 
+    # nvJPEG preallocates for images up to the converter's longest side.
+    max_res = dataset.manifest.get("options", {}).get("max_res")
+    if isinstance(max_res, int) and max_res > 0:
+        backend_kw.setdefault("preallocate_hint", max_res)
     return DaliPipeline(
         dataset.root,
         **common,
@@ -154,8 +158,3 @@ def build_pipeline(
         num_classes=len(dataset.classes),
         **backend_kw,
     )
-
-
-def is_converted_dataset(path: str) -> bool:
-    """True when `path` holds a converted dataset's manifest."""
-    return is_converted(path)

@@ -60,6 +60,12 @@ class Pipeline:
         self.device = device
         self.dtype = dtype
         self.num_samples, self._num_batches = epoch_plan(num_total, world_size, batch_size, drop_last)
+        if self._num_batches == 0:
+            raise DataError(
+                f"{num_total} samples cannot fill one batch of {batch_size} per rank on {world_size} rank(s)"
+                + (" with drop_last" if drop_last else "")
+                + ": lower batch_size"
+            )
         self.epoch = 0
 
     def __len__(self) -> int:

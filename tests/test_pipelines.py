@@ -457,6 +457,8 @@ def test_bad_arguments_name_the_setting(coded):
     one_line_error("scale", build_pipeline, "torchvision", coded, scale=(0.5, 0.2))
     one_line_error("does not take option(s) bogus", build_pipeline, "dali", coded, bogus=1)
     one_line_error("os_cache", build_pipeline, "torchvision", coded, os_cache=False)
+    one_line_error("cannot fill one batch", build_pipeline, "dali", coded, batch_size=NUM_CODED + 1)
+    one_line_error("cannot fill one batch", build_pipeline, "torchvision", coded, batch_size=NUM_CODED, world_size=2)
     if not torch.cuda.is_available():
         one_line_error("CUDA is not available", build_pipeline, "dali", coded, device="cuda")
 
