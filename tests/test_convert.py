@@ -638,3 +638,22 @@ def test_single_split_folder_becomes_train_and_wds_only(tmp_path):
     assert set(manifest["formats"]) == {"ffcv"}
     assert sorted(os.listdir(only_ffcv)) == ["classes.json", "ffcv", "manifest.json", "skipped.tsv", "sources"]
     assert verify(only_ffcv) == []
+
+
+def test_bench_convert_runs_every_tool_on_the_same_images(tmp_path, capsys):
+    from benchmarks.convert_bench import main as bench_main
+
+    src = str(tmp_path / "src")
+    make_dataset(src, train_per_class=4, val_per_class=0, size=48, num_classes=5, seed=2)
+    report = str(tmp_path / "bench.json")
+    assert bench_main(["--src", src, "--max-res", "32", "--workers", "1", "--json", report]) == 0
+    with open(report) as f:
+        rows = json.load(f)["rows"]
+    assert [r["tool"] for r in rows] == [
+        "supmae convert",
+        "ffcv DatasetWriter (jpg)",
+        "ffcv DatasetWriter (raw)",
+    ]
+    assert all(r["images"] == 20 and r["seconds"] > 0 and r["bytes"]["ffcv"] > 0 for r in rows)
+    assert rows[0]["bytes"]["wds"] > 0
+    assert "| supmae convert | ffcv + wds | 32 | 20 |" in capsys.readouterr().out
