@@ -328,42 +328,49 @@ def test_dali_webdataset_reader_reads_the_shards(bad_out):
     assert all(max(np.asarray(images[i]).shape[:2]) <= MAX_RES for i in range(len(labels)))
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "ffcv",
-        "dali",
-        pytest.param(
-            "torchvision",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="pipelines/torchvision_pipeline.py builds ImageFolder without allow_empty=True, so an "
-                "empty class folder (which keeps its index) makes it raise; remove this mark once it accepts one",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["ffcv", "dali", "torchvision"])
 def test_project_pipelines_read_the_conversion(bad_out, kind):
-    """The readers the trainer uses: the .beton (ffcv), the shards (dali) and, for the baseline,
-    the raw tree minus the files listed in skipped.tsv (torchvision) give the same samples."""
+    """The readers the trainer uses read a conversion with bad inputs: every converted sample, per
+    class, in both splits (val lacks one class folder: the labels after it must not shift)."""
+    import pipelines
+
+    out, manifest = bad_out
+    for split in ("train", "val"):
+        info = manifest["splits"][split]
+        pipe = pipelines.build_pipeline(
+            kind, out, split=split, batch_size=5, img_size=32, device="cpu", train=False, num_workers=1
+        )
+        assert pipe.num_samples >= info["count"]  # val pads each rank to whole batches' worth of samples
+        labels = []
+        for images, batch_labels in pipe:
+            assert images.shape[1:] == (3, 32, 32) and bool(images.isfinite().all())
+            labels.extend(batch_labels.tolist())
+        counts = collections.Counter(labels[: info["count"]])
+        assert {c: counts.get(i, 0) for i, c in enumerate(manifest["classes"])} == info["class_counts"], split
+
+
+def test_torchvision_pipeline_reads_exactly_the_converted_files(tmp_path):
+    """The baseline reads the raw tree named by the manifest, minus the files in skipped.tsv."""
     import pipelines
 
     if not hasattr(pipelines, "build_pipeline"):
         pytest.skip("pipelines.build_pipeline is not in this checkout yet")
-    out, manifest = bad_out
-    info = manifest["splits"]["train"]
+    src = str(tmp_path / "src")
+    make_dataset(src, train_per_class=3, val_per_class=0, size=32, num_classes=2, seed=4)
+    bad_dir = os.path.join(src, "train", "00_h_stripes")
+    open(os.path.join(bad_dir, "zero.JPEG"), "wb").close()
+    with open(os.path.join(bad_dir, "notes.JPEG"), "wb") as f:
+        f.write(b"not an image")
+    os.mkfifo(os.path.join(bad_dir, "fifo.JPEG"))  # opening it would hang a reader
+    out = str(tmp_path / "out")
+    manifest = convert(src, out, formats=("wds",), workers=0, shard_size=4, progress=False)
+    assert manifest["skipped"]["count"] == 3
     pipe = pipelines.build_pipeline(
-        kind, out, split="train", batch_size=5, img_size=32, device="cpu", train=False, num_workers=1
+        "torchvision", out, split="train", batch_size=2, img_size=32, device="cpu", train=False, num_workers=0
     )
-    assert pipe.num_samples == info["count"]
-    if kind == "torchvision":
-        return  # reads the raw tree: its sample set is what matters here, decoding is PIL's
-    labels = []
-    for images, batch_labels in pipe:
-        assert images.shape[1:] == (3, 32, 32) and bool(images.isfinite().all())
-        labels.extend(batch_labels.tolist())
-    counts = collections.Counter(labels)
-    assert {c: counts.get(i, 0) for i, c in enumerate(manifest["classes"])} == info["class_counts"]
+    assert pipe.num_samples == 6
+    labels = [y for _, batch in pipe for y in batch.tolist()]
+    assert collections.Counter(labels) == {0: 3, 1: 3}
 
 
 def test_index_files_equal_dalis_wds2idx(bad_out, tmp_path):
