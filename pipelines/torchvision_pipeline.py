@@ -14,6 +14,7 @@ list must match the tree's) or an ImageFolder root: `path/<split>/<class>/...` o
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -179,19 +180,28 @@ class TorchvisionPipeline(Pipeline):
                 return os.path.normpath(p) not in skipped
 
         transform = build_transform(train, img_size, scale, color_jitter, randaugment)
+        # An empty class folder keeps its index (the converter does the same); older torchvision has no
+        # allow_empty and raises on one, which is then reported as a DataError below.
+        extra = {"allow_empty": True} if "allow_empty" in inspect.signature(ImageFolder.__init__).parameters else {}
+        dataset_cls = ImageFolder
+        if expected_classes is not None:
+            # Label by the converted class list, not by the folders this split happens to have: a class
+            # missing from val must not shift the indices of the classes after it.
+            fixed = list(expected_classes)
+
+            class _ConvertedClasses(ImageFolder):
+                def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+                    return fixed, {name: i for i, name in enumerate(fixed)}
+
+            dataset_cls = _ConvertedClasses
         try:
-            dataset = ImageFolder(folder, transform=transform, is_valid_file=valid)
+            dataset = dataset_cls(folder, transform=transform, is_valid_file=valid, **extra)
         except (FileNotFoundError, OSError) as exc:
             raise DataError(f"no images in {folder}: {exc}") from None
         if expected_count is not None and len(dataset) != expected_count:
             raise DataError(
                 f"{folder} now holds {len(dataset)} images but {path} converted {expected_count}; "
                 "the raw tree changed since the conversion"
-            )
-        if expected_classes is not None and list(dataset.classes) != list(expected_classes):
-            raise DataError(
-                f"class folders of {folder} differ from the converted dataset's class list "
-                f"({len(dataset.classes)} vs {len(expected_classes)} classes)"
             )
         super().__init__(
             num_total=len(dataset),
