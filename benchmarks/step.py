@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from benchmarks.timing import (
+    add_run_options,
     amp_dtype,
+    apply_threads,
     autocast,
     constant_batches,
     device_name,
@@ -307,19 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved timing rounds (at most --iters): each configuration's iterations are split over them")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--configs", default=",".join(CONFIGS), help="which of ours,paper to run")
-    p.add_argument("--out", default="runs/bench/step", help="output directory ('' to write nothing)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads on the CPU (default 0: torch's default, one per core)")
-    p.add_argument("--seed", type=int, default=0)
+    add_run_options(p, default_out="runs/bench/step")
     return p
 
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
-    if a.threads < 0:
-        raise UserError(f"--threads must be 0 (torch's default) or positive, got {a.threads}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_threads(a.threads)
     result = run_step_bench(
         device=a.device, model_name=a.model, batch_size=a.batch_size, iters=a.iters, warmup=a.warmup,
         compile_model=a.compile_model, mask_ratio=a.mask_ratio, rounds=a.rounds, depth=a.depth,

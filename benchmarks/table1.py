@@ -32,7 +32,9 @@ import torch
 from benchmarks import methods as M
 from benchmarks.timing import (
     IMAGENET_TRAIN_IMAGES,
+    add_run_options,
     amp_dtype,
+    apply_threads,
     constant_batches,
     device_name,
     environment,
@@ -478,19 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=None,
                    help=f"images per epoch (default {IMAGENET_TRAIN_IMAGES:,} = ImageNet-1k train, or the dataset's)")
     p.add_argument("--methods", default=",".join(r.key for r in ROWS), help="comma-separated rows to measure")
-    p.add_argument("--out", default="runs/bench/table1", help="output directory ('' to write nothing)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads on the CPU (default 0: torch's default, one per core)")
-    p.add_argument("--seed", type=int, default=0)
+    add_run_options(p, default_out="runs/bench/table1")
     return p
 
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
-    if a.threads < 0:
-        raise UserError(f"--threads must be 0 (torch's default) or positive, got {a.threads}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_threads(a.threads)
     result = run_table1(
         device=a.device, gpus=a.gpus, data=a.data, pipeline=a.pipeline, num_workers=a.num_workers,
         model_scale=a.model_scale, depth=a.depth, iters=a.iters, warmup=a.warmup, batch_size=a.batch_size,

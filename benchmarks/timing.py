@@ -268,3 +268,19 @@ def environment() -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def add_run_options(parser: Any, default_out: str) -> None:
+    """The options every timing command shares: where to write, CPU threads, seed."""
+    parser.add_argument("--out", default=default_out, help="output directory ('' to write nothing)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads on the CPU (default 0: torch's default, one per core)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def apply_threads(threads: int) -> None:
+    """Set torch's CPU thread count from --threads (0 keeps torch's default)."""
+    if threads < 0:
+        raise UserError(f"--threads must be 0 (torch's default) or positive, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)

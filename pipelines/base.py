@@ -14,6 +14,7 @@ with N samples in the split, S ranks and batch B,
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from pipelines.constants import CLASSES_FILE, IMAGENET_MEAN, IMAGENET_STD, MANIF
 from pipelines.errors import DataError
 
 
-class Pipeline:
+class Pipeline(abc.ABC):
     """A loader yielding `(images [B, 3, H, W] normalised, labels int64 [B])` on `device`.
 
     Iterating starts the epoch set by `set_epoch` (or the one after the previous iteration when
@@ -83,8 +84,9 @@ class Pipeline:
         self.epoch = epoch + 1
         return epoch
 
+    @abc.abstractmethod
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        raise NotImplementedError
+        """Batches of this epoch: (images [B, 3, H, W] normalised on the device, labels [B] int64)."""
 
     def __repr__(self) -> str:
         return (

@@ -51,9 +51,9 @@ def _convert(text: Any, tp: Any) -> Any:
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "null")):
-            if len(non_none) < len(args):
-                return None
+        is_none = text is None or (isinstance(text, str) and text.strip().lower() in ("none", "null"))
+        if is_none and len(non_none) < len(args):
+            return None
         errors = []
         for a in non_none:
             try:

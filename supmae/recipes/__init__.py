@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from supmae.errors import UserError
 

@@ -51,7 +51,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt / unsafe pickles
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt / unsafe pickles
         text = str(exc).strip().splitlines()
         first = text[0] if text else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):

@@ -545,10 +545,11 @@ def _eval_data_config(ckpt: dict[str, Any], vit_args: dict[str, Any]) -> DataCon
     if isinstance(saved, dict) and isinstance(saved.get("data"), dict):
         try:
             data = from_dict(DataConfig, saved["data"])
+        except UserError:
+            data = None  # a data section of another version: the plain eval transform below does
+        if data is not None:
             data.randaugment = ""  # training-only augmentation; it would also pin the pipeline
             return data
-        except UserError:
-            pass
     return DataConfig(pipeline="torchvision", img_size=int(vit_args["img_size"]))
 
 
