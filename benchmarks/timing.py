@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from supmae.errors import UserError
+from supmae.train.metrics import measure_matmul_peak  # noqa: F401  (re-exported: the harness and the trainer share it)
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -173,38 +174,6 @@ def synthetic_batch(
     images = torch.randn(batch_size, 3, img_size, img_size, generator=gen)
     labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
     return images.to(device), labels.to(device)
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype | None = None, seconds: float = 1.0) -> float:
-    """Best achieved dense matmul rate in FLOP/s on `device` in `dtype` (default: bf16 on GPU, fp32
-    on CPU), from square matmuls repeated for about `seconds`. It is the denominator of MFU: what
-    this device actually reaches, not its data-sheet number."""
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    flops_each = 2.0 * n**3
-    for _ in range(3):
-        torch.mm(a, b)
-    synchronize(device)
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    reps = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        synchronize(device)
-        elapsed = time.perf_counter() - start
-        best = max(best, flops_each * reps / elapsed)
-        if time.perf_counter() >= deadline:
-            break
-        # Grow the batch of matmuls until one timing takes ~50 ms, so timer and launch noise vanish.
-        if elapsed < 0.05:
-            reps = min(reps * 2, 1 << 12)
-    del a, b
-    return best
 
 
 def _cpu_sdpa_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

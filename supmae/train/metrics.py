@@ -117,3 +117,35 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype | None = None, seconds: float = 1.0) -> float:
+    """Best achieved dense matmul rate in FLOP/s on `device` in `dtype` (default: bf16 on GPU, fp32
+    on CPU), from square matmuls repeated for about `seconds`. It is the denominator of MFU: what
+    this device actually reaches, not its data-sheet number."""
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    flops_each = 2.0 * n**3
+    for _ in range(3):
+        torch.mm(a, b)
+    synchronize(device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    reps = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        best = max(best, flops_each * reps / elapsed)
+        if time.perf_counter() >= deadline:
+            break
+        # Grow the batch of matmuls until one timing takes ~50 ms, so timer and launch noise vanish.
+        if elapsed < 0.05:
+            reps = min(reps * 2, 1 << 12)
+    del a, b
+    return best
