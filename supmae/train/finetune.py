@@ -234,7 +234,7 @@ def _check_config(cfg: DownstreamConfig) -> None:
         raise UserError(f"--aug.remode must be pixel, rand or const, got {cfg.aug.remode!r}")
 
 
-def _mixup_and_loss(cfg: DownstreamConfig, num_classes: int, device: torch.device) -> tuple[Any, Any, nn.Module]:
+def mixup_and_loss(cfg: DownstreamConfig, num_classes: int, device: torch.device) -> tuple[Any, Any, nn.Module]:
     """(random eraser or None, mixup or None, criterion): the on-device batch augmentation and its loss."""
     a = cfg.aug
     eraser = None
@@ -333,7 +333,7 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
     optimizer = build_optimizer(cfg, model, lr, device)
     amp_dtype, use_scaler = amp_settings(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    eraser, mixup, criterion = _mixup_and_loss(cfg, num_classes, device)
+    eraser, mixup, criterion = mixup_and_loss(cfg, num_classes, device)
 
     start_epoch, global_step, best_acc1, elapsed_before = 0, 0, -1.0, 0.0
     if resume is not None:

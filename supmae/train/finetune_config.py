@@ -81,6 +81,9 @@ class DownstreamTrainConfig:
     save_every: int = 0  # epochs between numbered checkpoints; 0 = only checkpoint-last / checkpoint-best
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)
     device: str = "auto"  # auto | cpu | cuda
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+    compile_backend: str = "auto"  # torch.compile backend: auto (inductor) | aot_eager (no C++ compiler needed) | ...
+    deterministic: bool = False  # deterministic kernels (and exact resume on the CPU)
     eval_every: int = 1  # epochs between evaluations on the val split (the last epoch is always evaluated)
     max_steps_per_epoch: int = 0  # micro-batches per epoch; 0 = the whole epoch
     cpu_threads: int = 0  # torch intra-op threads on the CPU; 0 = torch's default (one per core)

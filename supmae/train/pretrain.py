@@ -18,7 +18,6 @@ deterministic CPU mode the final weights equal those of an uninterrupted run bit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -33,6 +32,13 @@ from supmae.config import apply_overrides, to_dict
 from supmae.errors import UserError
 from supmae.train import distributed as dist_utils
 from supmae.train.checkpoint import LAST_NAME, atomic_save, find_resume_checkpoint, load_checkpoint
+from supmae.train.engine import (
+    capture_rng,
+    configure_determinism,
+    resolve_compile,
+    resolve_precision,
+    restore_rng,
+)
 from supmae.train.metrics import (
     DeviceMeter,
     TimedIterator,
@@ -156,64 +162,9 @@ def resolve_accumulation(optim: OptimConfig, batch_size: int, world_size: int) -
     return derived
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("--train.precision fp16 needs a CUDA device (its grad scaler); use bf16 or fp32 on the CPU")
-    return precision
-
-
-def _grad_scaler(device: torch.device) -> Any:
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device.type)
-    return torch.cuda.amp.GradScaler()
-
-
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A well-mixed 63-bit seed for the masking-noise generator of (seed, epoch, rank)."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-# ---------------------------------------------------------------------------------------------- RNG state
-
-
-def capture_rng(device: torch.device) -> dict[str, Any]:
-    """This process's global RNG states as tensors and plain types (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": list(_to_lists(random.getstate())),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _to_lists(obj: Any) -> Any:
-    if isinstance(obj, tuple):
-        return [_to_lists(x) for x in obj]
-    return obj
-
-
-def _to_tuples(obj: Any) -> Any:
-    if isinstance(obj, list):
-        return tuple(_to_tuples(x) for x in obj)
-    return obj
-
-
-def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    random.setstate(_to_tuples(state["python"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -286,7 +237,7 @@ def _run(cfg: PretrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
 
 def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: _Log) -> dict[str, Any]:
     from supmae.models import create_model
-    from supmae.train.optim import build_adamw, freeze_fixed_pos_embed, param_groups
+    from supmae.train.optim import freeze_fixed_pos_embed
 
     device = info.device
     tc = cfg.train
@@ -326,13 +277,8 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
     if tc.cpu_threads:
         torch.set_num_threads(tc.cpu_threads)
     precision = resolve_precision(tc.precision, device)
-    use_compile = tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda")
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
+    use_compile, _ = resolve_compile(tc.compile, device)
+    configure_determinism(device, tc.deterministic)
     if tc.tensorboard and not tensorboard_available():
         raise UserError("--train.tensorboard on needs torch.utils.tensorboard, which needs the 'tensorboard' "
                         "package (not installed)")
@@ -384,14 +330,8 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
     # ---- optimiser.
     eff_batch = cfg.data.batch_size * accum * info.world_size
     peak = peak_lr(cfg.optim.blr, eff_batch, cfg.optim.lr)
-    optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay), lr=peak, betas=cfg.optim.betas,
-                            device=device, impl=cfg.optim.impl)
-    scaler = _grad_scaler(device) if precision == "fp16" else None
     start_epoch, step, prev_elapsed = 0, 0, 0.0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"]) + 1
         step = int(ckpt["step"])
         prev_elapsed = float(ckpt.get("elapsed_seconds", 0.0))
@@ -422,7 +362,7 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         log(f"resuming from {ckpt_path} (epoch {start_epoch - 1} complete, step {step})")
 
     return {
-        "done": False, "model": model, "optimizer": optimizer, "scaler": scaler, "schedule": schedule, "precision": precision,
+        "done": False, "model": model, "schedule": schedule, "precision": precision,
         "use_compile": use_compile, "train_loader": train_loader, "val_loader": val_loader, "accum": accum,
         "micro_steps": micro_steps, "eff_batch": eff_batch, "start_epoch": start_epoch, "step": step,
         "prev_elapsed": prev_elapsed, "ckpt": ckpt, "ckpt_path": ckpt_path,
@@ -433,9 +373,9 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
            t_start: float) -> dict[str, Any]:
     device = info.device
     tc = cfg.train
+    from supmae.train.steps import build_pretrain_step
+
     core: torch.nn.Module = st["model"]
-    optimizer = st["optimizer"]
-    scaler = st["scaler"]
     schedule: CosineSchedule = st["schedule"]
     train_loader, val_loader = st["train_loader"], st["val_loader"]
     accum, micro_steps = st["accum"], st["micro_steps"]
@@ -443,24 +383,18 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
     ckpt = st["ckpt"]
     updates_per_epoch = micro_steps // accum
     num_patches = core.num_patches
-    mask_ratio = cfg.model.mask_ratio
-    lw = cfg.loss
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(st["precision"])
     planned = tc.planned_epochs or tc.epochs
     dev_name = device_name(device)
 
-    # ---- wrap: DDP, then compile (so DDP's bucketing is visible to the compiler).
-    ddp = None
-    model: torch.nn.Module = core
-    if info.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        unused = (lw.cls_weight == 0 and core.cls_head is not None) or (lw.rec_weight == 0 and core.use_decoder)
-        ddp = DDP(core, device_ids=[device.index] if device.type == "cuda" else None,
-                  find_unused_parameters=unused)
-        model = ddp
-    if st["use_compile"]:
-        model = torch.compile(model)
+    # ---- the step (optimiser, DDP, compile), built after every rank agreed that set-up succeeded:
+    # DDP's constructor is a collective.
+    step_fn = build_pretrain_step(cfg, device, train_loader.num_classes, world_size=info.world_size, accum=accum,
+                                  model=core, ddp=info.distributed)
+    optimizer, scaler, amp_dtype = step_fn.optimizer, step_fn.scaler, step_fn.amp_dtype
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
 
     # ---- the run directory: written from here on (rank 0 only).
     run_dir.create()
@@ -486,7 +420,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
     epochs_run = 0
 
     def save_checkpoint(epoch: int) -> str:
-        rng = dist_utils.all_gather_object(capture_rng(device)) if info.distributed else [capture_rng(device)]
+        rng = dist_utils.all_gather_object(capture_rng(device))
         if not info.is_main:
             return os.path.join(run_dir.path, LAST_NAME)
         payload = {
@@ -545,26 +479,10 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
                                            f"len() promised {len(train_loader)}") from None
                     noise = torch.rand(imgs.shape[0], num_patches, generator=gen, device=device)  # [N, L]
                     boundary = (i + 1) % accum == 0
-                    sync_ctx = ddp.no_sync() if (ddp is not None and not boundary) else contextlib.nullcontext()
-                    with sync_ctx:
-                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                            enabled=amp_dtype is not None):
-                            out = model(imgs, mask_ratio=mask_ratio, noise=noise)
-                            total, rec, cls = _loss(out, labels, lw)
-                        scaled = total / accum
-                        if scaler is not None:
-                            scaler.scale(scaled).backward()
-                        else:
-                            scaled.backward()
-                    meter.add(total, rec, cls)
+                    meter.add(*step_fn.micro(imgs, labels, noise=noise, sync=boundary))
                     if not boundary:
                         continue
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    step_fn.update()
                     step += 1
                     if bar is not None:
                         bar.update(1)
@@ -637,12 +555,6 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         "rank": info.rank,
         "ranks_in_sync": in_sync,
     }
-
-
-def _loss(out: Any, labels: torch.Tensor, lw: LossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from supmae.losses import supmae_loss
-
-    return supmae_loss(out, labels, rec_weight=lw.rec_weight, cls_weight=lw.cls_weight, temperature=lw.temperature)
 
 
 def _check_finite(first_bad: int | None, epoch: int, last_ckpt: str | None) -> None:

@@ -82,6 +82,7 @@ class TrainConfig:
     save_every: int = 50  # epochs between numbered checkpoints (checkpoint-last.pth is written every epoch)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)
     compile: str = "auto"  # auto (on for CUDA) | on | off
+    compile_backend: str = "auto"  # torch.compile backend: auto (inductor) | aot_eager (no C++ compiler needed) | ...
     deterministic: bool = False  # deterministic kernels (and exact resume on the CPU)
     device: str = "auto"  # auto | cpu | cuda
     max_steps_per_epoch: int = 0  # micro-batches per epoch; 0 = the whole epoch
