@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("supmae.train.finetune:main_eval", "top-1/top-5 of a fine-tuned or probed checkpoint"),
     "visualize": ("supmae.visualize:main", "PNG grid of masked inputs and reconstructions"),
     "bench": ("benchmarks.cli:main", "benchmarks: loaders, step, table1"),
-    "report": ("benchmarks.report:main", "GPU-hours cost report of a pretraining run directory"),
+    "report": ("supmae.report:main", "cost report of a pretrain / finetune / linprobe run directory"),
 }
 
 

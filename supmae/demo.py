@@ -31,8 +31,8 @@ def main(argv: list[str]) -> int:
     if a.epochs < 1 or a.probe_epochs < 1:
         raise UserError("--epochs and --probe-epochs must be at least 1")
 
-    from benchmarks.report import write_report
     from supmae.recipes import get_recipe
+    from supmae.report import write_report
     from supmae.train.finetune import run_linprobe
     from supmae.train.pretrain import run_pretrain
     from tools.convert import convert

@@ -1,4 +1,4 @@
-"""`supmae report`: the cost report of a pretraining run directory."""
+"""`supmae report`: the cost report of a pretraining, fine-tuning or linear-probing run directory."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import write_report
 from supmae.errors import UserError
+from supmae.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _write_run(path, epoch_rows, steps=(), config=None):
-    """A run directory in the format `supmae pretrain` writes (config.json, log.jsonl, steps.jsonl)."""
+def _write_run(path, epoch_rows, steps=(), config=None, starts=None):
+    """A run directory in the format the jobs write (config.json, log.jsonl, steps.jsonl, starts.jsonl)."""
     path.mkdir(parents=True, exist_ok=True)
     cfg = config if config is not None else {
         "recipe": "tiny_cpu", "model": {"name": "supmae_vit_tiny_patch4"},
@@ -23,6 +23,8 @@ def _write_run(path, epoch_rows, steps=(), config=None):
     (path / "config.json").write_text(json.dumps(cfg))
     (path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epoch_rows))
     (path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    if starts is not None:
+        (path / "starts.jsonl").write_text("".join(json.dumps(s) + "\n" for s in starts))
     return str(path)
 
 
@@ -47,9 +49,14 @@ def test_projection_skips_the_warmup_epoch(tmp_path):
     assert out["between_epoch_seconds"] == pytest.approx(5.0)
     assert out["total_epochs"] == 8 and out["total_epochs_source"] == "total_epochs in log.jsonl"
     assert out["projected_training_hours"] == pytest.approx(105.0 * 8 / 3600)
-    assert out["projected_wall_hours"] == pytest.approx(110.0 * 8 / 3600)
-    assert out["projected_device_hours"] == pytest.approx(110.0 * 8 / 3600)
-    assert out["projected_cost"] == pytest.approx(2.0 * 110.0 * 8 / 3600)
+    # Warm-up of epoch 0: a steady epoch of 384 images waits mean(10, 22) = 16 s and computes
+    # mean(90, 88) = 89 s, so 300 - 16 - 89 = 195 s are one-off, paid once in the projection.
+    assert out["split_seconds"]["compile_warmup"] == pytest.approx(195.0)
+    assert out["one_off_seconds"] == pytest.approx(195.0)
+    assert out["projected_wall_hours"] == pytest.approx((110.0 * 8 + 195.0) / 3600)
+    assert out["projected_wall_hours_range"] == pytest.approx([(105.0 * 8 + 195) / 3600, (115.0 * 8 + 195) / 3600])
+    assert out["projected_device_hours"] == pytest.approx((110.0 * 8 + 195.0) / 3600)
+    assert out["projected_cost"] == pytest.approx(2.0 * (110.0 * 8 + 195.0) / 3600)
     assert out["data_wait_frac"] == pytest.approx(0.15)
     md = Path(out["report_md"]).read_text()
     assert "epoch 0 (300.00 s) skipped" in md
@@ -65,14 +72,94 @@ def test_device_hours_scale_with_world_size_and_num_images(tmp_path):
     run = _write_run(tmp_path / "run", rows)
     out = write_report(run)
     assert out["world_size"] == 8
-    assert out["projected_wall_hours"] == pytest.approx(20.0 * 400 / 3600)  # no gap: 70 - 50 - 20 = 0
-    assert out["projected_device_hours"] == pytest.approx(8 * 20.0 * 400 / 3600)
+    # No gap (70 - 50 - 20 = 0); epoch 0's 30 s of warm-up (no data-wait seconds: 0.1 of 50 s is 5 s,
+    # a steady epoch waits 2 s) is paid once: 50 - 2 - 18 = 30 s.
+    assert out["projected_wall_hours"] == pytest.approx((20.0 * 400 + 30.0) / 3600)
+    assert out["projected_device_hours"] == pytest.approx(8 * (20.0 * 400 + 30.0) / 3600)
     assert out["projected_cost"] is None
     assert "pass --price-per-gpu-hour" in Path(out["report_md"]).read_text()
     # Projected to ImageNet-1k: 20 s per 1000 images -> 25,623 s per epoch of 1,281,167 images.
     big = write_report(run, num_images=1_281_167)
     assert big["mean_epoch_seconds"] == pytest.approx(20.0 * 1281.167)
     assert big["epoch_images"] == 1_281_167
+
+
+def _book_row(epoch, process_epoch, seconds, wait, elapsed, images=1000):
+    """A log.jsonl row with every key the engine writes (shared contract 2)."""
+    return {"epoch": epoch, "train_lr": 1e-3, "loss": 1.0, "rec_loss": 0.9, "cls_loss": 0.1, "epoch_seconds": seconds,
+            "images_per_sec": images / seconds, "step_time_ms": 100.0, "data_wait_frac": wait / seconds,
+            "data_wait_seconds": wait, "eval_seconds": 1.0, "checkpoint_seconds": 0.5, "peak_mem_mb": 10.0,
+            "elapsed_seconds": elapsed, "device_hours": elapsed / 3600, "world_size": 1, "device": "cpu", "steps": 10,
+            "images": images, "total_epochs": 10, "process_epoch": process_epoch, "flops_per_image": 1e9,
+            "energy_kwh": 0.01, "avg_watts": 100.0 + epoch}
+
+
+def _start(epoch, startup, peak, t):
+    return {"job": "pretrain", "start_epoch": epoch, "startup_seconds": startup, "time": t, "precision_config": "auto",
+            "precision": "fp32", "compile_config": "auto", "compile": False, "device": "cpu", "world_size": 1,
+            "peak_flops": peak, "peak_dtype": "float32"}
+
+
+def test_split_mfu_energy_and_projection_of_a_resumed_run(tmp_path):
+    """Hand-computed figures of a run resumed at epoch 2 (two processes, each with a warm-up epoch)."""
+    rows = [_book_row(0, 0, 30.0, 5.0, 40.0), _book_row(1, 1, 10.0, 1.0, 52.0),
+            _book_row(2, 0, 25.0, 4.0, 85.0), _book_row(3, 1, 12.0, 1.0, 100.0)]
+    starts = [_start(0, 4.0, 1e12, 1.0), _start(2, 6.0, 2e12, 2.0)]
+    run = _write_run(tmp_path / "run", rows, starts=starts)
+    out = write_report(run, price_per_gpu_hour=3.0)
+    assert out["job"] == "pretrain" and out["processes"] == 2
+    assert out["process_first_epochs"] == [0, 2] and out["epochs_used"] == [1, 3]
+    # A steady epoch of 1000 images waits 1 s and computes mean(9, 11) = 10 s; the first epochs'
+    # excess is warm-up: 30 - 1 - 10 = 19 s and 25 - 1 - 10 = 14 s.
+    split = out["split_seconds"]
+    assert split["compute"] == pytest.approx(10 + 9 + 10 + 11)
+    assert split["data_wait"] == pytest.approx(4.0)
+    assert split["evaluation"] == pytest.approx(4.0) and split["checkpointing"] == pytest.approx(2.0)
+    assert split["compile_warmup"] == pytest.approx(33.0)
+    assert split["startup"] == pytest.approx(10.0)  # once per process, not per epoch
+    assert split["other"] == pytest.approx(100.0 - 93.0)
+    # Projection: steady epochs of 10 s and 12 s plus 1.5 s of eval + checkpoint each, 10 epochs, and one
+    # process's one-off costs: mean start-up 5 s + mean warm-up 16.5 s.
+    assert out["mean_epoch_seconds"] == pytest.approx(11.0)
+    assert out["one_off_seconds"] == pytest.approx(21.5)
+    assert out["projected_wall_hours"] == pytest.approx((12.5 * 10 + 21.5) / 3600)
+    assert out["projected_wall_hours_range"] == pytest.approx([(11.5 * 10 + 21.5) / 3600, (13.5 * 10 + 21.5) / 3600])
+    assert out["projected_cost"] == pytest.approx(3.0 * (12.5 * 10 + 21.5) / 3600)
+    assert out["cost_so_far"] == pytest.approx(3.0 * 100.0 / 3600)
+    # MFU: 1e9 FLOPs x images/s / the peak of the process that ran the epoch.
+    assert out["mfu_per_epoch"][0] == pytest.approx(1e9 * 1000 / 30 / 1e12)
+    assert out["mfu_per_epoch"][1] == pytest.approx(1e9 * 100 / 1e12)
+    assert out["mfu_per_epoch"][3] == pytest.approx(1e9 * 1000 / 12 / 2e12)
+    assert out["mfu"] == pytest.approx((0.1 + 1e9 * 1000 / 12 / 2e12) / 2)
+    assert out["energy_kwh"] == pytest.approx(0.04) and out["projected_energy_kwh"] == pytest.approx(0.1)
+    assert out["avg_watts"] == pytest.approx((100 * 30 + 101 * 10 + 102 * 25 + 103 * 12) / 77)
+    md = Path(out["report_md"]).read_text()
+    assert "precision auto (resolved: fp32), compile auto (resolved: off)" in md
+    assert "| compilation and warm-up | 33.00 |" in md and "| start-up | 10.00 |" in md
+    assert "| 2 * | 25.00 |" in md
+    assert json.loads(Path(out["report_json"]).read_text())["projected_wall_hours"] \
+        == pytest.approx(out["projected_wall_hours"])
+
+
+def test_paper_figure_beside_ours_and_a_finetune_run(tmp_path):
+    rows = [{**_book_row(e, e, 100.0, 0.0, 110.0 * (e + 1)), "total_epochs": 100, "world_size": 8} for e in range(2)]
+    for r in rows:
+        for k in ("loss", "rec_loss", "cls_loss"):
+            del r[k]
+        r.update(train_loss=2.0, test_acc1=50.0)
+    cfg = {"task": "finetune", "recipe": "vit_b16_ft100", "model": {"name": ""}, "data": {"batch_size": 32},
+           "train": {"precision": "bf16", "compile": "on"}}
+    run = _write_run(tmp_path / "ft", rows, config=cfg)
+    out = write_report(run)
+    assert out["job"] == "finetune"
+    # Paper: 30 h on 8 A5000s = 240 device-hours. Ours: (101.5 s x 100 + 0 one-off) x 8 devices.
+    assert out["paper"]["device_hours"] == pytest.approx(240.0)
+    assert out["projected_device_hours"] == pytest.approx(101.5 * 100 * 8 / 3600)
+    assert out["paper"]["ours_over_paper_device_hours"] == pytest.approx(101.5 * 100 * 8 / 3600 / 240.0)
+    md = Path(out["report_md"]).read_text()
+    assert "paper: SupMAE FT on 8 x NVIDIA A5000 24 GB | 100 | 30 | 8 | 240.0 |" in md
+    assert "precision bf16 (resolved: n/a), compile on (resolved: n/a)" in md
+    assert "| 1 | 100.00 |" in md and "2.0000 |" in md  # the downstream loss column
 
 
 def test_a_single_epoch_is_used_and_flagged(tmp_path):
@@ -83,7 +170,9 @@ def test_a_single_epoch_is_used_and_flagged(tmp_path):
     assert out["mean_epoch_seconds"] == pytest.approx(40.0)
     assert out["total_epochs"] == 5 and out["total_epochs_source"] == "config train.epochs"
     assert out["between_epoch_seconds"] is None
-    assert "includes its one-off warm-up costs" in Path(out["report_md"]).read_text()
+    md = Path(out["report_md"]).read_text()
+    assert "includes their one-off warm-up costs" in md
+    assert "| start-up | n/a |" in md and "resolved: n/a" in md  # an old run: no starts.jsonl
     assert out["report_md"].startswith(str(tmp_path / "run"))  # default: written into the run directory
 
 

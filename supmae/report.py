@@ -1,0 +1,602 @@
+"""`supmae report RUN_DIR`: the cost report of a pretraining, fine-tuning or linear-probing run.
+
+Reads the books a job writes into its run directory: `config.json` (the resolved config),
+`log.jsonl` (one row per epoch), `starts.jsonl` (one row per process start) and `steps.jsonl`, and
+writes `report.md`, `report.json` and `report.png`:
+
+- the wall time split into compute, data wait, evaluation, checkpointing, compilation and warm-up
+  (each process's first epoch minus a steady epoch of the same length) and start-up (once per
+  process, from starts.jsonl);
+- MFU per epoch: counted FLOPs per image x images/s / (the matmul peak measured at the process's
+  start x world size);
+- energy from the NVML figures in the log when present (kWh, average watts);
+- the projection of the recipe's full length (total_epochs) from the steady epochs, with a range
+  from their epoch-to-epoch spread, its device-hours and money at a price;
+- the paper's Table 1 figure for the same recipe, where one exists, beside ours.
+
+Runs written before some of these books existed (no starts.jsonl, no eval_seconds, no
+flops_per_image, ...) are still reported: what cannot be computed shows as "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from supmae.errors import UserError
+
+# ---------------------------------------------------------------------------------------------- the paper
+
+
+@dataclass(frozen=True)
+class PaperCost:
+    """One cell pair of the paper's Table 1: wall-clock hours of a phase on the paper's server."""
+
+    method: str
+    phase: str  # "PT" (pre-training) | "FT" (fine-tuning)
+    epochs: int
+    hours: float
+
+
+# Table 1 of the SupMAE paper (arXiv 2205.14540): wall-clock hours of ViT-B/16 runs "benchmarked on
+# 8 GPUs", the server of Appendix A. benchmarks/table1.py keeps its own copy of the Table 1 facts for
+# the harness; the two should become one table (noted in the issue that added this one).
+PAPER_SERVER = "8 x NVIDIA A5000 24 GB"
+PAPER_GPUS = 8
+PAPER_TABLE1: tuple[PaperCost, ...] = (
+    PaperCost("MoCo v3", "PT", 300, 250.0),
+    PaperCost("MoCo v3", "FT", 150, 45.7),
+    PaperCost("MAE", "PT", 1600, 364.0),
+    PaperCost("MAE", "FT", 100, 30.0),
+    PaperCost("DeiT", "PT", 300, 91.5),
+    PaperCost("MAE scratch", "PT", 300, 90.0),
+    PaperCost("SupMAE", "PT", 400, 95.9),
+    PaperCost("SupMAE", "FT", 100, 30.0),
+)
+# Our recipes that run what a Table 1 cell measured (same model, epochs and batch).
+PAPER_RECIPES: dict[str, tuple[str, str]] = {
+    "supmae_vit_b16_400ep": ("SupMAE", "PT"),
+    "mae_vit_b16_1600ep": ("MAE", "PT"),
+    "vit_b16_ft100": ("SupMAE", "FT"),
+}
+
+
+def paper_figure(recipe: str) -> PaperCost | None:
+    """The Table 1 cell of `recipe`, or None when the paper timed no such run."""
+    key = PAPER_RECIPES.get(recipe)
+    if key is None:
+        return None
+    return next(p for p in PAPER_TABLE1 if (p.method, p.phase) == key)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    from supmae.train.run_dir import read_jsonl
+
+    return read_jsonl(path)
+
+
+@dataclass
+class Run:
+    """The books of one run directory, as read (missing files are empty)."""
+
+    path: str
+    config: dict[str, Any]
+    epochs: list[dict[str, Any]]
+    steps: list[dict[str, Any]]
+    starts: list[dict[str, Any]]
+
+    @property
+    def job(self) -> str:
+        for s in reversed(self.starts):
+            if s.get("job"):
+                return str(s["job"])
+        if self.config.get("task") in ("finetune", "linprobe"):
+            return str(self.config["task"])
+        return "pretrain" if any("loss" in r for r in self.epochs) else "finetune"
+
+
+def load_run(run_dir: str) -> Run:
+    """The books of `run_dir`; `UserError` if it holds no timed epoch."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"run directory not found: {run_dir}")
+    config: dict[str, Any] = {}
+    cfg_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path, encoding="utf-8") as fh:
+                config = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"cannot parse {cfg_path}: {exc}") from None
+    epochs = [r for r in _read_jsonl(os.path.join(run_dir, "log.jsonl"))
+              if isinstance(r.get("epoch_seconds"), (int, float)) and "epoch" in r]
+    if not epochs:
+        raise UserError(f"{run_dir} has no timed epoch in log.jsonl (is it a supmae pretrain / finetune / linprobe "
+                        "run directory, and has its first epoch finished?)")
+    epochs.sort(key=lambda r: int(r["epoch"]))
+    steps = _read_jsonl(os.path.join(run_dir, "steps.jsonl"))
+    starts = sorted(_read_jsonl(os.path.join(run_dir, "starts.jsonl")), key=lambda s: float(s.get("time", 0.0)))
+    return Run(os.path.abspath(run_dir), config, epochs, steps, starts)
+
+
+def _num(row: dict[str, Any], key: str) -> float | None:
+    v = row.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _planned_epochs(config: dict[str, Any], epochs: list[dict[str, Any]]) -> tuple[int, str]:
+    last = epochs[-1]
+    if last.get("total_epochs"):
+        return int(last["total_epochs"]), "total_epochs in log.jsonl"
+    train = config.get("train", {})
+    if train.get("planned_epochs"):
+        return int(train["planned_epochs"]), "config train.planned_epochs"
+    if train.get("epochs"):
+        return int(train["epochs"]), "config train.epochs"
+    return int(last["epoch"]) + 1, "epochs run so far (no planned length found)"
+
+
+def process_first_epochs(run: Run) -> tuple[set[int], str]:
+    """Epochs that were the first of their process (they carry compilation and warm-up), and how they
+    were found: `process_epoch == 0` in the log, else the start epochs of starts.jsonl, else the first
+    logged epoch (an old log: a resumed run's later starts cannot be seen)."""
+    if all("process_epoch" in r for r in run.epochs):
+        return {int(r["epoch"]) for r in run.epochs if int(r["process_epoch"]) == 0}, "process_epoch in log.jsonl"
+    logged = {int(r["epoch"]) for r in run.epochs}
+    firsts = {int(r["epoch"]) for r in run.epochs if r.get("process_epoch") == 0}
+    if run.starts:
+        firsts |= {int(s["start_epoch"]) for s in run.starts if "start_epoch" in s} & logged
+        return firsts | {int(run.epochs[0]["epoch"])}, "start_epoch in starts.jsonl"
+    return firsts | {int(run.epochs[0]["epoch"])}, "the first logged epoch (no starts.jsonl)"
+
+
+def _start_of(run: Run, epoch: int) -> dict[str, Any] | None:
+    """The starts.jsonl row of the process that ran `epoch` (the latest start at or before it)."""
+    best = None
+    for s in run.starts:
+        if "start_epoch" in s and int(s["start_epoch"]) <= epoch and (
+                best is None or int(s["start_epoch"]) >= int(best["start_epoch"])):
+            best = s
+    return best
+
+
+def epoch_mfu(run: Run, row: dict[str, Any]) -> float | None:
+    """Model FLOPs utilisation of one epoch: flops_per_image x images/s / (peak_flops x world size)."""
+    fpi, ips = _num(row, "flops_per_image"), _num(row, "images_per_sec")
+    start = _start_of(run, int(row["epoch"]))
+    peak = _num(start, "peak_flops") if start else None
+    world = int(row.get("world_size") or (start or {}).get("world_size") or 1)
+    if fpi is None or ips is None or not peak:
+        return None
+    return fpi * ips / (peak * world)
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _wait_seconds(row: dict[str, Any]) -> float | None:
+    w = _num(row, "data_wait_seconds")
+    if w is not None:
+        return w
+    frac = _num(row, "data_wait_frac")
+    return frac * float(row["epoch_seconds"]) if frac is not None else None
+
+
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int | None = None) -> dict[str, Any]:
+    """Every figure of the report (the JSON written beside it)."""
+    epochs = run.epochs
+    firsts, firsts_source = process_first_epochs(run)
+    steady = [r for r in epochs if int(r["epoch"]) not in firsts]
+    used = steady or epochs
+    total_epochs, total_source = _planned_epochs(run.config, epochs)
+    last = epochs[-1]
+    world = int(last.get("world_size") or 1)
+
+    # ---- per-image rates of a steady epoch: what a first epoch "should" have cost without warm-up.
+    def per_image(rows: list[dict[str, Any]], value: Any) -> float | None:
+        vals = [value(r) / float(r["images"]) for r in rows if r.get("images") and value(r) is not None]
+        return _mean(vals) if len(vals) == len(rows) else None
+
+    wait_pi = per_image(steady, _wait_seconds) if steady else None
+    compute_pi = per_image(steady, lambda r: float(r["epoch_seconds"]) - (_wait_seconds(r) or 0.0)) if steady else None
+
+    # ---- the wall-time split of the logged epochs.
+    split = {"compute": 0.0, "data_wait": 0.0, "evaluation": 0.0, "checkpointing": 0.0, "compile_warmup": 0.0}
+    have = {"data_wait": False, "evaluation": False, "checkpointing": False}
+    warmups: list[float] = []
+    for r in epochs:
+        e = float(r["epoch_seconds"])
+        wait = _wait_seconds(r)
+        have["data_wait"] |= wait is not None
+        wait = wait or 0.0
+        ev, ck = _num(r, "eval_seconds"), _num(r, "checkpoint_seconds")
+        have["evaluation"] |= ev is not None
+        have["checkpointing"] |= ck is not None
+        split["evaluation"] += ev or 0.0
+        split["checkpointing"] += ck or 0.0
+        if int(r["epoch"]) in firsts and steady and compute_pi is not None and r.get("images"):
+            # What a steady epoch of this length spends waiting and computing; any excess of either
+            # (torch.compile, FFCV's JIT, cold caches) is this process's compilation and warm-up.
+            images = float(r["images"])
+            wait_steady = min(wait, (wait_pi or 0.0) * images)
+            compute_steady = min(e - wait, compute_pi * images)
+            warm = e - wait_steady - compute_steady
+            warmups.append(warm)
+            split["compile_warmup"] += warm
+            split["data_wait"] += wait_steady
+            split["compute"] += compute_steady
+        else:
+            split["data_wait"] += wait
+            split["compute"] += e - wait
+    startups = [float(s["startup_seconds"]) for s in run.starts if _num(s, "startup_seconds") is not None]
+    split["startup"] = sum(startups)
+    wall = _num(last, "elapsed_seconds")
+    parts = sum(split.values())
+    split_out: dict[str, Any] = {k: (v if have.get(k, True) else None) for k, v in split.items()}
+    if not startups:
+        split_out["startup"] = None
+    if not (steady and compute_pi is not None):
+        split_out["compile_warmup"] = None
+    split_out["other"] = wall - parts if wall is not None else None
+    split_out["wall"] = wall
+
+    # ---- the projection from the steady epochs.
+    def epoch_train_seconds(r: dict[str, Any]) -> float:
+        if num_images is not None:
+            return float(r["epoch_seconds"]) / float(r["images"]) * num_images
+        return float(r["epoch_seconds"])
+
+    if num_images is not None and not all(r.get("images") for r in used):
+        raise UserError("the log has no 'images' per epoch, so it cannot be projected to --num-images")
+    between_source = "eval_seconds + checkpoint_seconds in log.jsonl"
+    if have["evaluation"] or have["checkpointing"]:
+        between = [(_num(r, "eval_seconds") or 0.0) + (_num(r, "checkpoint_seconds") or 0.0) for r in used]
+    else:
+        # An older log: evaluation and checkpointing happen between epochs, outside epoch_seconds, so
+        # measure that gap from the cumulative elapsed time of consecutive epochs of one process.
+        used_ids = {int(r["epoch"]) for r in used}
+        between = [
+            cur["elapsed_seconds"] - prev["elapsed_seconds"] - cur["epoch_seconds"]
+            for prev, cur in itertools.pairwise(epochs)
+            if int(cur["epoch"]) == int(prev["epoch"]) + 1 and int(cur["epoch"]) in used_ids
+            and int(cur["epoch"]) not in firsts and "elapsed_seconds" in cur and "elapsed_seconds" in prev
+        ]
+        between = [max(0.0, b) for b in between]
+        between_source = "gaps between consecutive epochs' elapsed_seconds"
+    between_mean = _mean(between)
+    train_secs = [epoch_train_seconds(r) for r in used]
+    epoch_mean = statistics.fmean(train_secs)
+    full_epoch = [t + (between_mean or 0.0) for t in train_secs]
+    # The full recipe in one process pays one start-up and one compilation / warm-up.
+    one_off = (_mean(startups) or 0.0) + (_mean(warmups) or 0.0)
+    per_epoch = statistics.fmean(full_epoch)
+
+    def hours(per: float) -> float:
+        return (per * total_epochs + one_off) / 3600.0
+
+    wall_hours = hours(per_epoch)
+    low, high = hours(min(full_epoch)), hours(max(full_epoch))
+    device_hours = wall_hours * world
+    energy_rows = [r for r in epochs if _num(r, "energy_kwh") is not None]
+    energy_used = [float(r["energy_kwh"]) for r in used if _num(r, "energy_kwh") is not None]
+    watts = [(float(r["avg_watts"]), float(r["epoch_seconds"])) for r in energy_rows if _num(r, "avg_watts")]
+    energy_projected = statistics.fmean(energy_used) * total_epochs if energy_used else None
+    if energy_projected is not None and num_images is not None:
+        energy_projected *= num_images / float(used[-1]["images"])
+    paper = paper_figure(str(run.config.get("recipe", "")))
+    paper_out = None
+    if paper is not None:
+        scale = total_epochs / paper.epochs
+        paper_out = {"method": paper.method, "phase": paper.phase, "epochs": paper.epochs, "hours": paper.hours,
+                     "server": PAPER_SERVER, "device_hours": paper.hours * PAPER_GPUS,
+                     "device_hours_for_total_epochs": paper.hours * PAPER_GPUS * scale,
+                     "ours_over_paper_device_hours": device_hours / (paper.hours * PAPER_GPUS * scale)}
+    mfus = {int(r["epoch"]): epoch_mfu(run, r) for r in epochs}
+    steady_mfu = [mfus[int(r["epoch"])] for r in used if mfus[int(r["epoch"])] is not None]
+    return {
+        "run_dir": run.path,
+        "job": run.job,
+        "recipe": run.config.get("recipe"),
+        "epochs_logged": len(epochs),
+        "processes": len(run.starts) if run.starts else None,
+        "process_first_epochs": sorted(firsts),
+        "process_first_epochs_source": firsts_source,
+        "epochs_used": [int(r["epoch"]) for r in used],
+        "skipped_warmup_epoch": bool(steady),
+        "warmup_epoch_seconds": epochs[0]["epoch_seconds"] if steady and int(epochs[0]["epoch"]) in firsts else None,
+        "split_seconds": split_out,
+        "mean_epoch_seconds": epoch_mean,
+        "epoch_seconds_spread": statistics.pstdev(train_secs) / epoch_mean if len(train_secs) > 1 and epoch_mean
+        else None,
+        "epoch_images": num_images if num_images is not None else (int(used[-1]["images"]) if used[-1].get("images")
+                                                                    else None),
+        "total_epochs": total_epochs,
+        "total_epochs_source": total_source,
+        "world_size": world,
+        "device": last.get("device", "unknown"),
+        "between_epoch_seconds": between_mean,
+        "between_epoch_source": between_source if between_mean is not None else None,
+        "one_off_seconds": one_off,
+        "projected_training_hours": epoch_mean * total_epochs / 3600.0,
+        "projected_wall_hours": wall_hours,
+        "projected_wall_hours_range": [low, high],
+        "projected_device_hours": device_hours,
+        "projected_device_hours_range": [low * world, high * world],
+        "price_per_gpu_hour": price_per_gpu_hour,
+        "projected_cost": device_hours * price_per_gpu_hour if price_per_gpu_hour is not None else None,
+        "projected_cost_range": [low * world * price_per_gpu_hour, high * world * price_per_gpu_hour]
+        if price_per_gpu_hour is not None else None,
+        "elapsed_seconds": wall,
+        "device_hours_so_far": _num(last, "device_hours"),
+        "cost_so_far": _num(last, "device_hours") * price_per_gpu_hour
+        if price_per_gpu_hour is not None and _num(last, "device_hours") is not None else None,
+        "data_wait_frac": _mean([float(r["data_wait_frac"]) for r in used if _num(r, "data_wait_frac") is not None]),
+        "images_per_sec": _mean([float(r["images_per_sec"]) for r in used if _num(r, "images_per_sec") is not None]),
+        "mfu_per_epoch": mfus,
+        "mfu": _mean(steady_mfu),
+        "energy_kwh": sum(float(r["energy_kwh"]) for r in energy_rows) if energy_rows else None,
+        "avg_watts": sum(w * s for w, s in watts) / sum(s for _, s in watts) if watts else None,
+        "projected_energy_kwh": energy_projected,
+        "precision": _setting(run, "precision_config", "precision", "precision"),
+        "compile": _setting(run, "compile_config", "compile", "compile"),
+        "paper": paper_out,
+        "truncated_epochs_steps": int(run.config.get("train", {}).get("max_steps_per_epoch", 0) or 0),
+    }
+
+
+def _setting(run: Run, configured_key: str, resolved_key: str, config_key: str) -> dict[str, Any]:
+    """Configured and resolved value of a train setting: from starts.jsonl (each process's, distinct),
+    else the configured value from config.json and the resolved one unknown."""
+    configured = [s[configured_key] for s in run.starts if configured_key in s]
+    resolved = [s[resolved_key] for s in run.starts if resolved_key in s]
+    if not configured:
+        value = run.config.get("train", {}).get(config_key)
+        configured = [value] if value is not None else []
+    return {"configured": list(dict.fromkeys(configured)) or None, "resolved": list(dict.fromkeys(resolved)) or None}
+
+
+# Kept for callers of the first edition's names.
+def project(run: Run, price_per_gpu_hour: float | None = None, num_images: int | None = None) -> dict[str, Any]:
+    """Alias of `figures`."""
+    return figures(run, price_per_gpu_hour, num_images)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _epoch_list(ids: list[int]) -> str:
+    if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}"
+    return ", ".join(map(str, ids))
+
+
+def _setting_text(s: dict[str, Any]) -> str:
+    conf = "/".join(str(v) for v in s["configured"]) if s["configured"] else "n/a"
+    res = "/".join(("on" if v else "off") if isinstance(v, bool) else str(v) for v in s["resolved"]) \
+        if s["resolved"] else "n/a"
+    return f"{conf} (resolved: {res})"
+
+
+_SPLIT_LABELS = (
+    ("compute", "compute (training step)"),
+    ("data_wait", "data wait"),
+    ("evaluation", "evaluation"),
+    ("checkpointing", "checkpointing"),
+    ("compile_warmup", "compilation and warm-up"),
+    ("startup", "start-up"),
+    ("other", "other (wall minus the parts)"),
+)
+
+
+def render_markdown(run: Run, fig: dict[str, Any], png_name: str | None) -> str:
+    config = run.config
+    data, model = config.get("data", {}), config.get("model", {})
+    price = fig["price_per_gpu_hour"]
+    money = (f"{fig['projected_cost']:,.2f} (range {fig['projected_cost_range'][0]:,.2f}-"
+             f"{fig['projected_cost_range'][1]:,.2f}) at {price:g} per device-hour"
+             if fig["projected_cost"] is not None else "n/a (pass --price-per-gpu-hour)")
+    lines = [
+        f"# Cost report: {run.path}",
+        "",
+        (f"{fig['job']} run, recipe `{config.get('recipe') or '?'}`, model `{model.get('name') or '?'}`, device "
+         f"{fig['device']} x {fig['world_size']}, per-device batch {data.get('batch_size', '?')}, pipeline "
+         f"{data.get('pipeline', '?')}; precision {_setting_text(fig['precision'])}, compile "
+         f"{_setting_text(fig['compile'])}; {fig['epochs_logged']} epochs logged"
+         + (f" over {fig['processes']} process(es)." if fig["processes"] else " (no starts.jsonl).")),
+        "",
+        "## Where the wall time went",
+        "",
+        "| part | seconds | share |",
+        "|---|---|---|",
+    ]
+    split = fig["split_seconds"]
+    wall = split["wall"]
+    for key, label in _SPLIT_LABELS:
+        v = split[key]
+        share = f"{v / wall:.1%}" if v is not None and wall else "n/a"
+        lines.append(f"| {label} | {_fmt(v, '.2f')} | {share} |")
+    lines.append(f"| **wall (elapsed_seconds, all processes)** | {_fmt(wall, '.2f')} | |")
+    lines += [
+        "",
+        (f"Compilation and warm-up: the first epoch of each process ({_epoch_list(fig['process_first_epochs'])}, "
+         f"from {fig['process_first_epochs_source']}) minus what a steady epoch of the same length spends "
+         "computing and waiting for data. Start-up: once per process, from starts.jsonl."),
+        "",
+        "## Projection of the full recipe",
+        "",
+        f"- recipe length: {fig['total_epochs']} epochs ({fig['total_epochs_source']})",
+        f"- steady epoch: {fig['mean_epoch_seconds']:.2f} s of training (mean of epochs "
+        f"{_epoch_list(fig['epochs_used'])}" + (f", spread {fig['epoch_seconds_spread']:.1%}"
+                                               if fig["epoch_seconds_spread"] is not None else "") + ")",
+    ]
+    if fig["skipped_warmup_epoch"]:
+        if fig["warmup_epoch_seconds"] is not None:
+            lines.append(f"- epoch {int(run.epochs[0]['epoch'])} ({fig['warmup_epoch_seconds']:.2f} s) skipped: "
+                         "the first epoch of a process carries one-off costs (torch.compile, FFCV's JIT, cold caches)")
+        lines.append(f"- first epochs of every process skipped: {_epoch_list(fig['process_first_epochs'])}")
+    else:
+        lines.append("- every logged epoch is the first of its process, so the projection includes their one-off "
+                     "warm-up costs (an overestimate)")
+    if fig["epoch_images"]:
+        lines.append(f"- images per epoch: {fig['epoch_images']:,}")
+    if fig["truncated_epochs_steps"]:
+        lines.append(f"- note: the run capped epochs at {fig['truncated_epochs_steps']} steps "
+                     "(train.max_steps_per_epoch); the projection is for epochs of the logged length unless "
+                     "--num-images is given")
+    lines += [
+        "- evaluation and checkpointing per epoch: "
+        + (f"{fig['between_epoch_seconds']:.2f} s ({fig['between_epoch_source']}), included"
+           if fig["between_epoch_seconds"] is not None else "not measurable from this log; not included"),
+        (f"- one-off costs, paid once: {fig['one_off_seconds']:.2f} s (start-up + compilation and warm-up of one "
+        "process)"),
+        f"- projected training time alone: {fig['projected_training_hours']:.3f} h",
+        (f"- projected wall-clock: {fig['projected_wall_hours']:.3f} h (range "
+         f"{fig['projected_wall_hours_range'][0]:.3f}-{fig['projected_wall_hours_range'][1]:.3f} h from the fastest "
+         f"and slowest steady epoch); device-hours: {fig['projected_device_hours']:.3f} "
+         f"({fig['world_size']} device(s))"),
+        f"- projected cost: {money}",
+        f"- projected energy: {_fmt(fig['projected_energy_kwh'], '.3f')} kWh",
+        (f"- measured so far: {_fmt(fig['elapsed_seconds'], '.1f')} s elapsed, "
+         f"{_fmt(fig['device_hours_so_far'], '.4f')} device-hours"
+         + (f", cost {fig['cost_so_far']:,.2f}" if fig["cost_so_far"] is not None else "")
+         + f", energy {_fmt(fig['energy_kwh'], '.4f')} kWh at {_fmt(fig['avg_watts'], '.0f')} W average"),
+        (f"- steady epochs: data-wait {_fmt(fig['data_wait_frac'], '.1%')} of step time, "
+         f"{_fmt(fig['images_per_sec'], '.1f')} images/s, MFU {_fmt(fig['mfu'], '.1%')}"),
+        "",
+        "## Beside the paper (Table 1)",
+        "",
+    ]
+    p = fig["paper"]
+    if p is None:
+        lines.append(f"The paper timed no run of recipe `{config.get('recipe') or '?'}` (Table 1 has ViT-B/16 "
+                     "runs: `supmae_vit_b16_400ep`, `mae_vit_b16_1600ep`, `vit_b16_ft100`).")
+    else:
+        lines += [
+            "| | epochs | wall hours | devices | device-hours |",
+            "|---|---|---|---|---|",
+            (f"| paper: {p['method']} {p['phase']} on {p['server']} | {p['epochs']} | {p['hours']:g} | {PAPER_GPUS} | "
+            f"{p['device_hours']:.1f} |"),
+            (f"| this run, projected | {fig['total_epochs']} | {fig['projected_wall_hours']:.1f} | "
+            f"{fig['world_size']} | {fig['projected_device_hours']:.1f} |"),
+            "",
+            (f"Ours / paper device-hours (paper scaled to {fig['total_epochs']} epochs): "
+            f"{p['ours_over_paper_device_hours']:.2f}x."),
+        ]
+    lines += [
+        "",
+        "## Measured epochs",
+        "",
+        "| epoch | seconds | images/s | step ms | data-wait | eval s | ckpt s | MFU | peak MB | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in run.epochs:
+        loss = r.get("loss", r.get("train_loss"))
+        first = " *" if int(r["epoch"]) in set(fig["process_first_epochs"]) else ""
+        lines.append(
+            f"| {r['epoch']}{first} | {r['epoch_seconds']:.2f} | {_fmt(_num(r, 'images_per_sec'), '.1f')} | "
+            f"{_fmt(_num(r, 'step_time_ms'), '.1f')} | {_fmt(_num(r, 'data_wait_frac'), '.1%')} | "
+            f"{_fmt(_num(r, 'eval_seconds'), '.2f')} | {_fmt(_num(r, 'checkpoint_seconds'), '.2f')} | "
+            f"{_fmt(fig['mfu_per_epoch'][int(r['epoch'])], '.2%')} | {_fmt(_num(r, 'peak_mem_mb'), '.0f')} | "
+            f"{_fmt(loss if isinstance(loss, (int, float)) else None, '.4f')} |"
+        )
+    lines += ["", "`*` first epoch of a process (compilation and warm-up)."]
+    if png_name:
+        lines += ["", f"![throughput and epoch times]({png_name})"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_plot(path: str, run: Run, fig_data: dict[str, Any]) -> None:
+    """Images/s over time (steps.jsonl, or per epoch without it) and the epoch times."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs, steps = run.epochs, run.steps
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    timed = [s for s in steps if "elapsed_seconds" in s and "images_per_sec" in s]
+    if timed:
+        ax1.plot([s["elapsed_seconds"] / 60 for s in timed], [s["images_per_sec"] for s in timed], ".-",
+                 label="every log_every steps")
+    ax1.plot([r.get("elapsed_seconds", 0) / 60 for r in epochs], [r.get("images_per_sec", 0) for r in epochs], "o",
+             label="epoch mean")
+    ax1.set_xlabel("elapsed minutes")
+    ax1.set_ylabel("images / s")
+    ax1.set_title("throughput over time", fontsize=10)
+    ax1.legend(fontsize=8)
+    waits = [s for s in timed if "data_wait_frac" in s]
+    if waits:
+        ax1b = ax1.twinx()
+        ax1b.plot([s["elapsed_seconds"] / 60 for s in waits], [100 * s["data_wait_frac"] for s in waits],
+                  color="tab:red", alpha=0.4, linewidth=1)
+        ax1b.set_ylabel("data-wait %", color="tab:red")
+    used = set(fig_data["epochs_used"])
+    colors = ["tab:blue" if int(r["epoch"]) in used else "tab:grey" for r in epochs]
+    ax2.bar([int(r["epoch"]) for r in epochs], [r["epoch_seconds"] for r in epochs], color=colors)
+    ax2.axhline(statistics.fmean(r["epoch_seconds"] for r in epochs if int(r["epoch"]) in used),
+                color="black", linestyle=":", linewidth=1)
+    ax2.set_xticks([int(r["epoch"]) for r in epochs])
+    ax2.set_xlabel("epoch (grey: first epoch of a process)")
+    ax2.set_ylabel("seconds")
+    ax2.set_title(f"epoch times; projected {fig_data['total_epochs']} epochs = "
+                  f"{fig_data['projected_device_hours']:.2f} device-h", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: str, price_per_gpu_hour: float | None = None, out_dir: str | None = None,
+                 num_images: int | None = None) -> dict[str, Any]:
+    """Write report.md, report.json and report.png for `run_dir` (into `out_dir`, default the run
+    directory) and return their paths ("report_md", "report_json", "report_png") with the figures."""
+    if price_per_gpu_hour is not None and price_per_gpu_hour < 0:
+        raise UserError(f"--price-per-gpu-hour must not be negative, got {price_per_gpu_hour}")
+    if num_images is not None and num_images < 1:
+        raise UserError(f"--num-images must be positive, got {num_images}")
+    run = load_run(run_dir)
+    fig = figures(run, price_per_gpu_hour, num_images)
+    out = out_dir or run_dir
+    os.makedirs(out, exist_ok=True)
+    paths = {name: os.path.join(out, f"report.{ext}") for name, ext in
+             (("report_md", "md"), ("report_json", "json"), ("report_png", "png"))}
+    write_plot(paths["report_png"], run, fig)
+    with open(paths["report_md"], "w", encoding="utf-8") as fh:
+        fh.write(render_markdown(run, fig, os.path.basename(paths["report_png"])))
+    with open(paths["report_json"], "w", encoding="utf-8") as fh:
+        json.dump(fig, fh, indent=1)
+    return {**paths, **fig}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="supmae report", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="run directory of supmae pretrain / finetune / linprobe")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one device-hour, for the cost")
+    p.add_argument("--out", default=None, help="where to write report.md/.json/.png (default: the run directory)")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="project epochs of this many images (default: the logged epoch length)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
+    result = write_report(a.run_dir, a.price_per_gpu_hour, a.out, a.num_images)
+    with open(result["report_md"], encoding="utf-8") as fh:
+        print(fh.read())
+    print(f"written: {result['report_md']}, {result['report_json']}, {result['report_png']}")
+    return 0
