@@ -220,8 +220,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(converted, tmp
     assert len(err) == 1 and "non-finite loss at step" in err[0] and "checkpoint-last.pth) is intact" in err[0]
     # Nothing written before the failure changed: no checkpoint after the bad step, log untouched.
     after = snapshot(out)
-    assert {k: v for k, v in after.items() if k != "steps.jsonl" and k != "config.json"} == {
-        k: v for k, v in before.items() if k != "steps.jsonl" and k != "config.json"}
+    assert {k: v for k, v in after.items() if k not in ("steps.jsonl", "config.json", "starts.jsonl")} == {
+        k: v for k, v in before.items() if k not in ("steps.jsonl", "config.json", "starts.jsonl")}
     assert load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["epoch"] == 0
 
 
@@ -287,7 +287,7 @@ def test_torchrun_two_cpu_ranks(converted, tmp_path):
     assert "weights identical on all 2 ranks" in proc.stdout
     assert proc.stdout.count("done: 2 epochs") == 1  # rank 0 alone reports ...
     assert sorted(os.listdir(out)) == ["checkpoint-0001.pth", "checkpoint-last.pth", "config.json", "log.jsonl",
-                                       "steps.jsonl"]  # ... and writes
+                                       "starts.jsonl", "steps.jsonl"]  # ... and writes
     rows = read_jsonl(os.path.join(out, "log.jsonl"))
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:

@@ -30,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from supmae.errors import UserError
+from supmae.models.state import model_state
 
 LN_EPS = 1e-6
 # Pretraining-only parts of a SupMAE / MAE checkpoint: never part of the downstream encoder.
@@ -190,8 +191,6 @@ def encoder_args_from_checkpoint(ckpt: dict[str, Any], model_name: str = "", log
     registry name, `--model`), its reference `args.model` when that name is in our registry, else
     the state dict's shapes. Keys: img_size (of the checkpoint's position grid), patch_size,
     embed_dim, depth, num_heads, mlp_ratio, qkv_bias, and `source` (where they came from)."""
-    from supmae.train.checkpoint import model_state
-
     state = model_state(ckpt)
     inferred = infer_encoder_args(state)
     declared: dict[str, Any] | None = None

@@ -13,11 +13,23 @@ import argparse
 import glob
 import os
 import re
+import shutil
 from typing import Any
 
 import torch
 
 from supmae.errors import UserError
+from supmae.models.state import model_state
+
+__all__ = [
+    "LAST_NAME",
+    "atomic_save",
+    "copy_checkpoint",
+    "epoch_checkpoints",
+    "find_resume_checkpoint",
+    "load_checkpoint",
+    "model_state",
+]
 
 LAST_NAME = "checkpoint-last.pth"
 _EPOCH_RE = re.compile(r"checkpoint-(\d+)\.pth$")
@@ -37,11 +49,37 @@ def atomic_save(obj: Any, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def copy_checkpoint(src: str, dst: str) -> None:
+    """Make `dst` hold the bytes of the finished file `src` without serialising them again, through a
+    temporary name, fsync and rename (as `atomic_save`).
+
+    A copy, not a hard link: a numbered checkpoint is the fallback when the newest file is damaged,
+    and a hard link would share that damage (one inode). `shutil.copyfile` copies in the kernel
+    (sendfile / copy_file_range, a reflink where the filesystem has them), so it costs disk bandwidth
+    only, not a second pickling of the state while the other ranks wait.
+    """
+    directory = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(directory, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(directory)
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -63,14 +101,6 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
-
-
-def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model state dict of a checkpoint (ours or the reference's: both keep it under 'model')."""
-    state = ckpt.get("model", ckpt)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError("checkpoint has no model state dict under 'model'")
-    return state
 
 
 def epoch_checkpoints(run_dir: str) -> list[str]:

@@ -13,6 +13,10 @@ pipeline's order within an epoch depends only on (seed, epoch) through `set_epoc
 noise comes from a generator reseeded from (seed, epoch, rank) at each epoch start; model,
 optimiser, grad scaler and the global RNG states are restored from the checkpoint. In
 deterministic CPU mode the final weights equal those of an uninterrupted run bit for bit.
+
+This module holds only pretraining's own parts (config checks, set-up, the masking-noise generator,
+the classification-branch evaluation); the step is `supmae.train.steps.PretrainStep` and the epoch
+loop, books and checkpoints are `supmae.train.engine`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 from typing import Any
 
@@ -31,25 +34,28 @@ import torch
 from supmae.config import apply_overrides, to_dict
 from supmae.errors import UserError
 from supmae.train import distributed as dist_utils
-from supmae.train.checkpoint import LAST_NAME, atomic_save, find_resume_checkpoint, load_checkpoint
-from supmae.train.engine import (
+from supmae.train.engine import (  # noqa: F401  (capture_rng, restore_rng, real_samples: re-exported)
+    Engine,
+    Job,
+    Log,
+    NonFiniteLossError,
+    RealBatches,
+    autocast,
     capture_rng,
     configure_determinism,
+    decide_resume,
+    describe_augmentation,
+    process_settings,
+    real_samples,
     resolve_compile,
     resolve_precision,
     restore_rng,
+    set_cpu_threads,
 )
-from supmae.train.metrics import (
-    DeviceMeter,
-    TimedIterator,
-    device_name,
-    peak_memory_mb,
-    reset_peak_memory,
-    synchronize,
-)
+from supmae.train.metrics import device_name
 from supmae.train.pretrain_config import LossConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
 from supmae.train.run_dir import RunDir, tensorboard_available
-from supmae.train.schedule import CosineSchedule, peak_lr, set_lr
+from supmae.train.schedule import CosineSchedule, peak_lr
 
 __all__ = [
     "LossConfig",
@@ -63,10 +69,6 @@ __all__ = [
 ]
 
 METER_NAMES = ("loss", "rec_loss", "cls_loss")
-
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; the run stops before writing any checkpoint after that step."""
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -170,24 +172,6 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------- run
 
 
-class _Log:
-    """Messages of rank 0 on stdout (tqdm-aware, so a progress bar is not torn)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __call__(self, message: str) -> None:
-        if not self.enabled:
-            return
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(message, file=sys.stdout)
-        except ImportError:
-            print(message, flush=True)
-        sys.stdout.flush()
-
-
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) the pretraining described by `cfg`; every rank of a torchrun job calls this.
 
@@ -198,14 +182,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.train.deterministic:
         # cuBLAS needs this before its first handle is created to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # Process-wide torch settings this run changes, put back afterwards for callers of the Python API.
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
-    try:
-        with dist_utils.distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
-            return _run(cfg, info)
-    finally:
-        torch.use_deterministic_algorithms(saved[0])
-        torch.set_num_threads(saved[1])
+    with process_settings(), dist_utils.distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
+        return _run(cfg, info)
 
 
 def _run(cfg: PretrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
@@ -213,7 +191,7 @@ def _run(cfg: PretrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     device = info.device
-    log = _Log(info.is_main)
+    log = Log(info.is_main)
     run_dir = RunDir(cfg.output_dir, writer=info.is_main)
 
     # ---- set-up. A user error on one rank is shared with all, so every rank stops with a message
@@ -235,37 +213,15 @@ def _run(cfg: PretrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
     return _train(cfg, info, run_dir, log, state, t_start)
 
 
-def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: _Log) -> dict[str, Any]:
+def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: Log) -> dict[str, Any]:
     from supmae.models import create_model
     from supmae.train.optim import freeze_fixed_pos_embed
 
     device = info.device
     tc = cfg.train
 
-    # ---- where we start from (decided before anything is written).
-    ckpt: dict[str, Any] | None = None
-    ckpt_path = ""
-    if cfg.resume == "":
-        if run_dir.holds_a_run():
-            raise UserError(f"run directory {run_dir.path} already holds a run (log or checkpoints); continue it "
-                            f"with --resume auto, or choose another --output-dir")
-    elif cfg.resume == "auto":
-        # Rank 0 decides and tells the others (an error included, so that no rank is left waiting).
-        found, refusal = None, ""
-        if info.is_main:
-            found = find_resume_checkpoint(run_dir.path, log=log)
-            if found is None and run_dir.holds_a_run():
-                refusal = (f"--resume auto: no usable checkpoint in {run_dir.path}, but it holds a run; "
-                           f"refusing to start over and overwrite it (choose another --output-dir)")
-        chosen, refusal = dist_utils.broadcast_object((found[0] if found else "", refusal))
-        if refusal:
-            raise UserError(refusal)
-        if chosen:
-            ckpt_path = chosen
-            ckpt = found[1] if info.is_main and found else load_checkpoint(chosen)
-    else:
-        ckpt_path = cfg.resume
-        ckpt = load_checkpoint(cfg.resume)
+    # ---- where we start from (decided by rank 0 before anything is written; broadcast to the others).
+    ckpt_path, ckpt = decide_resume(cfg.resume, run_dir, info, log)
     if ckpt is not None:
         missing = [k for k in ("model", "optimizer", "epoch", "step") if k not in ckpt]
         if missing:
@@ -273,9 +229,7 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         if int(ckpt["epoch"]) + 1 >= tc.epochs:  # a finished run: build nothing, write nothing
             return {"done": True, "start_epoch": int(ckpt["epoch"]) + 1, "ckpt_path": ckpt_path}
 
-    # ---- precision, compile, determinism, threads.
-    if tc.cpu_threads:
-        torch.set_num_threads(tc.cpu_threads)
+    # ---- precision, compile, determinism.
     precision = resolve_precision(tc.precision, device)
     use_compile, _ = resolve_compile(tc.compile, device)
     configure_determinism(device, tc.deterministic)
@@ -326,8 +280,9 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
     if tc.val and model.cls_head is not None and has_split(cfg.data.path, cfg.data.val_split):
         val_loader = cfg.data.build(cfg.data.val_split, train=False, device=device, rank=info.rank,
                                     world_size=info.world_size, seed=cfg.seed)
+    # After the loaders: FFCV's loader constructor sets torch's thread count itself.
+    set_cpu_threads(tc.cpu_threads)
 
-    # ---- optimiser.
     eff_batch = cfg.data.batch_size * accum * info.world_size
     peak = peak_lr(cfg.optim.blr, eff_batch, cfg.optim.lr)
     start_epoch, step, prev_elapsed = 0, 0, 0.0
@@ -353,6 +308,7 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
     log(f"effective batch {eff_batch} = {cfg.data.batch_size} per device x {accum} accumulation x "
         f"{info.world_size} devices; peak lr {peak:.4g} ({lr_rule}); {micro_steps // accum} steps per epoch; "
         f"pipeline {train_loader.kind}")
+    log(f"augmentation: {describe_augmentation(train_loader)}")
     if accum > 1 and has_bn:
         log(f"warning: gradient accumulation ({accum}) with the BatchNorm classification head: BN statistics are "
             f"computed per micro-batch of {cfg.data.batch_size}, so this is not the same as one batch of {eff_batch}")
@@ -362,276 +318,128 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         log(f"resuming from {ckpt_path} (epoch {start_epoch - 1} complete, step {step})")
 
     return {
-        "done": False, "model": model, "schedule": schedule, "precision": precision,
-        "use_compile": use_compile, "train_loader": train_loader, "val_loader": val_loader, "accum": accum,
-        "micro_steps": micro_steps, "eff_batch": eff_batch, "start_epoch": start_epoch, "step": step,
+        "done": False, "model": model, "schedule": schedule, "train_loader": train_loader, "val_loader": val_loader,
+        "accum": accum, "micro_steps": micro_steps, "start_epoch": start_epoch, "step": step,
         "prev_elapsed": prev_elapsed, "ckpt": ckpt, "ckpt_path": ckpt_path,
     }
 
 
-def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: _Log, st: dict[str, Any],
+class _PretrainJob(Job):
+    """Pretraining's part of the engine: the masking noise, the SupMAE step, the classification-branch
+    evaluation and the pretraining checkpoint's content."""
+
+    name = "pretrain"
+    meter_names = METER_NAMES
+
+    def __init__(self, cfg: PretrainConfig, info: dist_utils.DistInfo, step: Any, val_loader: Any):
+        self.cfg, self.info, self.step, self.val_loader = cfg, info, step, val_loader
+        self.gen = torch.Generator(device=info.device)
+        self.num_patches = step.core.num_patches
+
+    def epoch_start(self, epoch: int) -> None:
+        # The masking noise of an epoch depends on (seed, epoch, rank) only: a resumed run draws the same.
+        self.gen.manual_seed(_epoch_seed(self.cfg.seed, epoch, self.info.rank))
+
+    def micro(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[torch.Tensor, ...]:
+        noise = torch.rand(images.shape[0], self.num_patches, generator=self.gen, device=images.device)  # [N, L]
+        return self.step.micro(images, labels, noise=noise, sync=sync)
+
+    def loss_row(self, means: dict[str, float]) -> dict[str, Any]:
+        return dict(means)
+
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        if self.val_loader is None:
+            return {}
+        return {"val_cls_acc1": evaluate_cls(self.step.core, self.val_loader, self.info.device, self.step.amp_dtype)}
+
+    def payload(self, epoch: int) -> dict[str, Any]:
+        step = self.step
+        return {
+            "model": step.core.state_dict(),
+            "optimizer": step.optimizer.state_dict(),
+            "scaler": step.scaler.state_dict() if step.scaler is not None else {},
+            "model_args": dict(step.core.model_args),
+        }
+
+    def numbered(self, epoch: int) -> bool:
+        tc = self.cfg.train
+        return (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs
+
+    def message(self, row: dict[str, Any]) -> str:
+        acc = f", val_cls_acc1 {row['val_cls_acc1']:.2f}" if "val_cls_acc1" in row else ""
+        return (f"epoch {row['epoch']}: loss {row['loss']:.4f} (rec {row['rec_loss']:.4f}, cls {row['cls_loss']:.4f})"
+                f"{acc}, lr {row['train_lr']:.3g}, {row['images_per_sec']:.1f} img/s, data wait "
+                f"{100 * row['data_wait_frac']:.1f}%, {row['epoch_seconds']:.1f} s")
+
+
+def _pretrain_flops(core: torch.nn.Module, mask_ratio: float) -> int | None:
+    """Counted FLOPs of one training image (forward + backward) on a meta-device replica."""
+    from supmae.models.flops import training_flops_per_image
+
+    try:
+        return int(training_flops_per_image(core, mask_ratio=mask_ratio)["total"])
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: Log, st: dict[str, Any],
            t_start: float) -> dict[str, Any]:
-    device = info.device
-    tc = cfg.train
     from supmae.train.steps import build_pretrain_step
 
+    device = info.device
+    tc = cfg.train
     core: torch.nn.Module = st["model"]
-    schedule: CosineSchedule = st["schedule"]
-    train_loader, val_loader = st["train_loader"], st["val_loader"]
-    accum, micro_steps = st["accum"], st["micro_steps"]
-    start_epoch, step = st["start_epoch"], st["step"]
+    train_loader = st["train_loader"]
     ckpt = st["ckpt"]
-    updates_per_epoch = micro_steps // accum
-    num_patches = core.num_patches
-    planned = tc.planned_epochs or tc.epochs
-    dev_name = device_name(device)
 
     # ---- the step (optimiser, DDP, compile), built after every rank agreed that set-up succeeded:
     # DDP's constructor is a collective.
-    step_fn = build_pretrain_step(cfg, device, train_loader.num_classes, world_size=info.world_size, accum=accum,
-                                  model=core, ddp=info.distributed)
-    optimizer, scaler, amp_dtype = step_fn.optimizer, step_fn.scaler, step_fn.amp_dtype
+    step = build_pretrain_step(cfg, device, train_loader.num_classes, world_size=info.world_size, accum=st["accum"],
+                               model=core, ddp=info.distributed)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        step.optimizer.load_state_dict(ckpt["optimizer"])
+        if step.scaler is not None and ckpt.get("scaler"):
+            step.scaler.load_state_dict(ckpt["scaler"])
 
-    # ---- the run directory: written from here on (rank 0 only).
-    run_dir.create()
-    last_done = start_epoch - 1
-    if ckpt is not None:
-        run_dir.truncate_after(last_done)
-    run_dir.write_config(to_dict(cfg))
-    if tc.tensorboard:
-        run_dir.open_tensorboard()
-
-    # Restore the global RNG last, right before the first epoch, so that everything between here and
-    # the epoch loop consumes it exactly as in an uninterrupted run.
-    if ckpt is not None and "rng" in ckpt:
-        rng = ckpt["rng"]
-        per_rank = rng.get("by_rank")
-        restore_rng(per_rank[info.rank] if per_rank and len(per_rank) == info.world_size else rng, device)
-
-    gen = torch.Generator(device=device)
-    meter = DeviceMeter(METER_NAMES, device)
-    show_bar = tc.progress and info.is_main and sys.stderr.isatty()
-    last_ckpt: str | None = st["ckpt_path"] or None
-    final_row: dict[str, Any] | None = None
-    epochs_run = 0
-
-    def save_checkpoint(epoch: int) -> str:
-        rng = dist_utils.all_gather_object(capture_rng(device))
-        if not info.is_main:
-            return os.path.join(run_dir.path, LAST_NAME)
-        payload = {
-            "model": core.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "epoch": epoch,
-            "step": step,
-            "config": to_dict(cfg),
-            "model_args": dict(core.model_args),
-            "rng": {**rng[0], "by_rank": rng if info.distributed else None},
-            "elapsed_seconds": elapsed(),
-        }
-        last = os.path.join(run_dir.path, LAST_NAME)
-        atomic_save(payload, last)
-        if (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs:
-            numbered = os.path.join(run_dir.path, f"checkpoint-{epoch:04d}.pth")
-            atomic_save(payload, numbered)
-            return numbered
-        return last
-
-    def elapsed() -> float:
-        return st["prev_elapsed"] + time.perf_counter() - t_start
-
+    job = _PretrainJob(cfg, info, step, st["val_loader"])
+    engine = Engine(job, cfg=cfg, info=info, run_dir=run_dir, log=log, step=step, train_loader=train_loader,
+                    schedule=st["schedule"], micro_steps=st["micro_steps"], accum=st["accum"],
+                    start_epoch=st["start_epoch"], global_step=st["step"], prev_elapsed=st["prev_elapsed"],
+                    t_start=t_start, total_epochs=tc.planned_epochs or tc.epochs,
+                    flops_per_image=_pretrain_flops(core, cfg.model.mask_ratio), last_ckpt=st["ckpt_path"] or None)
+    engine.open_books(ckpt)
+    engine.restore_rng(ckpt)
+    start_epoch = st["start_epoch"]
     end_epoch = tc.epochs if not tc.epochs_per_run else min(tc.epochs, start_epoch + tc.epochs_per_run)
-    try:
-        for epoch in range(start_epoch, end_epoch):
-            train_loader.set_epoch(epoch)
-            gen.manual_seed(_epoch_seed(cfg.seed, epoch, info.rank))
-            core.train()
-            meter.reset()
-            reset_peak_memory(device)
-            lr_sum = 0.0
-            window = {"t": time.perf_counter(), "wait": 0.0, "sums": [0.0] * len(METER_NAMES), "count": 0,
-                      "micro": 0}
-            bar = None
-            if show_bar:
-                from tqdm import tqdm
-
-                bar = tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step",
-                           dynamic_ncols=True, leave=False)
-            synchronize(device)
-            t_epoch = time.perf_counter()
-            batches = TimedIterator(train_loader)
-            try:
-                for i in range(micro_steps):
-                    if i % accum == 0:
-                        lr = schedule(epoch, i)
-                        set_lr(optimizer, lr)
-                        lr_sum += lr
-                        meter.set_step(step + 1)
-                    try:
-                        imgs, labels = next(batches)
-                    except StopIteration:
-                        raise RuntimeError(f"the {train_loader.kind} pipeline ended after {i} batches, but its "
-                                           f"len() promised {len(train_loader)}") from None
-                    noise = torch.rand(imgs.shape[0], num_patches, generator=gen, device=device)  # [N, L]
-                    boundary = (i + 1) % accum == 0
-                    meter.add(*step_fn.micro(imgs, labels, noise=noise, sync=boundary))
-                    if not boundary:
-                        continue
-                    step_fn.update()
-                    step += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if step % tc.log_every == 0:
-                        _log_window(cfg, info, run_dir, meter, batches, window, epoch, step, lr, elapsed, bar,
-                                    i + 1, last_ckpt)
-            finally:
-                batches.close()
-                if bar is not None:
-                    bar.close()
-
-            # ---- end of epoch: one sync, then the books.
-            synchronize(device)
-            epoch_seconds = time.perf_counter() - t_epoch
-            sums, count, first_bad = meter.read_sums()
-            _check_finite(first_bad, epoch, last_ckpt)
-            wait = torch.tensor([batches.wait_seconds], dtype=torch.float64, device=device)
-            dist_utils.all_reduce_sum(wait)
-            mem = torch.tensor([peak_memory_mb(device)], dtype=torch.float64, device=device)
-            dist_utils.all_reduce_max(mem)
-            images = micro_steps * cfg.data.batch_size * info.world_size
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_lr": lr_sum / updates_per_epoch,
-                **{name: sums[k] / max(count, 1) for k, name in enumerate(METER_NAMES)},
-            }
-            # Every rank evaluates, and rank 0 saves, the same model: rank 0's BN running statistics.
-            dist_utils.broadcast_buffers(core)
-            if val_loader is not None:
-                row["val_cls_acc1"] = evaluate_cls(core, val_loader, device, amp_dtype)
-            total_elapsed = elapsed()
-            row.update({
-                "epoch_seconds": epoch_seconds,
-                "images_per_sec": images / epoch_seconds,
-                "step_time_ms": 1000.0 * epoch_seconds / updates_per_epoch,
-                "data_wait_frac": float(wait.item()) / info.world_size / epoch_seconds,
-                "peak_mem_mb": float(mem.item()),
-                "device_hours": total_elapsed * info.world_size / 3600.0,
-                "elapsed_seconds": total_elapsed,
-                "world_size": info.world_size,
-                "device": dev_name,
-                "steps": updates_per_epoch,
-                "images": images,
-                "total_epochs": planned,
-            })
-            run_dir.log_epoch(row)
-            final_row = row
-            acc = f", val_cls_acc1 {row['val_cls_acc1']:.2f}" if "val_cls_acc1" in row else ""
-            log(f"epoch {epoch}: loss {row['loss']:.4f} (rec {row['rec_loss']:.4f}, cls {row['cls_loss']:.4f}){acc}, "
-                f"lr {row['train_lr']:.3g}, {row['images_per_sec']:.1f} img/s, data wait "
-                f"{100 * row['data_wait_frac']:.1f}%, {epoch_seconds:.1f} s")
-            last_ckpt = save_checkpoint(epoch)
-            epochs_run += 1
-    finally:
-        run_dir.close()
-
-    in_sync = None
-    if info.distributed:
-        in_sync = dist_utils.check_in_sync(core, device)
-        if not in_sync:
-            raise RuntimeError("the ranks ended with different weights (DDP went out of sync)")
-        log(f"weights identical on all {info.world_size} ranks")
+    final_row = engine.run(end_epoch, precision_config=tc.precision, compile_config=tc.compile,
+                           augmentation=describe_augmentation(train_loader))
+    in_sync = engine.check_in_sync()
     return {
         "run_dir": run_dir.path,
         "final_log": final_row,
         "start_epoch": start_epoch,
-        "epochs_run": epochs_run,
-        "checkpoint": last_ckpt,
+        "epochs_run": engine.process_epochs,
+        "checkpoint": engine.last_ckpt,
         "world_size": info.world_size,
         "rank": info.rank,
         "ranks_in_sync": in_sync,
     }
 
 
-def _check_finite(first_bad: int | None, epoch: int, last_ckpt: str | None) -> None:
-    if first_bad is None:
-        return
-    kept = f"the last good checkpoint ({last_ckpt}) is intact" if last_ckpt else "no checkpoint was written"
-    raise NonFiniteLossError(f"non-finite loss at step {first_bad} (epoch {epoch}); stopping without saving: {kept}. "
-                             f"Lower the lr (--optim.blr / --optim.lr) or use --train.precision fp32")
-
-
-def _log_window(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, meter: DeviceMeter,
-                batches: TimedIterator, window: dict[str, Any], epoch: int, step: int, lr: float, elapsed: Any,
-                bar: Any, micro_done: int, last_ckpt: str | None) -> None:
-    """A log point: read the device sums (the only sync inside an epoch), check them, write steps.jsonl."""
-    sums, count, first_bad = meter.read_sums()
-    _check_finite(first_bad, epoch, last_ckpt)
-    now = time.perf_counter()
-    dt = max(now - window["t"], 1e-9)
-    n = count - window["count"]
-    loss = (sums[0] - window["sums"][0]) / max(n, 1)
-    images = (micro_done - window["micro"]) * cfg.data.batch_size * info.world_size
-    row = {
-        "step": step,
-        "epoch": epoch,
-        "lr": lr,
-        "loss": loss,
-        "images_per_sec": images / dt,
-        "data_wait_frac": (batches.wait_seconds - window["wait"]) / dt,
-        "elapsed_seconds": elapsed(),
-    }
-    run_dir.log_step(row)
-    if bar is not None:
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-    window.update(t=now, wait=batches.wait_seconds, sums=sums, count=count, micro=micro_done)
-
-
-def real_samples(loader: Any) -> int:
-    """How many of this rank's validation samples are not repeats.
-
-    Without drop_last every rank reads ceil(N / S) samples; to even the ranks out the backends repeat
-    a few (fewer than S in all) at the *end* of some ranks' unshuffled order. Which ranks depends on
-    how each backend splits the N samples: torchvision's DistributedSampler deals them out in turn
-    (rank r gets r, r + S, ...), FFCV's order (pipelines.base.rank_order) cuts the padded list into
-    contiguous pieces, DALI's reader cuts the unpadded list into contiguous shards. Counting only
-    these samples, the ranks together count each validation sample exactly once.
-    """
-    n, s, r, per = loader.num_total, loader.world_size, loader.rank, loader.num_samples
-    if s == 1:
-        return per
-    if loader.kind == "torchvision":
-        real = len(range(r, n, s))
-    elif loader.kind == "dali":
-        real = (r + 1) * n // s - r * n // s
-    else:
-        real = n - r * per
-    return max(0, min(per, real))
-
-
 @torch.no_grad()
 def evaluate_cls(core: torch.nn.Module, loader: Any, device: torch.device, amp_dtype: torch.dtype | None) -> float:
-    """Top-1 (percent) of the classification branch on `loader`, every patch visible; summed over ranks."""
+    """Top-1 (percent) of the classification branch on `loader`, every patch visible; summed over ranks,
+    each validation sample counted once (`RealBatches`)."""
     was_training = core.training
     core.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = torch.zeros((), dtype=torch.int64, device=device)
-    real = real_samples(loader)
-    done = 0
     try:
-        for imgs, labels in loader:
-            keep = max(0, min(labels.shape[0], real - done))
-            done += labels.shape[0]
-            if keep == 0:
-                continue
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = core.classify(imgs[:keep])
-            correct += (logits.argmax(dim=1) == labels[:keep]).sum()
-            seen += keep
+        for imgs, labels in RealBatches(loader):
+            with autocast(device, amp_dtype):
+                logits = core.classify(imgs)
+            correct += (logits.argmax(dim=1) == labels).sum()
+            seen += labels.shape[0]
     finally:
         core.train(was_training)
     packed = torch.stack([correct, seen])

@@ -1,4 +1,5 @@
-"""The run directory of a pretraining run: `config.json`, `log.jsonl`, `steps.jsonl` and checkpoints.
+"""The run directory of a training run (pretrain, finetune, linprobe): `config.json`, `log.jsonl`,
+`steps.jsonl`, `starts.jsonl` (one line per process start) and checkpoints.
 
 Only the writer (rank 0) touches files; other ranks hold a `RunDir` with `writer=False` whose
 methods do nothing. JSON-lines files are appended one flushed line at a time, so a killed run
@@ -16,6 +17,7 @@ from typing import Any
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 STEPS_FILE = "steps.jsonl"
+STARTS_FILE = "starts.jsonl"
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -97,6 +99,10 @@ class RunDir:
             for key in ("lr", "loss", "images_per_sec", "data_wait_frac"):
                 if key in row:
                     self._tb.add_scalar(f"step/{key}", row[key], row["step"])
+
+    def log_start(self, row: dict[str, Any]) -> None:
+        """One line of `starts.jsonl` (one per process start; kept across resumes: it is the run's history)."""
+        self._append(STARTS_FILE, row)
 
     def truncate_after(self, epoch: int) -> None:
         """Drop log and step lines of epochs after `epoch` (-1 drops all): a resumed run redoes them."""
