@@ -4,25 +4,29 @@ Where each part of the recipes runs:
 
 - In the data pipeline (`DataConfig.build` -> `pipelines.build_pipeline`; FFCV, DALI or
   torchvision): decoding, RandomResizedCrop (scale 0.08-1), horizontal flip, normalisation, and
-  RandAugment, which only the torchvision pipeline has (the others refuse it). Validation:
-  shorter side to img_size / 0.875, centre crop.
-- On the device, in this loop, so with every pipeline: random erasing (timm `RandomErasing`,
-  per sample, pixel mode), then mixup / cutmix (timm `Mixup`, one lambda per batch, label
-  smoothing folded into the soft targets) and the matching loss (`SoftTargetCrossEntropy`).
+  RandAugment where the pipeline implements it (a pipeline that does not refuses it itself).
+  Validation: shorter side to img_size / 0.875, centre crop. The augmentation the pipeline says
+  it applied is logged at start and kept in starts.jsonl.
+- On the device, in the step (`supmae.train.steps.DownstreamStep`), so with every pipeline: random
+  erasing (timm `RandomErasing`, per sample, pixel mode), then mixup / cutmix (timm `Mixup`, one
+  lambda per batch, label smoothing folded into the soft targets) and the matching loss.
 - In the model and optimiser: drop path (timm ViT), layer-wise lr decay (timm
-  `param_groups_layer_decay`), AdamW, or timm's `Lars` for the probe; the per-iteration cosine
-  schedule, distributed set-up, run-directory files and checkpoints are the pretraining loop's.
+  `param_groups_layer_decay`), AdamW, or timm's `Lars` for the probe.
 
-A run directory holds `config.json`, `log.jsonl` (one line per epoch with the reference's keys
-`epoch, train_lr, train_loss, test_loss, test_acc1, test_acc5` plus timing), `steps.jsonl`,
-`checkpoint-last.pth` (every epoch, atomic; `--resume auto` continues from it) and
-`checkpoint-best.pth` (weights of the best top-1 so far).
+This module holds only the downstream jobs' own parts (model and optimiser construction, the
+top-1 / top-5 evaluation, the best-weights file); the epoch loop, per-iteration cosine schedule,
+distributed set-up, RNG, books and checkpoints are `supmae.train.engine`'s, shared with pretraining.
+
+A run directory holds the books every job writes (`config.json`, `log.jsonl` with the reference's
+keys `epoch, train_lr, train_loss, test_loss, test_acc1, test_acc5` plus the engine's timing keys,
+`steps.jsonl`, `starts.jsonl`), `checkpoint-last.pth` (every epoch, atomic; `--resume auto`
+continues from it), numbered checkpoints every `save_every` epochs and `checkpoint-best.pth`
+(weights of the best top-1 so far).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import time
@@ -38,7 +42,6 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars, param_groups_layer_decay
 from timm.utils import accuracy
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from supmae.config import apply_overrides, from_dict, to_dict
 from supmae.errors import UserError
@@ -50,23 +53,30 @@ from supmae.models.vit import (
     registry_encoder_args,
 )
 from supmae.recipes import get_recipe, list_recipes
-from supmae.train.checkpoint import LAST_NAME, atomic_save, find_resume_checkpoint, load_checkpoint, model_state
+from supmae.train.checkpoint import atomic_save, load_checkpoint, model_state
 from supmae.train.data import DataConfig
-from supmae.train.distributed import all_reduce_sum, check_in_sync, distributed
-from supmae.train.finetune_config import TASKS, DownstreamConfig
-from supmae.train.metrics import DeviceMeter, TimedIterator, device_name, peak_memory_mb, reset_peak_memory, synchronize
-from supmae.train.optim import build_adamw
-from supmae.train.pretrain import (
-    NonFiniteLossError,
-    capture_rng,
-    config_differences,
-    has_split,
-    resolve_accumulation,
+from supmae.train.distributed import agree, all_reduce_sum, distributed
+from supmae.train.engine import (
+    Engine,
+    Job,
+    Log,
+    RealBatches,
+    amp_dtype_of,
+    autocast,
+    configure_determinism,
+    decide_resume,
+    describe_augmentation,
+    load_on_main,
+    process_settings,
+    resolve_compile,
     resolve_precision,
-    restore_rng,
+    set_cpu_threads,
 )
+from supmae.train.finetune_config import TASKS, DownstreamConfig
+from supmae.train.optim import build_adamw
+from supmae.train.pretrain import config_differences, has_split, resolve_accumulation
 from supmae.train.run_dir import RunDir
-from supmae.train.schedule import CosineSchedule, peak_lr, set_lr
+from supmae.train.schedule import CosineSchedule, peak_lr
 
 BEST_NAME = "checkpoint-best.pth"
 
@@ -92,16 +102,20 @@ def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: fl
 
 
 def probe_param_groups(model: nn.Module, weight_decay: float, adapt_1d: bool = False) -> list[dict[str, Any]]:
-    """LARS groups of the trainable (head) parameters, weight decay on all of them. The trust ratio
-    adapts matrices always and 1-D parameters (biases) only with `adapt_1d`; the reference's LARS
-    leaves them out (plain SGD steps at the full lr)."""
+    """LARS groups of the trainable (head) parameters.
+
+    Matrices: trust ratio always adapted, `weight_decay` applied. 1-D parameters (biases): by the
+    reference's rule (`adapt_1d` False) a group of their own that is never adapted and never decayed
+    (timm's Lars adapts whenever a group's weight decay is non-zero, so that group's decay is 0 and
+    `always_adapt` False: plain momentum SGD at the full lr); with `adapt_1d` they join the matrices.
+    """
     adapt, plain = [], []
     for p in model.parameters():
         if p.requires_grad:
             (adapt if p.ndim > 1 or adapt_1d else plain).append(p)
     groups = [{"params": adapt, "weight_decay": weight_decay, "always_adapt": True}]
     if plain:
-        groups.append({"params": plain, "weight_decay": weight_decay, "always_adapt": False})
+        groups.append({"params": plain, "weight_decay": 0.0, "always_adapt": False})
     return groups
 
 
@@ -120,12 +134,14 @@ def build_optimizer(cfg: DownstreamConfig, model: nn.Module, lr: float, device: 
 # --------------------------------------------------------------------------- model
 
 
-def build_downstream_model(cfg: DownstreamConfig, num_classes: int, log: Callable[[str], None] = _print
-                           ) -> tuple[nn.Module, dict[str, Any]]:
-    """The downstream ViT of `cfg` with the pretrained encoder loaded (if any), and its `vit_args`."""
+def build_downstream_model(cfg: DownstreamConfig, num_classes: int, log: Callable[[str], None] = _print,
+                           pretrained_ckpt: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The downstream ViT of `cfg` with the pretrained encoder loaded (if any), and its `vit_args`.
+    `pretrained_ckpt` is `cfg.pretrained`'s content when the caller read it already (rank 0 reads it
+    and broadcasts it under torchrun)."""
     ckpt = None
     if cfg.pretrained:
-        ckpt = load_checkpoint(cfg.pretrained)
+        ckpt = pretrained_ckpt if pretrained_ckpt is not None else load_checkpoint(cfg.pretrained)
         if "vit_args" in ckpt and ckpt.get("task") == "linprobe":
             raise UserError(f"{cfg.pretrained} is a linear-probe checkpoint; pass the pretraining checkpoint")
         enc = encoder_args_from_checkpoint(ckpt, cfg.model.name, log=log)
@@ -158,34 +174,25 @@ def build_downstream_model(cfg: DownstreamConfig, num_classes: int, log: Callabl
 # --------------------------------------------------------------------------- evaluation
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
 def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a gradient scaler is needed) for `train.precision`, resolved
-    the way pretraining resolves it (auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU)."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"unknown precision {precision!r} (expected auto, fp32, bf16 or fp16)")
+    the way every job resolves it (`supmae.train.engine.resolve_precision`)."""
     resolved = resolve_precision(precision, device)
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolved], resolved == "fp16"
+    return amp_dtype_of(resolved), resolved == "fp16"
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None,
              max_steps: int = 0) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` over `loader`, summed over every
-    rank. Returns {"acc1", "acc5", "loss", "samples"}."""
+    rank with each validation sample counted once whatever the padding (`RealBatches`), so N ranks
+    give what one rank gives. Returns {"acc1", "acc5", "loss", "samples"}."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct@1, correct@5, samples
     try:
-        for i, (images, labels) in enumerate(loader):
-            if max_steps and i >= max_steps:
-                break
-            with _autocast(device, amp_dtype):
+        for images, labels in RealBatches(loader, max_steps):
+            with autocast(device, amp_dtype):
                 logits = model(images)
             logits = logits.float()
             n = labels.shape[0]
@@ -203,9 +210,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp_dtype
     return {"acc1": 100.0 * c1 / count, "acc5": 100.0 * c5 / count, "loss": loss_sum / count, "samples": count}
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -216,22 +220,28 @@ def _check_config(cfg: DownstreamConfig) -> None:
         raise UserError("no run directory: set --output-dir DIR")
     if not (cfg.pretrained or cfg.model.name or cfg.resume):
         raise UserError("no pretrained weights: pass --pretrained CKPT (or --model NAME to start from random weights)")
-    if cfg.data.randaugment and cfg.data.pipeline != "torchvision":
-        raise UserError(
-            f"RandAugment ({cfg.data.randaugment}) runs only in the torchvision pipeline: use --data.pipeline "
-            f"torchvision, or turn it off with --data.randaugment '' to read with {cfg.data.pipeline}"
-        )
     if cfg.model.feature not in ("avg", "token"):
         raise UserError(f"--model.feature must be avg or token, got {cfg.model.feature!r}")
     if cfg.task == "linprobe" and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0 or cfg.aug.reprob > 0):
         raise UserError("linear probing uses no mixup / cutmix / random erasing: set --aug.mixup 0 --aug.cutmix 0 "
                         "--aug.reprob 0")
-    if cfg.train.epochs <= 0:
-        raise UserError("--train.epochs must be positive")
-    if cfg.optim.accum_iter < 1:
-        raise UserError("--optim.accum_iter must be at least 1")
-    if cfg.aug.remode not in ("pixel", "rand", "const"):
-        raise UserError(f"--aug.remode must be pixel, rand or const, got {cfg.aug.remode!r}")
+    t = cfg.train
+    checks = [
+        (t.epochs > 0, "--train.epochs must be positive"),
+        (cfg.optim.accum_iter >= 1, "--optim.accum_iter must be at least 1"),
+        (cfg.aug.remode in ("pixel", "rand", "const"), f"--aug.remode must be pixel, rand or const, got {cfg.aug.remode!r}"),
+        (t.log_every >= 1, f"--train.log_every must be >= 1, got {t.log_every}"),
+        (t.save_every >= 0, f"--train.save_every must be >= 0, got {t.save_every}"),
+        (t.epochs_per_run >= 0, f"--train.epochs_per_run must be >= 0, got {t.epochs_per_run}"),
+        (t.max_steps_per_epoch >= 0, f"--train.max_steps_per_epoch must be >= 0, got {t.max_steps_per_epoch}"),
+        (t.cpu_threads >= 0, f"--train.cpu_threads must be >= 0, got {t.cpu_threads}"),
+        (t.compile in ("auto", "on", "off"), f"--train.compile must be auto, on or off, got {t.compile!r}"),
+        (t.precision in ("auto", "fp32", "bf16", "fp16"),
+         f"--train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 def mixup_and_loss(cfg: DownstreamConfig, num_classes: int, device: torch.device) -> tuple[Any, Any, nn.Module]:
@@ -256,16 +266,14 @@ def mixup_and_loss(cfg: DownstreamConfig, num_classes: int, device: torch.device
     return eraser, mixup, criterion
 
 
-def _check_finite(first_bad: int | None, epoch: int) -> None:
-    if first_bad is not None:
-        raise NonFiniteLossError(f"the training loss became non-finite at step {first_bad} (epoch {epoch}); "
-                                 f"{LAST_NAME} holds the last good state (lower the lr, or try fp32)")
-
-
 def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
-    """Fine-tune or linearly probe (per `cfg.task`); returns the final / best top-1 and where the run is."""
+    """Fine-tune or linearly probe (per `cfg.task`); returns the final / best top-1 and where the run is.
+    Every rank of a torchrun job calls this."""
     _check_config(cfg)
-    with distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
+    if cfg.train.deterministic:
+        # cuBLAS needs this before its first handle is created to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    with process_settings(), distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
         return _run(cfg, info)
 
 
@@ -284,26 +292,50 @@ def run_linprobe(cfg: DownstreamConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
-    device = info.device
-    log: Callable[[str], None] = _print if info.is_main else (lambda _msg: None)
+    from pipelines.errors import DataError
+
+    t_start = time.perf_counter()
+    log = Log(info.is_main)
     run_dir = RunDir(cfg.output_dir, writer=info.is_main)
+    # A user error on one rank is shared with all, so every rank stops with a message instead of the
+    # others waiting in the first collective (the set-up's own collectives share their errors).
+    error: Exception | None = None
+    try:
+        st = _setup(cfg, info, run_dir, log)
+    except (UserError, DataError) as exc:
+        error = exc
+    if info.distributed and not agree(error is None, info.device):
+        raise error if error is not None else UserError("another rank failed during set-up (see its message)")
+    if error is not None:
+        raise error
+    if st["done"]:
+        ck = st["ckpt"]
+        log(f"nothing to do: {run_dir.path} already completed {st['start_epoch']} of {cfg.train.epochs} epochs")
+        best = float(ck.get("best_acc1", -1.0))
+        return {"task": cfg.task, "output_dir": run_dir.path, "epochs": cfg.train.epochs,
+                "last_epoch": st["start_epoch"] - 1, "train_loss": None, "final_acc1": ck.get("test_acc1"),
+                "final_acc5": ck.get("test_acc5"), "test_loss": None, "best_acc1": best if best >= 0 else None,
+                "elapsed_seconds": float(ck.get("elapsed_seconds", 0.0)), "ranks_in_sync": None}
+    return _train(cfg, info, run_dir, log, st, t_start)
 
-    # Which checkpoint (if any) this run continues from.
-    resume: tuple[str, dict[str, Any]] | None = None
-    if cfg.resume == "auto":
-        resume = find_resume_checkpoint(run_dir.path, log=log)
-        if resume is None:
-            log(f"--resume auto: no checkpoint in {run_dir.path}, starting afresh")
-    elif cfg.resume:
-        resume = (cfg.resume, load_checkpoint(cfg.resume))
-    if resume is None and run_dir.holds_a_run():
-        raise UserError(f"{run_dir.path} already holds a run: continue it with --resume auto, or pick another "
-                        "--output-dir")
-    if resume is not None and resume[1].get("task") != cfg.task:
-        raise UserError(f"{resume[0]} is not a {cfg.task} checkpoint (task: {resume[1].get('task')!r})")
 
-    if cfg.train.cpu_threads:
-        torch.set_num_threads(cfg.train.cpu_threads)
+def _setup(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str], None]) -> dict[str, Any]:
+    device = info.device
+    tc = cfg.train
+
+    # Which checkpoint (if any) this run continues from: rank 0 decides, reads, and broadcasts.
+    ckpt_path, ckpt = decide_resume(cfg.resume, run_dir, info, log)
+    if ckpt is not None:
+        if ckpt.get("task") != cfg.task:
+            raise UserError(f"{ckpt_path} is not a {cfg.task} checkpoint (task: {ckpt.get('task')!r})")
+        if int(ckpt["epoch"]) + 1 >= tc.epochs:
+            return {"done": True, "start_epoch": int(ckpt["epoch"]) + 1, "ckpt": ckpt}
+    # The pretrained weights, likewise read by rank 0 alone (no shared filesystem needed).
+    pretrained = load_on_main(cfg.pretrained, info) if (ckpt is None and cfg.pretrained) else None
+
+    resolve_precision(tc.precision, device)
+    resolve_compile(tc.compile, device)
+    configure_determinism(device, tc.deterministic)
     random.seed(cfg.seed + info.rank)
     np.random.seed(cfg.seed + info.rank)
     torch.manual_seed(cfg.seed + info.rank)
@@ -317,198 +349,175 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
                             "--data.val_split at one, or set --data.val_split '' to train without evaluation")
         val_loader = cfg.data.build(cfg.data.val_split, train=False, device=device, rank=info.rank,
                                     world_size=info.world_size, seed=cfg.seed)
+    # After the loaders: FFCV's loader constructor sets torch's thread count itself.
+    set_cpu_threads(tc.cpu_threads)
     num_classes = cfg.model.num_classes or int(train_loader.num_classes)
 
-    if resume is not None:
-        vit_args = dict(resume[1]["vit_args"])
+    if ckpt is not None:
+        vit_args = dict(ckpt["vit_args"])
         model = build_vit(**vit_args)
-        model.load_state_dict(resume[1]["model"])
+        model.load_state_dict(ckpt["model"])
     else:
-        model, vit_args = build_downstream_model(cfg, num_classes, log=log)
+        model, vit_args = build_downstream_model(cfg, num_classes, log=log, pretrained_ckpt=pretrained)
     model.to(device)
 
     accum = resolve_accumulation(cfg.optim, cfg.data.batch_size, info.world_size)
-    eff_batch = cfg.data.batch_size * accum * info.world_size
-    lr = peak_lr(cfg.optim.blr, eff_batch, cfg.optim.lr)
-    optimizer = build_optimizer(cfg, model, lr, device)
-    amp_dtype, use_scaler = amp_settings(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    eraser, mixup, criterion = mixup_and_loss(cfg, num_classes, device)
-
-    start_epoch, global_step, best_acc1, elapsed_before = 0, 0, -1.0, 0.0
-    if resume is not None:
-        ck = resume[1]
-        optimizer.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch = int(ck["epoch"]) + 1
-        global_step = int(ck.get("step", 0))
-        best_acc1 = float(ck.get("best_acc1", -1.0))
-        elapsed_before = float(ck.get("elapsed_seconds", 0.0))
-        if ck.get("rng"):
-            restore_rng(ck["rng"], device)
-        if "config" in ck:
-            diffs = config_differences(ck["config"], to_dict(cfg))
-            if diffs:
-                log("warning: resuming with a config that differs from the checkpoint's: " + "; ".join(diffs))
-        if start_epoch >= cfg.train.epochs:
-            log(f"nothing to do: {run_dir.path} already completed {start_epoch} of {cfg.train.epochs} epochs")
-            return {"task": cfg.task, "output_dir": run_dir.path, "epochs": cfg.train.epochs,
-                    "last_epoch": start_epoch - 1, "train_loss": None, "final_acc1": ck.get("test_acc1"),
-                    "final_acc5": ck.get("test_acc5"), "test_loss": None,
-                    "best_acc1": best_acc1 if best_acc1 >= 0 else None, "elapsed_seconds": elapsed_before,
-                    "ranks_in_sync": None}
-        run_dir.truncate_after(int(ck["epoch"]))
-        log(f"resumed from {resume[0]} (epoch {ck['epoch']} done)")
-
-    steps_per_epoch = len(train_loader)
-    if cfg.train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    micro_steps = len(train_loader)
+    if tc.max_steps_per_epoch:
+        micro_steps = min(micro_steps, tc.max_steps_per_epoch)
     # Whole accumulation cycles only (the reference drops a trailing partial one too).
-    steps_per_epoch -= steps_per_epoch % accum
-    if steps_per_epoch <= 0:
+    micro_steps -= micro_steps % accum
+    if micro_steps <= 0:
         raise UserError(f"an epoch has fewer batches ({len(train_loader)}) than one optimiser step needs "
                         f"({accum} x {cfg.data.batch_size} images per device): lower --data.batch_size")
-    schedule = CosineSchedule(lr, cfg.optim.warmup_epochs, cfg.train.epochs, steps_per_epoch, cfg.optim.min_lr)
+    eff_batch = cfg.data.batch_size * accum * info.world_size
+    lr = peak_lr(cfg.optim.blr, eff_batch, cfg.optim.lr)
+    schedule = CosineSchedule(lr, cfg.optim.warmup_epochs, tc.epochs, micro_steps, cfg.optim.min_lr)
 
-    run_dir.create()
-    run_dir.write_config(to_dict(cfg))
+    start_epoch, global_step, best_acc1, prev_elapsed = 0, 0, -1.0, 0.0
+    if ckpt is not None:
+        start_epoch = int(ckpt["epoch"]) + 1
+        global_step = int(ckpt.get("step", 0))
+        best_acc1 = float(ckpt.get("best_acc1", -1.0))
+        prev_elapsed = float(ckpt.get("elapsed_seconds", 0.0))
+        if "config" in ckpt:
+            diffs = config_differences(ckpt["config"], to_dict(cfg))
+            if diffs:
+                log("warning: resuming with a config that differs from the checkpoint's: " + "; ".join(diffs))
+        log(f"resumed from {ckpt_path} (epoch {ckpt['epoch']} done)")
 
-    ddp_model: nn.Module = model
-    if info.distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{cfg.task}: {n_params:,} trainable parameters, {num_classes} classes, effective batch "
-        f"{eff_batch} (accum {accum} x {info.world_size} device(s)), peak lr {lr:.3g}, epochs {cfg.train.epochs}")
+        f"{eff_batch} (accum {accum} x {info.world_size} device(s)), peak lr {lr:.3g}, epochs {tc.epochs}, "
+        f"pipeline {train_loader.kind}")
+    log(f"augmentation: {describe_augmentation(train_loader)}")
+    return {"done": False, "ckpt": ckpt, "ckpt_path": ckpt_path, "model": model, "vit_args": vit_args,
+            "train_loader": train_loader, "val_loader": val_loader, "num_classes": num_classes, "accum": accum,
+            "micro_steps": micro_steps, "schedule": schedule, "start_epoch": start_epoch,
+            "global_step": global_step, "best_acc1": best_acc1, "prev_elapsed": prev_elapsed, "n_params": n_params}
 
-    wall0 = time.perf_counter()
-    last_stats: dict[str, float] = {}
-    train_loss = float("nan")
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.train.epochs):
-        train_loader.set_epoch(epoch)
-        ddp_model.train()
-        reset_peak_memory(device)
-        window = DeviceMeter(["loss"], device)
-        whole = DeviceMeter(["loss"], device)
-        timed = TimedIterator(train_loader)
-        t0 = time.perf_counter()
-        t_window, wait_window = t0, 0.0
-        current_lr = schedule(epoch, 0)
-        optimizer.zero_grad(set_to_none=True)
-        for it, (images, labels) in enumerate(timed):
-            if it >= steps_per_epoch:
-                break
-            if it % accum == 0:
-                current_lr = schedule(epoch, it)
-                set_lr(optimizer, current_lr)
-            if eraser is not None:
-                images = eraser(images)
-            targets = labels
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            update = (it + 1) % accum == 0
-            sync = ddp_model.no_sync() if (info.distributed and not update) else contextlib.nullcontext()
-            with sync:
-                with _autocast(device, amp_dtype):
-                    logits = ddp_model(images)
-                loss = criterion(logits.float(), targets)
-                scaled = loss / accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            if update:
-                if scaler is not None:
-                    if cfg.optim.clip_grad > 0:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    if cfg.optim.clip_grad > 0:
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-            window.set_step(global_step)
-            whole.set_step(global_step)
-            window.add(loss)
-            whole.add(loss)
-            if cfg.train.log_every and (it + 1) % cfg.train.log_every == 0:
-                means, bad = window.read()
-                _check_finite(bad, epoch)
-                now = time.perf_counter()
-                n_img = window.count * cfg.data.batch_size * info.world_size
-                run_dir.log_step({
-                    "step": global_step, "epoch": epoch, "lr": current_lr, "loss": means["loss"],
-                    "images_per_sec": n_img / max(now - t_window, 1e-9),
-                    "data_wait_frac": (timed.wait_seconds - wait_window) / max(now - t_window, 1e-9),
-                    "elapsed_seconds": elapsed_before + now - wall0,
-                })
-                window.reset()
-                t_window, wait_window = now, timed.wait_seconds
-        means, bad = whole.read()
-        _check_finite(bad, epoch)
-        synchronize(device)
-        epoch_seconds = time.perf_counter() - t0
-        train_loss = means["loss"]
-        n_images = whole.count * cfg.data.batch_size * info.world_size
 
-        last_epoch = epoch == cfg.train.epochs - 1
-        row: dict[str, Any] = {"epoch": epoch, "train_lr": current_lr, "train_loss": train_loss}
-        if val_loader is not None and (last_epoch or (epoch + 1) % max(cfg.train.eval_every, 1) == 0):
-            last_stats = evaluate(model, val_loader, device, amp_dtype)
-            row.update(test_loss=last_stats["loss"], test_acc1=last_stats["acc1"], test_acc5=last_stats["acc5"])
-            best_acc1 = max(best_acc1, last_stats["acc1"])
-            row["best_acc1"] = best_acc1
-        elapsed = elapsed_before + time.perf_counter() - wall0
-        row.update({
-            "n_parameters": n_params,
-            "epoch_seconds": epoch_seconds,
-            "images_per_sec": n_images / max(epoch_seconds, 1e-9),
-            "step_time_ms": 1000.0 * epoch_seconds / max(whole.count, 1),
-            "data_wait_frac": timed.wait_seconds / max(epoch_seconds, 1e-9),
-            "peak_mem_mb": peak_memory_mb(device),
-            "elapsed_seconds": elapsed,
-            "device_hours": elapsed * info.world_size / 3600.0,
-            "world_size": info.world_size,
-            "device": device_name(device),
-            "steps": global_step,
-            "images": n_images,
-            "total_epochs": cfg.train.epochs,
-        })
-        if info.is_main:
-            common = {"epoch": epoch, "step": global_step, "config": to_dict(cfg), "task": cfg.task,
-                      "vit_args": vit_args, "best_acc1": best_acc1, "elapsed_seconds": elapsed}
-            if "test_acc1" in row and row["test_acc1"] >= best_acc1:
-                atomic_save({**common, "model": model.state_dict(), "test_acc1": row["test_acc1"],
-                             "test_acc5": row["test_acc5"]}, os.path.join(run_dir.path, BEST_NAME))
-            full = {**common, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": capture_rng(device)}
-            atomic_save(full, os.path.join(run_dir.path, LAST_NAME))
-            if cfg.train.save_every and ((epoch + 1) % cfg.train.save_every == 0 or last_epoch):
-                atomic_save(full, os.path.join(run_dir.path, f"checkpoint-{epoch:04d}.pth"))
-        run_dir.log_epoch(row)
+class _DownstreamJob(Job):
+    """Fine-tuning's / probing's part of the engine: the downstream step, the top-1 / top-5 evaluation,
+    the best-weights file and the downstream checkpoint's content."""
+
+    meter_names = ("loss",)
+
+    def __init__(self, cfg: DownstreamConfig, info: Any, step: Any, val_loader: Any, vit_args: dict[str, Any],
+                 best_acc1: float, n_params: int, run_dir: RunDir):
+        self.name = cfg.task
+        self.cfg, self.info, self.step, self.val_loader = cfg, info, step, val_loader
+        self.vit_args, self.best_acc1, self.n_params, self.run_dir = vit_args, best_acc1, n_params, run_dir
+        self.last_stats: dict[str, float] = {}
+        self.train_loss = float("nan")
+
+    def micro(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[torch.Tensor]:
+        return (self.step.micro(images, labels, sync=sync),)
+
+    def loss_row(self, means: dict[str, float]) -> dict[str, Any]:
+        self.train_loss = means["loss"]
+        return {"train_loss": means["loss"], "n_parameters": self.n_params}
+
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        tc = self.cfg.train
+        last = epoch == tc.epochs - 1
+        if self.val_loader is None or not (last or (epoch + 1) % max(tc.eval_every, 1) == 0):
+            return {}
+        stats = evaluate(self.step.core, self.val_loader, self.info.device, self.step.amp_dtype)
+        self.last_stats = stats
+        self.best_acc1 = max(self.best_acc1, stats["acc1"])
+        return {"test_loss": stats["loss"], "test_acc1": stats["acc1"], "test_acc5": stats["acc5"],
+                "best_acc1": self.best_acc1}
+
+    def _common(self, epoch: int) -> dict[str, Any]:
+        return {"task": self.cfg.task, "vit_args": self.vit_args, "best_acc1": self.best_acc1,
+                "model": self.step.core.state_dict()}
+
+    def payload(self, epoch: int) -> dict[str, Any]:
+        step = self.step
+        return {**self._common(epoch), "optimizer": step.optimizer.state_dict(),
+                "scaler": step.scaler.state_dict() if step.scaler is not None else None}
+
+    def numbered(self, epoch: int) -> bool:
+        tc = self.cfg.train
+        return bool(tc.save_every) and ((epoch + 1) % tc.save_every == 0 or epoch == tc.epochs - 1)
+
+    def extra_saves(self, epoch: int, row: dict[str, Any]) -> None:
+        if "test_acc1" in row and row["test_acc1"] >= self.best_acc1:
+            atomic_save({**self._common(epoch), "epoch": epoch, "config": to_dict(self.cfg),
+                         "test_acc1": row["test_acc1"], "test_acc5": row["test_acc5"],
+                         "elapsed_seconds": row["elapsed_seconds"]}, self.run_dir.file(BEST_NAME))
+
+    def message(self, row: dict[str, Any]) -> str:
         acc = f", test top-1 {row['test_acc1']:.2f}% top-5 {row['test_acc5']:.2f}%" if "test_acc1" in row else ""
-        log(f"epoch {epoch}: lr {current_lr:.3g}, train loss {train_loss:.4f}{acc} ({epoch_seconds:.1f} s)")
-    run_dir.close()
+        return (f"epoch {row['epoch']}: lr {row['train_lr']:.3g}, train loss {row['train_loss']:.4f}{acc}, "
+                f"{row['images_per_sec']:.1f} img/s, data wait {100 * row['data_wait_frac']:.1f}% "
+                f"({row['epoch_seconds']:.1f} s)")
 
-    in_sync = None
-    if info.distributed:
-        in_sync = check_in_sync(model, device)
-        if not in_sync:
-            raise RuntimeError("the ranks ended with different weights (DDP went out of sync)")
-        log(f"weights identical on all {info.world_size} ranks")
+
+def downstream_flops(vit_args: dict[str, Any]) -> int | None:
+    """Counted FLOPs of one training image (forward + backward) of the downstream ViT `vit_args`, on a
+    meta-device replica: no memory, no arithmetic, and the run's model and RNG streams untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import supmae.models.flops  # noqa: F401  (registers the CPU SDPA formulas)
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            with torch.device("meta"):
+                replica = build_vit(**vit_args)
+            replica.train()
+            size = int(vit_args["img_size"])
+            images = torch.empty(2, 3, size, size, device="meta")
+            counter = FlopCounterMode(display=False)
+            with counter:
+                replica(images).float().sum().backward()
+        return int(counter.get_total_flops()) // 2
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _train(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str], None], st: dict[str, Any],
+           t_start: float) -> dict[str, Any]:
+    from supmae.train.steps import build_downstream_step
+
+    tc = cfg.train
+    ckpt = st["ckpt"]
+    # Built after every rank agreed that set-up succeeded: DDP's constructor is a collective.
+    step = build_downstream_step(cfg, st["model"], info.device, st["num_classes"], world_size=info.world_size,
+                                 accum=st["accum"], ddp=info.distributed)
+    if ckpt is not None:
+        step.optimizer.load_state_dict(ckpt["optimizer"])
+        if step.scaler is not None and ckpt.get("scaler"):
+            step.scaler.load_state_dict(ckpt["scaler"])
+    job = _DownstreamJob(cfg, info, step, st["val_loader"], st["vit_args"], st["best_acc1"], st["n_params"],
+                         run_dir)
+    engine = Engine(job, cfg=cfg, info=info, run_dir=run_dir, log=log, step=step, train_loader=st["train_loader"],
+                    schedule=st["schedule"], micro_steps=st["micro_steps"], accum=st["accum"],
+                    start_epoch=st["start_epoch"], global_step=st["global_step"], prev_elapsed=st["prev_elapsed"],
+                    t_start=t_start, total_epochs=tc.epochs, flops_per_image=downstream_flops(st["vit_args"]),
+                    last_ckpt=st["ckpt_path"] or None)
+    engine.open_books(ckpt)
+    engine.restore_rng(ckpt)
+    start_epoch = st["start_epoch"]
+    end_epoch = tc.epochs if not tc.epochs_per_run else min(tc.epochs, start_epoch + tc.epochs_per_run)
+    final_row = engine.run(end_epoch, precision_config=tc.precision, compile_config=tc.compile,
+                           augmentation=describe_augmentation(st["train_loader"]))
+    in_sync = engine.check_in_sync()
+    stats = job.last_stats
     result = {
         "task": cfg.task,
         "output_dir": run_dir.path,
-        "epochs": cfg.train.epochs,
-        "last_epoch": epoch,
-        "train_loss": train_loss,
-        "final_acc1": last_stats.get("acc1"),
-        "final_acc5": last_stats.get("acc5"),
-        "test_loss": last_stats.get("loss"),
-        "best_acc1": best_acc1 if best_acc1 >= 0 else None,
-        "elapsed_seconds": elapsed_before + time.perf_counter() - wall0,
+        "epochs": tc.epochs,
+        "last_epoch": final_row["epoch"] if final_row else start_epoch - 1,
+        "train_loss": job.train_loss,
+        "final_acc1": stats.get("acc1"),
+        "final_acc5": stats.get("acc5"),
+        "test_loss": stats.get("loss"),
+        "best_acc1": job.best_acc1 if job.best_acc1 >= 0 else None,
+        "elapsed_seconds": engine.elapsed(),
         "ranks_in_sync": in_sync,
+        "checkpoint": engine.last_ckpt,
     }
     if result["final_acc1"] is not None:
         log(f"final top-1 {result['final_acc1']:.2f}% (top-5 {result['final_acc5']:.2f}%, best top-1 "
@@ -519,10 +528,13 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- evaluation of a checkpoint
 
 
-def load_downstream_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def load_downstream_checkpoint(path: str, ckpt: dict[str, Any] | None = None
+                               ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """(model, vit_args, checkpoint) of a fine-tuned or probed checkpoint: ours (with `vit_args`) or
-    a reference one (the architecture read off the state dict)."""
-    ckpt = load_checkpoint(path)
+    a reference one (the architecture read off the state dict). `ckpt`: the file's content, when the
+    caller read it already."""
+    if ckpt is None:
+        ckpt = load_checkpoint(path)
     state = model_state(ckpt)
     if "vit_args" in ckpt:
         vit_args = dict(ckpt["vit_args"])
@@ -629,33 +641,36 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
     args, rest = p.parse_known_args(argv)
+    with process_settings(), distributed(args.device) as info:
+        return _eval(args, rest, info)
 
-    model, vit_args, ckpt = load_downstream_checkpoint(args.checkpoint)
 
+def _eval(args: argparse.Namespace, rest: list[str], info: Any) -> int:
+    # Rank 0 reads the checkpoint from its disk; the other ranks receive it (no shared filesystem).
+    ckpt = load_on_main(args.checkpoint, info)
+    model, vit_args, ckpt = load_downstream_checkpoint(args.checkpoint, ckpt)
     cfg = apply_overrides(EvalConfig(data=_eval_data_config(ckpt, vit_args)), rest)
     if cfg.data.randaugment:
         raise UserError("evaluation uses no RandAugment: drop --data.randaugment")
     if cfg.data.img_size != vit_args["img_size"]:
         raise UserError(f"the model was trained at {vit_args['img_size']} px; --data.img_size {cfg.data.img_size} "
                         "would not fit its position embeddings")
-    with distributed(args.device) as info:
-        amp_dtype, _ = amp_settings(args.precision, info.device)
-        model.to(info.device)
-        loader = cfg.data.build(cfg.data.val_split, train=False, device=info.device, rank=info.rank,
-                                world_size=info.world_size)
-        t0 = time.perf_counter()
-        stats = evaluate(model, loader, info.device, amp_dtype)
-        seconds = time.perf_counter() - t0
-        if info.is_main:
-            row = {"checkpoint": os.path.abspath(args.checkpoint), "epoch": ckpt.get("epoch"),
-                   "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "test_loss": stats["loss"],
-                   "samples": int(stats["samples"]), "eval_seconds": seconds, "split": cfg.data.val_split,
-                   "pipeline": cfg.data.pipeline}
-            if args.output_dir:
-                run_dir = RunDir(args.output_dir)
-                run_dir.create()
-                run_dir.log_epoch(row)
-            _print(f"top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['loss']:.4f} "
-                   f"on {int(stats['samples'])} images ({seconds:.1f} s)")
+    amp_dtype, _ = amp_settings(args.precision, info.device)
+    model.to(info.device)
+    loader = cfg.data.build(cfg.data.val_split, train=False, device=info.device, rank=info.rank,
+                            world_size=info.world_size)
+    t0 = time.perf_counter()
+    stats = evaluate(model, loader, info.device, amp_dtype)
+    seconds = time.perf_counter() - t0
+    if info.is_main:
+        row = {"checkpoint": os.path.abspath(args.checkpoint), "epoch": ckpt.get("epoch"),
+               "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "test_loss": stats["loss"],
+               "samples": int(stats["samples"]), "eval_seconds": seconds, "split": cfg.data.val_split,
+               "pipeline": cfg.data.pipeline, "world_size": info.world_size}
+        if args.output_dir:
+            run_dir = RunDir(args.output_dir)
+            run_dir.create()
+            run_dir.log_epoch(row)
+        _print(f"top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['loss']:.4f} "
+               f"on {int(stats['samples'])} images ({seconds:.1f} s)")
     return 0
-

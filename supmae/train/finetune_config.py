@@ -86,6 +86,10 @@ class DownstreamTrainConfig:
     deterministic: bool = False  # deterministic kernels (and exact resume on the CPU)
     eval_every: int = 1  # epochs between evaluations on the val split (the last epoch is always evaluated)
     max_steps_per_epoch: int = 0  # micro-batches per epoch; 0 = the whole epoch
+    # Stop after this many epochs in one invocation (0 = run to `epochs`); the lr schedule still spans
+    # `epochs`, and --resume auto continues.
+    epochs_per_run: int = 0
+    progress: bool = True  # tqdm progress bar (only when stderr is a terminal)
     cpu_threads: int = 0  # torch intra-op threads on the CPU; 0 = torch's default (one per core)
     dist_timeout_s: float = 600.0
 
