@@ -1,40 +1,52 @@
-"""`supmae bench step`: images/s of the SupMAE training step, our configuration against a
-paper-faithful one, in one run.
+"""`supmae bench step`: what each speed-up of the SupMAE training step buys, one factor at a time, in one run.
 
-    ours   fused attention (SDPA), torch.compile (GPU default), bf16 autocast (GPU), fused AdamW,
-           losses accumulated on the device: no host sync in the step.
-    paper  the reference implementation's step: plain softmax(QK^T)V attention, fp16 autocast with
-           a GradScaler (GPU), the gradient norm computed after unscaling as its loss scaler does,
-           the per-parameter AdamW loop of its era, `.item()` of the three losses and a
-           `torch.cuda.synchronize()` on every step, no compile.
+One row per factor, each added to the row before it:
 
-On CPU both run in fp32 (no autocast, no scaler) and compile is off unless --compile is given.
-MFU = counted training FLOPs per image x images/s / this device's measured dense matmul peak
-(bf16 on GPU, fp32 on CPU), measured in the same run.
+    paper      the reference implementation's step: plain softmax(QK^T)V attention; fp16 autocast
+               with a GradScaler and its loss scaler's unscale + gradient norm (GPU), fp32 (CPU);
+               `.item()` of the three losses after the forward and `synchronize()` every step; the
+               per-parameter AdamW loop of its era; no compile
+    sdpa       + fused attention (`scaled_dot_product_attention`)
+    bf16       + bf16 autocast instead (no scaler)
+    compile    + `torch.compile`
+    no_sync    + no host sync: the trainer's own call (`PretrainStep.__call__`), losses left on the device
+    fused      + fused AdamW
+    trainer    `supmae pretrain`'s step as the trainer resolves it on this device (auto settings)
+
+Every row is built by `supmae.train.steps.build_pretrain_step` from the `supmae_vit_b16_400ep`
+recipe (at `--model`'s geometry) with the row's attention, precision, compile and AdamW settings,
+so what is timed is the trainer's model, optimiser and loss; the rows with a host sync run the
+reference's loop body (forward, `.item()` x 3, backward, update, synchronize) on that step's parts.
+
+A factor the trainer does not use on this device (bf16 and compile on the CPU; fused AdamW on the
+CPU, where the trainer's `auto` picks foreach) is still measured, and marked "not carried": the
+rows after it go on without it, so the last factor row and the trainer row describe the same step.
+A factor that cannot run is marked with the reason. MFU = counted training FLOPs per image x images/s
+/ this device's dense matmul peak (bf16 on GPU, fp32 on CPU), measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
 import os
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from benchmarks.timing import (
     add_run_options,
-    amp_dtype,
     apply_threads,
-    autocast,
     constant_batches,
     device_name,
     environment,
-    fused_adamw,
     measure_matmul_peak,
     precision_name,
     resolve_device,
@@ -44,203 +56,248 @@ from benchmarks.timing import (
 )
 from supmae.errors import UserError
 
-CONFIGS = ("ours", "paper")
+RECIPE = "supmae_vit_b16_400ep"
+FACTORS = ("paper", "sdpa", "bf16", "compile", "no_sync", "fused", "trainer")
 
 
-def _param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    from timm.optim import param_groups_weight_decay
+@dataclass
+class Settings:
+    """The knobs a factor turns: attention kernel, precision, compile, host sync, AdamW implementation."""
 
-    return param_groups_weight_decay(model, weight_decay=0.05)
+    attn: str = "eager"
+    precision: str = "fp32"
+    compile: bool = False
+    host_sync: bool = True
+    impl: str = "for_loop"
+
+    def describe(self) -> dict[str, Any]:
+        return {"attention": self.attn, "precision": self.precision + (" + GradScaler" if self.precision == "fp16"
+                                                                         else ""),
+                "compile": self.compile, "host_sync": ".item() x3 + synchronize every step" if self.host_sync
+                else "none", "optimizer": f"AdamW {self.impl}"}
 
 
-def build_ours(model_name: str, device: torch.device, batch_size: int, compile_model: bool,
-               mask_ratio: float, overrides: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-    """Our step and a description of it."""
+def step_config(model_name: str, batch_size: int, depth: int | None, mask_ratio: float, s: Settings | None) -> Any:
+    """The pretraining config of one row: the recipe at `model_name`'s geometry with the row's settings
+    (None: the recipe's own auto settings, i.e. the trainer's step)."""
+    from supmae.models import model_defaults
+    from supmae.recipes import get_recipe
+
+    cfg = get_recipe(RECIPE, "pretrain")
+    cfg.model.name = model_name
+    cfg.model.mask_ratio = mask_ratio
+    if depth is not None:
+        cfg.model.kwargs = {**cfg.model.kwargs, "depth": depth}
+    cfg.data.img_size = int(model_defaults(model_name)["img_size"])
+    cfg.data.batch_size = batch_size
+    if s is not None:
+        cfg.model.attn_impl = s.attn
+        cfg.train.precision = s.precision
+        cfg.train.compile = "on" if s.compile else "off"
+        cfg.optim.impl = s.impl
+    return cfg
+
+
+def reference_loop_body(ps: Any, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The reference's step on the parts of a `PretrainStep`: forward, `.item()` of the three losses (and
+    stop on a non-finite one), backward through its loss scaler (unscale + gradient norm when there is a
+    GradScaler), optimiser step, zero_grad, synchronize."""
     from supmae.losses import supmae_loss
-    from supmae.models import create_model
+    from supmae.train.engine import autocast
 
-    model = create_model(model_name, attn_impl="sdpa", **(overrides or {})).to(device).train()
-    dtype = amp_dtype(device)
-    opt = fused_adamw(_param_groups(model), device, lr=1.5e-4 * batch_size / 256, betas=(0.9, 0.95))
-    forward = torch.compile(model) if compile_model else model
-    running = torch.zeros(3, device=device)  # summed (total, rec, cls), read only at log time
+    params = [p for p in ps.core.parameters() if p.requires_grad]
+    lw = ps.loss
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with autocast(device, dtype):
-            out = forward(images, mask_ratio=mask_ratio)
-            total, rec, cls = supmae_loss(out, labels)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        running.add_(torch.stack([total.detach(), rec.detach(), cls.detach()]))
-        return total.detach()
-
-    fused = bool(opt.defaults.get("fused"))
-    desc = {"attention": "sdpa", "precision": precision_name(dtype), "compile": compile_model,
-            "optimizer": "AdamW fused" if fused else "AdamW foreach", "host_sync": "none"}
-    return (step, model), desc
-
-
-def build_paper(model_name: str, device: torch.device, batch_size: int, mask_ratio: float,
-                overrides: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-    """The reference implementation's step (see the module docstring)."""
-    from supmae.losses import supmae_loss
-    from supmae.models import create_model
-
-    model = create_model(model_name, attn_impl="eager", **(overrides or {})).to(device).train()
-    cuda = device.type == "cuda"
-    dtype = torch.float16 if cuda else None
-    # foreach=False: the per-parameter loop of the torch versions the reference ran on.
-    opt = torch.optim.AdamW(_param_groups(model), lr=1.5e-4 * batch_size / 256, betas=(0.9, 0.95), foreach=False)
-    scaler = None
-    if cuda:
-        # torch.amp.GradScaler is the current spelling; older builds only have torch.cuda.amp's.
-        scaler = torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with autocast(device, dtype):
-            out = model(images, mask_ratio=mask_ratio)
-            total, rec, cls = supmae_loss(out, labels)
+        with autocast(device, ps.amp_dtype):
+            out = ps.model(images, mask_ratio=ps.mask_ratio)
+            total, rec, cls = supmae_loss(out, labels, rec_weight=lw.rec_weight, cls_weight=lw.cls_weight,
+                                          temperature=lw.temperature)
         loss_value, _rec_value, _cls_value = total.item(), rec.item(), cls.item()
         if not math.isfinite(loss_value):
             raise RuntimeError(f"loss is {loss_value}, stopping (as the reference does)")
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.unscale_(opt)
-            grad_norm = torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params if p.grad is not None]))
-            scaler.step(opt)
-            scaler.update()
+        if ps.scaler is not None:
+            ps.scaler.scale(total).backward()
+            ps.scaler.unscale_(ps.optimizer)
+            grads = [p.grad.detach() for p in params if p.grad is not None]
+            grad_norm = torch.norm(torch.stack([torch.norm(g, 2.0) for g in grads]), 2.0)
+            ps.scaler.step(ps.optimizer)
+            ps.scaler.update()
+            del grad_norm  # computed for its cost: the reference logs it
         else:
             total.backward()
-            grad_norm = torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params if p.grad is not None]))
-            opt.step()
-        opt.zero_grad()
-        if cuda:
-            torch.cuda.synchronize()
-        del grad_norm  # computed for its cost, as the reference logs it
+            ps.optimizer.step()
+        ps.optimizer.zero_grad()
+        synchronize(device)
         return total.detach()
 
-    desc = {"attention": "eager", "precision": "fp16 + GradScaler" if cuda else "fp32", "compile": False,
-            "optimizer": "AdamW per-parameter loop", "host_sync": ".item() x3 + synchronize every step"}
-    return (step, model), desc
+    return step
+
+
+def plan(device: torch.device, compile_row: bool) -> list[dict[str, Any]]:
+    """The rows: each factor's settings (cumulative over the carried ones), whether it is carried into the
+    rows after it and why not, or why it is not measured at all."""
+    from supmae.train.engine import resolve_compile, resolve_precision
+    from supmae.train.optim import adamw_impl
+
+    cuda = device.type == "cuda"
+    trainer_precision = resolve_precision("auto", device)
+    trainer_compiles, compile_reason = resolve_compile("auto", device)
+    trainer_impl = adamw_impl(device, "auto")
+    s = Settings(precision="fp16" if cuda else "fp32")
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, label: str, new: Settings | None, carried: bool, why: str = "", skip: str = "") -> None:
+        nonlocal s
+        rows.append({"name": name, "label": label, "settings": new, "carried": carried, "why_not_carried": why,
+                     "skipped": skip})
+        if new is not None and carried:
+            s = new
+
+    add("paper", "paper-faithful", copy.copy(s), True)
+    add("sdpa", "+ SDPA attention", Settings(**{**vars(s), "attn": "sdpa"}), True)
+    add("bf16", "+ bf16 autocast", Settings(**{**vars(s), "precision": "bf16"}), trainer_precision == "bf16",
+        f"the trainer's auto precision on {device.type} is {trainer_precision}")
+    if not compile_row:
+        add("compile", "+ torch.compile", None, False, skip="not measured: --no-compile")
+    elif not hasattr(torch, "compile"):
+        add("compile", "+ torch.compile", None, False, skip="this torch has no torch.compile")
+    else:
+        add("compile", "+ torch.compile", Settings(**{**vars(s), "compile": True}), trainer_compiles,
+            f"the trainer does not compile here ({compile_reason})")
+    add("no_sync", "+ no host sync", Settings(**{**vars(s), "host_sync": False}), True)
+    add("fused", "+ fused AdamW", Settings(**{**vars(s), "impl": "fused"}), trainer_impl == "fused",
+        f"the trainer's auto AdamW on {device.type} is {trainer_impl}")
+    add("trainer", "= supmae pretrain's step (auto)", None, True)
+    return rows
 
 
 def run_step_bench(
     device: str = "auto", model_name: str = "supmae_vit_base_patch16", batch_size: int = 256, iters: int = 20,
-    warmup: int = 5, compile_model: bool | None = None, mask_ratio: float = 0.75, configs: tuple[str, ...] = CONFIGS,
-    rounds: int = 4, depth: int | None = None, out: str | None = None, seed: int = 0, log: Any = print,
+    warmup: int = 5, compile_row: bool = True, mask_ratio: float = 0.75, rounds: int = 4, depth: int | None = None,
+    out: str | None = None, seed: int = 0, log: Any = print,
 ) -> dict[str, Any]:
-    """Time each configuration in `configs`, `iters` iterations each spread over `rounds` interleaved
-    rounds, and return the result (also written to `out`/step.json and step.md)."""
+    """Time every factor row, `iters` iterations each spread over `rounds` interleaved rounds, and return
+    the result (also written to `out`/step.json and step.md)."""
     from supmae.models import model_defaults
     from supmae.models.flops import training_flops_per_image
+    from supmae.train.steps import build_pretrain_step
 
     start = time.perf_counter()
     dev = resolve_device(device)
-    if compile_model is None:
-        compile_model = dev.type == "cuda"
     if batch_size < 2:
         raise UserError(f"--batch-size must be at least 2 (the head's BatchNorm), got {batch_size}")
     if iters < 1 or rounds < 1 or warmup < 0:
         raise UserError(f"need --iters >= 1, --rounds >= 1 and --warmup >= 0 (got {iters}, {rounds}, {warmup})")
-    bad = [c for c in configs if c not in CONFIGS]
-    if bad:
-        raise UserError(f"unknown configuration(s) {', '.join(bad)}: choose from {', '.join(CONFIGS)}")
     args = model_defaults(model_name)
     img_size, num_classes = int(args["img_size"]), int(args["num_classes"])
-    overrides = {"depth": depth} if depth is not None else {}
     log(f"[step] {device_name(dev)}: {model_name}, batch {batch_size}, {warmup} warm-up + {iters} timed iterations")
     peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     peak = measure_matmul_peak(dev, peak_dtype)
     log(f"[step] measured {precision_name(peak_dtype)} matmul peak: {peak / 1e12:.3g} TFLOP/s")
     images, labels = synthetic_batch(batch_size, img_size, num_classes, dev, seed)
-
     batches = constant_batches(images, labels)
 
-    def build(name: str, compile_ours: bool) -> tuple[Any, Any, dict[str, Any]]:
+    def build(s: Settings | None) -> tuple[Any, Callable[[torch.Tensor, torch.Tensor], Any]]:
         torch.manual_seed(seed)
-        if name == "ours":
-            (step, model), desc = build_ours(model_name, dev, batch_size, compile_ours, mask_ratio, overrides)
-        else:
-            (step, model), desc = build_paper(model_name, dev, batch_size, mask_ratio, overrides)
-        return step, model, desc
+        ps = build_pretrain_step(step_config(model_name, batch_size, depth, mask_ratio, s), dev, num_classes)
+        return ps, (reference_loop_body(ps, dev) if s is not None and s.host_sync else ps)
 
-    def warm(step: Any) -> float | None:
+    def warm(fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> float | None:
         """Run the warm-up (compilation happens here); the peak memory it reached, on GPU."""
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         for _ in range(warmup):
-            step(images, labels)
+            fn(images, labels)
         synchronize(dev)
         return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
 
-    built: dict[str, dict[str, Any]] = {}
-    flops_per_image = None
-    for name in configs:
-        step, model, desc = build(name, compile_model)
-        if flops_per_image is None:
-            flops_per_image = float(training_flops_per_image(model, mask_ratio=mask_ratio)["total"])
+    rows = plan(dev, compile_row)
+    flops_per_image: float | None = None
+    live: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["skipped"]:
+            log(f"[step] {row['name']}: {row['skipped']}")
+            continue
         t0 = time.perf_counter()
         try:
-            peak_mem = warm(step)
-        except Exception as exc:  # a compiler failure must not hide the other figures
-            if not (name == "ours" and desc["compile"]):
+            ps, fn = build(row["settings"])
+            peak_mem = warm(fn)
+        except Exception as exc:  # a compiler failure must not hide the other rows' figures
+            if not (row["settings"] is not None and row["settings"].compile):
                 raise
-            # torch.compile failures surface at the first call: time the same step uncompiled
-            # instead, and say so in the result rather than printing nothing.
-            first = (str(exc).splitlines() or [""])[0]
-            log(f"[step] torch.compile failed ({type(exc).__name__}: {first[:200]}); "
-                "timing our configuration without compile")
-            del step, model
+            row["skipped"] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+            row["carried"] = False
+            log(f"[step] {row['name']}: {row['skipped']}")
             gc.collect()
-            step, model, desc = build(name, False)
-            desc["compile_error"] = f"{type(exc).__name__}: {first[:500]}"
-            t0 = time.perf_counter()
-            peak_mem = warm(step)
-        built[name] = {"step": step, "model": model, "desc": desc, "peak_mem_mb": peak_mem,
-                       "warmup_seconds": time.perf_counter() - t0, "seconds": 0.0, "iters": 0, "iter_seconds": []}
-        log(f"[step] {name}: warmed up in {built[name]['warmup_seconds']:.1f} s")
+            continue
+        if flops_per_image is None:
+            flops_per_image = float(training_flops_per_image(ps.core, mask_ratio=mask_ratio)["total"])
+        if row["settings"] is None:
+            row["settings_desc"] = {"attention": ps.core.attn_impl,
+                                    "precision": ps.precision + (" + GradScaler" if ps.scaler is not None else ""),
+                                    "compile": ps.compiled, "host_sync": "none",
+                                    "optimizer": "AdamW " + _adamw_kind(ps.optimizer)}
+        else:
+            row["settings_desc"] = row["settings"].describe()
+            row["settings_desc"]["optimizer"] = "AdamW " + _adamw_kind(ps.optimizer)
+        live[row["name"]] = {"ps": ps, "fn": fn, "peak_mem_mb": peak_mem, "warmup_seconds": time.perf_counter() - t0,
+                             "seconds": 0.0, "iters": 0, "iter_seconds": []}
+        log(f"[step] {row['name']}: warmed up in {live[row['name']]['warmup_seconds']:.1f} s")
 
-    # Interleave the configurations in rounds (alternating which goes first), so that a change of
-    # load from other work on a shared machine, or GPU clock drift, hits both alike.
+    # Interleave the rows in rounds (alternating which goes first), so that a change of load from other
+    # work on a shared machine, or GPU clock drift, hits all of them alike.
     rounds = max(1, min(rounds, iters))
+    names = list(live)
     for r in range(rounds):
         chunk = iters // rounds + (1 if r < iters % rounds else 0)
-        order = list(configs) if r % 2 == 0 else list(reversed(configs))
-        for name in order:
-            t = time_steps(built[name]["step"], batches, dev, 0, chunk)
-            built[name]["seconds"] += t.total_seconds
-            built[name]["iters"] += t.iters
-            built[name]["iter_seconds"] += t.iter_seconds
+        for name in (names if r % 2 == 0 else list(reversed(names))):
+            t = time_steps(live[name]["fn"], batches, dev, 0, chunk)
+            live[name]["seconds"] += t.total_seconds
+            live[name]["iters"] += t.iters
+            live[name]["iter_seconds"] += t.iter_seconds
 
     # Measured again after the timing, the best of the two: one short window can fall on a busy
     # moment of a shared machine (or a GPU still ramping its clocks).
     peak = max(peak, measure_matmul_peak(dev, peak_dtype))
-    results: dict[str, dict[str, Any]] = {}
-    for name in configs:
-        b = built[name]
+    results: list[dict[str, Any]] = []
+    base_ips = None
+    prev_ips = None
+    for row in rows:
+        entry = {k: row[k] for k in ("name", "label", "carried", "why_not_carried", "skipped")}
+        b = live.get(row["name"])
+        if b is None:
+            results.append(entry)
+            continue
         spi = b["seconds"] / b["iters"]
         ips = batch_size / spi
-        spread = statistics.stdev(b["iter_seconds"]) / statistics.fmean(b["iter_seconds"]) \
-            if len(b["iter_seconds"]) > 1 else 0.0
-        results[name] = {
-            **b["desc"],
+        base_ips = base_ips or ips
+        spread = (statistics.stdev(b["iter_seconds"]) / statistics.fmean(b["iter_seconds"])
+                  if len(b["iter_seconds"]) > 1 else 0.0)
+        entry.update({
+            **row["settings_desc"],
             "ms_per_iter": spi * 1e3,
             "images_per_sec": ips,
-            "achieved_tflops": flops_per_image * ips / 1e12,
-            "mfu": flops_per_image * ips / peak,
+            "vs_previous": ips / prev_ips if prev_ips else None,
+            "vs_paper": ips / base_ips,
+            "achieved_tflops": (flops_per_image or 0.0) * ips / 1e12,
+            "mfu": (flops_per_image or 0.0) * ips / peak,
             "spread": spread,
             "peak_mem_mb": b["peak_mem_mb"],
             "warmup_seconds": b["warmup_seconds"],
-        }
-        log(f"[step] {name:<6} {spi * 1e3:9.1f} ms/iter  {ips:9.1f} img/s  MFU {results[name]['mfu']:6.1%}")
-    built.clear()
+        })
+        # The next row's "vs previous" is against the row it was built on: the last carried one.
+        if row["carried"] or row["name"] == "paper":
+            prev_ips = ips
+        results.append(entry)
+        log(f"[step] {row['name']:<8} {spi * 1e3:9.1f} ms/iter  {ips:9.1f} img/s  MFU {entry['mfu']:6.1%}")
+    live.clear()
     gc.collect()
     result: dict[str, Any] = {
         "device": str(dev),
         "device_name": device_name(dev),
         "model": model_name,
+        "recipe": RECIPE,
         "depth": depth if depth is not None else int(args["depth"]),
         "batch_size": batch_size,
         "iters": iters,
@@ -250,9 +307,8 @@ def run_step_bench(
         "flops_per_image": flops_per_image,
         "peak_tflops": peak / 1e12,
         "peak_dtype": precision_name(peak_dtype),
-        "configs": results,
-        "speedup": (results["ours"]["images_per_sec"] / results["paper"]["images_per_sec"]
-                    if "ours" in results and "paper" in results else None),
+        "rows": results,
+        "speedup": _speedup(results),
         "environment": environment(),
     }
     result["elapsed_seconds"] = time.perf_counter() - start
@@ -267,31 +323,52 @@ def run_step_bench(
     return result
 
 
+def _adamw_kind(opt: torch.optim.Optimizer) -> str:
+    d = opt.defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for_loop"
+
+
+def _speedup(rows: list[dict[str, Any]]) -> float | None:
+    """The trainer's step against the paper-faithful one."""
+    by = {r["name"]: r for r in rows}
+    if "images_per_sec" in by.get("trainer", {}) and "images_per_sec" in by.get("paper", {}):
+        return by["trainer"]["images_per_sec"] / by["paper"]["images_per_sec"]
+    return None
+
+
 def render_markdown(result: dict[str, Any]) -> str:
-    header = ["config", "attention", "precision", "compile", "optimizer", "host sync", "ms/iter", "img/s",
-              "TFLOP/s", "MFU"]
+    header = ["row", "attention", "precision", "compile", "host sync", "optimizer", "ms/iter", "img/s", "x previous",
+              "x paper", "MFU", "carried on"]
     lines = [
-        "# SupMAE training step: ours vs paper-faithful",
+        "# SupMAE training step: one factor at a time",
         "",
-        (f"{result['device_name']}; {result['model']} (depth {result['depth']}), batch {result['batch_size']}, mask ratio {result['mask_ratio']}; "
-        f"{result['warmup']} warm-up + {result['iters']} timed iterations in {result['rounds']} interleaved rounds; "
-        f"{result['flops_per_image'] / 1e9:.2f} GFLOP per image per step (fwd + bwd, counted); "
-        f"measured {result['peak_dtype']} matmul peak {result['peak_tflops']:.3g} TFLOP/s."),
+        (f"{result['device_name']}; {result['model']} (depth {result['depth']}, recipe {result['recipe']}), batch "
+         f"{result['batch_size']}, mask ratio {result['mask_ratio']}; {result['warmup']} warm-up + {result['iters']} "
+         f"timed iterations per row in {result['rounds']} interleaved rounds; "
+         f"{(result['flops_per_image'] or 0) / 1e9:.2f} GFLOP per image per step (fwd + bwd, counted); "
+         f"measured {result['peak_dtype']} matmul peak {result['peak_tflops']:.3g} TFLOP/s."),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
-    for name, r in result["configs"].items():
-        if r.get("compile_error"):
-            name = f"{name} (compile failed: {r['compile_error'][:80]})"
-        cells = [name, r["attention"], r["precision"], "yes" if r["compile"] else "no", r["optimizer"], r["host_sync"],
-                 f"{r['ms_per_iter']:.1f}", f"{r['images_per_sec']:.1f}", f"{r['achieved_tflops']:.3g}",
-                 f"{r['mfu']:.1%}"]
+    for r in result["rows"]:
+        if "images_per_sec" not in r:
+            lines.append("| " + " | ".join([r["label"], *(["-"] * (len(header) - 2)), r["skipped"]]) + " |")
+            continue
+        carried = "yes" if r["carried"] else f"no: {r['why_not_carried']}"
+        if r["name"] == "trainer":
+            carried = "-"
+        cells = [r["label"], r["attention"], r["precision"], "yes" if r["compile"] else "no", r["host_sync"],
+                 r["optimizer"], f"{r['ms_per_iter']:.1f}", f"{r['images_per_sec']:.1f}",
+                 f"{r['vs_previous']:.2f}" if r["vs_previous"] else "-", f"{r['vs_paper']:.2f}", f"{r['mfu']:.1%}",
+                 carried]
         lines.append("| " + " | ".join(cells) + " |")
     if result["speedup"] is not None:
-        lines += ["", f"Speed-up ours / paper: {result['speedup']:.2f}x"]
-    lines += ["", ("MFU = counted FLOPs per image x images/s / the measured matmul peak of this device (not its "
-              "data-sheet figure). Timings on a shared machine are indicative."), ""]
+        lines += ["", f"Speed-up of supmae pretrain's step over the paper-faithful one: {result['speedup']:.2f}x"]
+    lines += ["", ("Each row adds its factor to the last carried row ('x previous' compares against that row). A "
+                   "factor the trainer does not use on this device is measured but not carried on. MFU = counted "
+                   "FLOPs per image x images/s / the measured matmul peak of this device (not its data-sheet "
+                   "figure). Timings on a shared machine are indicative."), ""]
     return "\n".join(lines)
 
 
@@ -301,14 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="supmae_vit_base_patch16", help="registry name of the SupMAE variant")
     p.add_argument("--depth", type=int, default=None, help="override the encoder depth of the model")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--iters", type=int, default=20, help="timed iterations per configuration")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per row")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation happens here)")
-    p.add_argument("--compile", dest="compile_model", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile our configuration (default: on GPU, off on CPU)")
+    p.add_argument("--no-compile", dest="compile_row", action="store_false",
+                   help="do not measure the torch.compile row (compiling takes tens of seconds on a CPU)")
     p.add_argument("--rounds", type=int, default=4,
-                   help="interleaved timing rounds (at most --iters): each configuration's iterations are split over them")
+                   help="interleaved timing rounds (at most --iters): each row's iterations are split over them")
     p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="which of ours,paper to run")
     add_run_options(p, default_out="runs/bench/step")
     return p
 
@@ -318,8 +394,8 @@ def main(argv: list[str]) -> int:
     apply_threads(a.threads)
     result = run_step_bench(
         device=a.device, model_name=a.model, batch_size=a.batch_size, iters=a.iters, warmup=a.warmup,
-        compile_model=a.compile_model, mask_ratio=a.mask_ratio, rounds=a.rounds, depth=a.depth,
-        configs=tuple(c.strip() for c in a.configs.split(",") if c.strip()), out=a.out or None, seed=a.seed,
+        compile_row=a.compile_row, mask_ratio=a.mask_ratio, rounds=a.rounds, depth=a.depth, out=a.out or None,
+        seed=a.seed,
     )
     print()
     print(render_markdown(result))

@@ -1,18 +1,25 @@
-"""`supmae bench table1`: the paper's Table 1 (training cost of five methods) on the hardware at hand.
+"""`supmae bench table1`: the paper's Table 1 (training cost of five methods) beside the same table measured here.
 
-For each method it times the real training step (`benchmarks.methods`) after a warm-up, counts
-its FLOPs with `FlopCounterMode`, and projects the full recipe:
+For each method it times the real training step (`benchmarks.methods`: for SupMAE, MAE and the
+fine-tuning phase the trainer's own `supmae.train.steps`) after a warm-up, counts its FLOPs, and
+projects the full recipe:
 
     iterations/epoch = floor(dataset images / (per-GPU batch x GPUs))      (drop_last, as MAE)
     wall hours       = sum over phases (pre-train, fine-tune) of epochs x iterations/epoch x s/iter
     GPU-hours        = wall hours x GPUs
 
 assuming ideal data-parallel scaling (every GPU runs the measured per-GPU step; gradient
-all-reduce and MoCo v3's all-gather are not timed). Costs are normalised to SupMAE's. The
-compute-only normalised cost uses the counted training FLOPs per image instead of seconds, so
-the gap between the two shows where a method runs further from compute-bound than SupMAE does.
+all-reduce and MoCo v3's all-gather are not timed). Every row shows the paper's PT / FT / total
+hours (8 A5000 GPUs), normalised cost and top-1 beside ours; normalised costs are relative to
+SupMAE on both sides, so "ours / paper" compares like with like. The compute-only normalised cost
+uses counted training FLOPs per image instead of seconds.
 
-Outputs in --out: table1.md, table1.csv, table1.json and a bar chart table1.png.
+With `--data DIR --pipeline P` every row is fed by the real pipeline and timed twice: step-only
+(a device-resident batch drawn from the pipeline, reused) and fed (a new batch from the pipeline
+every step); the fed rate is what an epoch costs and what the projection uses, and the row says
+which of the two bounds it (input-bound when fed runs below 90 % of step-only).
+
+Outputs in --out: table1.md, table1.csv, table1.json and a chart table1.png (paper bars beside ours).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,7 +41,6 @@ from benchmarks import methods as M
 from benchmarks.timing import (
     IMAGENET_TRAIN_IMAGES,
     add_run_options,
-    amp_dtype,
     apply_threads,
     constant_batches,
     device_name,
@@ -48,6 +55,9 @@ from benchmarks.timing import (
     time_steps,
 )
 from supmae.errors import UserError
+
+# Fed below this fraction of the step-only rate, a row is input-bound (the pipeline sets its pace).
+INPUT_BOUND_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
@@ -73,28 +83,32 @@ REFERENCE_ROW = "supmae"
 
 @dataclass(frozen=True)
 class PaperRow:
-    """What the sources at hand say about a row. None where no value could be found."""
+    """One row of the paper's Table 1 as printed (hours: wall-clock on its 8-GPU server; None = '-')."""
 
-    gpu_hours: float | None
-    norm_cost: float | None
-    top1: float | None
-    source: str
+    pt_epochs: int
+    pt_hours: float
+    ft_epochs: int
+    ft_hours: float | None
+    total_hours: float
+    norm_cost: float
+    top1: float
 
 
-# The exact GPU-hour entries of the paper's Table 1 (arXiv 2205.14540) could not be retrieved from
-# the sources available while writing this (only the paper's abstract and the authors' README were
-# readable), so they are left empty rather than guessed. The one cost figure that was found is the
-# abstract's "comparable performance with MAE using only 30% of compute" (MAE / SupMAE = 1 / 0.3).
+# SupMAE (arXiv 2205.14540) Table 1, benchmarked on one server of 8 NVIDIA A5000 24 GB (Appendix A).
 PAPER: dict[str, PaperRow] = {
-    "mocov3": PaperRow(None, None, 83.2, "top-1: MoCo v3 README (ViT-B, 300 ep pre-training, 150 ep fine-tuning)"),
-    "mae": PaperRow(None, 1.0 / 0.30, 83.6, "cost: SupMAE abstract ('30% of compute' of MAE); top-1: MAE README"),
-    "deit": PaperRow(None, None, 81.8, "top-1: DeiT-B 300 ep, as quoted by the MoCo v3 README"),
-    "mae_scratch": PaperRow(None, None, None, "no value found"),
-    "supmae": PaperRow(None, 1.0, 83.57, "cost: reference row by definition; top-1: released fine-tuning log"),
+    "mocov3": PaperRow(300, 250.0, 150, 45.7, 295.7, 2.35, 83.2),
+    "mae": PaperRow(1600, 364.0, 100, 30.0, 394.0, 3.12, 83.6),
+    "deit": PaperRow(300, 91.5, 0, None, 91.5, 0.73, 81.8),
+    "mae_scratch": PaperRow(300, 90.0, 0, None, 90.0, 0.71, 82.3),
+    "supmae": PaperRow(400, 95.9, 100, 30.0, 125.9, 1.0, 83.6),
 }
+PAPER_GPUS = 8
+PAPER_HARDWARE = "8 x NVIDIA A5000 24 GB"
 PAPER_NOTE = (
-    "The paper's Table 1 GPU-hour values could not be retrieved here, so the paper columns hold only the "
-    "figures that were found (sources per row in table1.json); n/a means not found, not zero."
+    f"Paper columns: the SupMAE paper's Table 1, wall-clock hours on one server of {PAPER_HARDWARE} (its "
+    "Appendix A); top-1 is the paper's ImageNet-1k fine-tuned accuracy (not measured here). 'ours / paper' "
+    "divides our normalised cost by the paper's: 1.00 means this hardware and code reproduce the paper's "
+    "relative cost of that method."
 )
 
 
@@ -104,7 +118,7 @@ class StepResult:
 
     method: str
     batch_size: int
-    seconds_per_iter: float
+    seconds_per_iter: float  # what the projection uses: fed with real data, step-only with synthetic data
     data_wait_frac: float
     spread: float
     flops_per_image: float
@@ -113,6 +127,14 @@ class StepResult:
     params: int
     peak_mem_mb: float | None
     notes: str
+    precision: str = "fp32"
+    compiled: bool = False
+    compile_reason: str = ""
+    source: str = ""
+    step_only_seconds_per_iter: float | None = None
+    fed_seconds_per_iter: float | None = None
+    loader_seconds_per_batch: float | None = None
+    bound: str | None = None  # "input" | "compute" with real data; None with synthetic data
 
     @property
     def images_per_sec(self) -> float:
@@ -121,6 +143,11 @@ class StepResult:
     @property
     def achieved_flops(self) -> float:
         return self.flops_per_image * self.images_per_sec
+
+
+def classify_bound(step_only_spi: float, fed_spi: float) -> str:
+    """'input' when the fed step runs below INPUT_BOUND_FRACTION of the step-only rate, else 'compute'."""
+    return "input" if step_only_spi < INPUT_BOUND_FRACTION * fed_spi else "compute"
 
 
 def project_row(row: Row, pt: StepResult, ft: StepResult | None, num_images: int, gpus: int) -> dict[str, Any]:
@@ -161,20 +188,30 @@ def project_row(row: Row, pt: StepResult, ft: StepResult | None, num_images: int
         "train_flops": pt_flops + ft_flops,
         "pt_flops_per_image": pt.flops_per_image,
         "data_wait_frac": (pt_wait + ft_wait) / wall_h if wall_h > 0 else 0.0,
+        "pt_bound": pt.bound,
+        "ft_bound": ft.bound if (ft is not None and row.ft_epochs) else None,
     }
 
 
 def normalise(rows: list[dict[str, Any]], reference: str = REFERENCE_ROW) -> list[dict[str, Any]]:
-    """Add normalised costs (measured and compute-only) relative to `reference`, and the paper's."""
+    """Add normalised costs (measured and compute-only) relative to `reference`, and the paper's row beside them."""
     ref = next((r for r in rows if r["key"] == reference), None)
+    ref_epoch = ref["pt_epoch_seconds"] if ref else 0.0
+    paper_ref = PAPER[reference]
     for r in rows:
         paper = PAPER.get(r["key"])
         r["norm_cost"] = r["gpu_hours"] / ref["gpu_hours"] if ref and ref["gpu_hours"] > 0 else None
         r["compute_norm_cost"] = r["train_flops"] / ref["train_flops"] if ref and ref["train_flops"] > 0 else None
-        r["paper_gpu_hours"] = paper.gpu_hours if paper else None
+        # One pre-training epoch relative to SupMAE's (the paper's text: SupMAE's is ~30% of MoCo v3's).
+        r["pt_epoch_norm"] = r["pt_epoch_seconds"] / ref_epoch if ref_epoch > 0 else None
+        r["paper_pt_hours"] = paper.pt_hours if paper else None
+        r["paper_ft_hours"] = paper.ft_hours if paper else None
+        r["paper_total_hours"] = paper.total_hours if paper else None
+        r["paper_gpu_hours"] = paper.total_hours * PAPER_GPUS if paper else None
         r["paper_norm_cost"] = paper.norm_cost if paper else None
         r["paper_top1"] = paper.top1 if paper else None
-        r["paper_source"] = paper.source if paper else ""
+        r["paper_pt_epoch_norm"] = ((paper.pt_hours / paper.pt_epochs) / (paper_ref.pt_hours / paper_ref.pt_epochs)
+                                    if paper else None)
         if r["norm_cost"] is not None and r["paper_norm_cost"]:
             r["ratio_vs_paper"] = r["norm_cost"] / r["paper_norm_cost"]
         else:
@@ -195,16 +232,89 @@ def compute_boundness(steps: dict[str, StepResult], peak_flops: float) -> dict[s
     }
 
 
+class DataSource:
+    """Where each row's batches come from.
+
+    Synthetic: each method gets its own freshly made batch (a step may change its input in place:
+    timm's Mixup mixes the batch it is given, random erasing erases it), so no row sees another
+    row's leftovers. Real data: one pipeline for all rows, epoch after epoch; each row's step-only
+    batch is a copy of a batch freshly drawn from it."""
+
+    def __init__(self, device: torch.device, batch_size: int, img_size: int, num_classes: int, seed: int,
+                 loader: Any = None, drain: int = 0, timed: int = 4):
+        self.device, self.batch_size, self.img_size, self.num_classes = device, batch_size, img_size, num_classes
+        self.seed, self.loader, self.drain, self.timed = seed, loader, drain, timed
+        self.fed: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = (
+            loader_batches(loader) if loader is not None else None)
+
+    @property
+    def real(self) -> bool:
+        return self.loader is not None
+
+    def step_only(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A new device-resident batch, reused for every step of one row."""
+        if self.fed is None:
+            return constant_batches(*synthetic_batch(self.batch_size, self.img_size, self.num_classes, self.device,
+                                                     self.seed))
+        images, labels = next(self.fed)
+        return constant_batches(images.clone(), labels.clone())
+
+    def loader_only(self) -> float:
+        """Seconds per batch of the pipeline alone: `drain` batches drawn untimed first (they empty the
+        prefetch queue that filled while the step-only timing ran, so neither this figure nor the fed
+        timing after it is flattered by batches decoded earlier), then `timed` batches with no step."""
+        assert self.fed is not None
+        for _ in range(self.drain):
+            next(self.fed)
+        start = time.perf_counter()
+        for _ in range(self.timed):
+            next(self.fed)
+        synchronize(self.device)
+        return (time.perf_counter() - start) / self.timed
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
 def measure_step(
-    method: str, arch: M.Arch, device: torch.device, batch_size: int, dtype: torch.dtype | None,
-    batches: Any, warmup: int, iters: int, seed: int = 0, log: Any = print,
+    method: str, arch: M.Arch, device: torch.device, batch_size: int, data: DataSource, warmup: int, iters: int,
+    precision: str = "auto", compile: str = "auto", seed: int = 0, log: Any = print,
 ) -> StepResult:
-    """Build `method`'s step, time it, count its FLOPs, and free it."""
+    """Build `method`'s step, time it (step-only, and fed by the pipeline with real data), count its FLOPs, free it."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
-    step = M.build_step(method, arch, device, batch_size, dtype)
-    timing = time_steps(step, batches, device, warmup, iters)
+    step = M.build_step(method, arch, device, batch_size, precision, compile)
+    batches = data.step_only()
+    compile_reason = step.compile_reason
+    try:
+        if warmup:
+            time_steps(step, batches, device, warmup - 1, 1)
+    except Exception as exc:  # a compiler failure must not hide the other rows
+        if not step.compiled:
+            raise
+        # torch.compile fails at the first call: time the same step uncompiled, and say why.
+        compile_reason = f"torch.compile failed ({_first_line(exc)}); timed uncompiled"
+        log(f"[table1] {method}: {compile_reason}")
+        del step
+        gc.collect()
+        torch.manual_seed(seed)
+        step = M.build_step(method, arch, device, batch_size, precision, "off")
+        batches = data.step_only()
+        if warmup:
+            time_steps(step, batches, device, warmup - 1, 1)
+    timing = time_steps(step, batches, device, 0, iters)
+    step_only_spi = timing.seconds_per_iter
+    fed_spi = loader_spb = bound = None
+    if data.real:
+        loader_spb = data.loader_only()
+        timing = time_steps(step, data.fed, device, 0, iters)
+        fed_spi = timing.seconds_per_iter
+        # Step-only again after the fed timing, the faster of the two: a row still warming up (or a
+        # busy moment of a shared machine) must not make the fed rate look better than the step's own.
+        step_only_spi = min(step_only_spi, time_steps(step, batches, device, 0, iters).seconds_per_iter)
+        bound = classify_bound(step_only_spi, fed_spi)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     # FLOPs depend on shapes only: counted on a meta-device replica of the same step (no arithmetic).
     step_fpi = M.count_step_flops(method, arch, batch_size) / batch_size
@@ -217,14 +327,18 @@ def measure_step(
         method=method, batch_size=batch_size, seconds_per_iter=timing.seconds_per_iter,
         data_wait_frac=timing.data_wait_frac, spread=timing.spread, flops_per_image=fpi, flops_source=source,
         step_flops_per_image=step_fpi, params=step.num_params(), peak_mem_mb=peak_mem, notes=step.notes,
+        precision=step.precision, compiled=step.compiled, compile_reason=compile_reason, source=step.source,
+        step_only_seconds_per_iter=step_only_spi, fed_seconds_per_iter=fed_spi, loader_seconds_per_batch=loader_spb,
+        bound=bound,
     )
     del step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    log(f"[table1] {method:<12} {result.seconds_per_iter * 1e3:9.1f} ms/iter  {result.images_per_sec:9.1f} img/s  "
-        f"{fpi / 1e9:8.2f} GFLOP/img  {result.achieved_flops / 1e12:7.3g} TFLOP/s  "
-        f"data-wait {result.data_wait_frac:5.1%}")
+    fed = (f"  fed {batch_size / fed_spi:8.1f} img/s ({bound}-bound, pipeline alone "
+           f"{batch_size / loader_spb:.1f} img/s)" if fed_spi else "")
+    log(f"[table1] {method:<12} {step_only_spi * 1e3:9.1f} ms/iter  {batch_size / step_only_spi:9.1f} img/s step-only"
+        f"{fed}  {fpi / 1e9:8.2f} GFLOP/img  {result.precision}{' compiled' if result.compiled else ''}")
     return result
 
 
@@ -240,6 +354,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _pair(ours: Any, paper: Any, spec: str, na_paper: str = "-") -> str:
+    """'ours / paper' in one cell."""
+    return f"{_fmt(ours, spec, '-')} / {_fmt(paper, spec, na_paper)}"
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The report as markdown (also what the command prints)."""
     cfg = result["config"]
@@ -247,80 +366,105 @@ def render_markdown(result: dict[str, Any]) -> str:
     steps = result["steps"]
     bound = result["compute_bound"]
     real_data = cfg["data"] != "synthetic"
+    gpus = cfg["gpus"]
     out = [
-        "# Table 1 on this hardware",
+        "# Table 1 on this hardware, beside the paper's",
         "",
-        (f"Device: {result['device_name']} ({cfg['precision']}); scale {cfg['model_scale']} "
-        f"({cfg['img_size']} px, patch {cfg['patch_size']}, width {cfg['embed_dim']}, depth {cfg['depth']}); "
-        f"per-GPU batch {cfg['batch_size']} x {cfg['gpus']} GPUs = global batch {cfg['batch_size'] * cfg['gpus']}; "
-        f"{cfg['num_images']:,} images per epoch; data: {cfg['data_desc']}; "
-        f"{cfg['warmup']} warm-up + {cfg['iters']} timed iterations per step."),
+        (f"Ours: {result['device_name']} ({cfg['precision']}); scale {cfg['model_scale']} "
+         f"({cfg['img_size']} px, patch {cfg['patch_size']}, width {cfg['embed_dim']}, depth {cfg['depth']}); "
+         f"per-device batch {cfg['batch_size']} x {gpus} devices = global batch {cfg['batch_size'] * gpus}; "
+         f"{cfg['num_images']:,} images per epoch; data: {cfg['data_desc']}; "
+         f"{cfg['warmup']} warm-up + {cfg['iters']} timed iterations per step. "
+         f"Paper: {PAPER_HARDWARE}, ViT-B/16, ImageNet-1k."),
         "",
-        ("Projection assumes ideal scaling over the GPUs (each runs the measured per-GPU step; gradient "
-        "all-reduce is not timed). Normalised cost = GPU-hours / SupMAE's GPU-hours; compute-only = counted "
-        "training FLOPs / SupMAE's."),
+        ("Each cell is ours / paper. Hours are wall-clock on the whole server (ours projected to "
+         f"{gpus} devices with ideal scaling); normalised cost = cost / SupMAE's cost on the same side; "
+         "compute-only = counted training FLOPs / SupMAE's (ours; it does not depend on the machine's load)."
+         + ("" if gpus == PAPER_GPUS else f" Our hours are for {gpus} devices, the paper's for {PAPER_GPUS}: "
+            "compare the normalised columns.")),
         "",
     ]
-    header = ["method", "PT ep", "FT ep", "s/iter PT", "s/iter FT", "wall h", "GPU-h", "norm. cost",
-              "compute-only norm.", "paper GPU-h", "paper norm.", "ours/paper", "paper top-1"]
-    if real_data:
-        header.append("data-wait")
+    header = ["method", "PT ep", "FT ep", "PT hours", "FT hours", "total hours", "norm. cost", "ours / paper norm.",
+              "PT epoch vs SupMAE", "compute-only norm.", "our GPU-h", "paper top-1"]
     body = []
     for r in rows:
-        line = [
-            r["label"], str(r["pt_epochs"]), str(r["ft_epochs"] or "-"), _fmt(r["pt_seconds_per_iter"], ".4f"),
-            _fmt(r["ft_seconds_per_iter"], ".4f", "-"), _fmt(r["wall_hours"], ".1f"), _fmt(r["gpu_hours"], ".1f"),
-            _fmt(r["norm_cost"]), _fmt(r["compute_norm_cost"]), _fmt(r["paper_gpu_hours"], ".0f"),
-            _fmt(r["paper_norm_cost"]), _fmt(r["ratio_vs_paper"]), _fmt(r["paper_top1"], ".1f"),
-        ]
-        if real_data:
-            line.append(_fmt(r["data_wait_frac"], ".1%"))
-        body.append(line)
+        body.append([
+            r["label"], str(r["pt_epochs"]), str(r["ft_epochs"] or "-"),
+            _pair(r["pt_wall_hours"], r["paper_pt_hours"], ".1f"),
+            _pair(r["ft_wall_hours"] if r["ft_epochs"] else None, r["paper_ft_hours"], ".1f"),
+            _pair(r["wall_hours"], r["paper_total_hours"], ".1f"),
+            _pair(r["norm_cost"], r["paper_norm_cost"], ".2f"),
+            _fmt(r["ratio_vs_paper"]),
+            _pair(r["pt_epoch_norm"], r["paper_pt_epoch_norm"], ".2f"),
+            _fmt(r["compute_norm_cost"]), _fmt(r["gpu_hours"], ".1f"), _fmt(r["paper_top1"], ".1f"),
+        ])
     out += [_md_table(header, body), "", PAPER_NOTE, ""]
+    if real_data:
+        out += [
+            "## Fed by the pipeline: which one bounds the epoch",
+            "",
+            (f"step-only: a batch from the pipeline kept on the device and reused; fed: a new batch from the "
+             f"pipeline every step (what an epoch costs; the projection uses it); pipeline alone: batches drawn "
+             f"with no step. Input-bound when fed runs below {INPUT_BOUND_FRACTION:.0%} of step-only."),
+            "",
+        ]
+        fheader = ["step", "step-only img/s", "fed img/s", "pipeline alone img/s", "fed / step-only", "data-wait",
+                   "bound"]
+        fbody = []
+        for name, s in steps.items():
+            b = s["batch_size"]
+            fbody.append([
+                name, _fmt(b / s["step_only_seconds_per_iter"], ".1f"), _fmt(b / s["fed_seconds_per_iter"], ".1f"),
+                _fmt(b / s["loader_seconds_per_batch"], ".1f"),
+                _fmt(s["step_only_seconds_per_iter"] / s["fed_seconds_per_iter"], ".0%"),
+                _fmt(s["data_wait_frac"], ".1%"), f"{s['bound']}-bound",
+            ])
+        out += [_md_table(fheader, fbody), ""]
     out += [
-        "## Steps: how close to compute-bound",
+        "## Steps: what was timed, how close to compute-bound",
         "",
         f"Measured dense matmul peak of this device ({result['peak_dtype']}): {result['peak_tflops']:.3g} TFLOP/s.",
         "",
     ]
-    sheader = ["step", "ms/iter", "img/s", "GFLOP/img", "FLOPs from", "TFLOP/s", "of peak", "of best", "params (M)"]
-    if real_data:
-        sheader.append("data-wait")
+    sheader = ["step", "ms/iter", "img/s", "GFLOP/img", "TFLOP/s", "of peak", "of best", "params (M)", "precision",
+               "compiled", "code"]
     sbody = []
     for name, s in steps.items():
         b = bound[name]
-        line = [
+        sbody.append([
             name, _fmt(s["seconds_per_iter"] * 1e3, ".1f"), _fmt(s["batch_size"] / s["seconds_per_iter"], ".1f"),
-            _fmt(s["flops_per_image"] / 1e9, ".2f"), s["flops_source"], _fmt(b["achieved_tflops"], ".3g"),
+            _fmt(s["flops_per_image"] / 1e9, ".2f"), _fmt(b["achieved_tflops"], ".3g"),
             _fmt(b["frac_of_peak"], ".1%"), _fmt(b["frac_of_best"], ".1%"), _fmt(s["params"] / 1e6, ".1f"),
-        ]
-        if real_data:
-            line.append(_fmt(s["data_wait_frac"], ".1%"))
-        sbody.append(line)
+            s["precision"], "yes" if s["compiled"] else f"no: {s['compile_reason']}", s["source"],
+        ])
     out += [_md_table(sheader, sbody), ""]
     notes = [f"- {name}: {s['notes']}" for name, s in steps.items() if s["notes"]]
     if not real_data:
-        notes.append("- synthetic data: one device-resident batch reused, so no decode/augmentation cost is timed "
-                     "(RandAugment, random erasing and the crops run in the loader and are absent here).")
+        notes.append("- synthetic data: a device-resident random batch per row, so no decode/augmentation cost is "
+                     "timed (RandAugment and the crops run in the loader and are absent here); pass --data DIR to "
+                     "feed every row from a real pipeline.")
     notes.append(f"- measured in {result['elapsed_seconds']:.0f} s; timings on a shared or busy machine are indicative.")
     out += ["Notes:", "", *notes, ""]
     return "\n".join(out)
 
 
+CSV_KEYS = ["key", "label", "pt_epochs", "ft_epochs", "gpus", "pt_iters_per_epoch", "ft_iters_per_epoch",
+            "pt_seconds_per_iter", "ft_seconds_per_iter", "pt_epoch_seconds", "pt_wall_hours", "paper_pt_hours",
+            "ft_wall_hours", "paper_ft_hours", "wall_hours", "paper_total_hours", "gpu_hours", "paper_gpu_hours",
+            "norm_cost", "paper_norm_cost", "ratio_vs_paper", "pt_epoch_norm", "paper_pt_epoch_norm", "train_flops",
+            "compute_norm_cost", "paper_top1", "data_wait_frac", "pt_bound", "ft_bound"]
+
+
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
-    keys = ["key", "label", "pt_epochs", "ft_epochs", "gpus", "pt_iters_per_epoch", "ft_iters_per_epoch",
-            "pt_seconds_per_iter", "ft_seconds_per_iter", "pt_epoch_seconds", "wall_hours", "gpu_hours",
-            "norm_cost", "train_flops", "compute_norm_cost", "paper_gpu_hours", "paper_norm_cost", "ratio_vs_paper",
-            "paper_top1", "data_wait_frac"]
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=CSV_KEYS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in keys})
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_KEYS})
 
 
 def write_chart(path: str, result: dict[str, Any]) -> None:
-    """Bars: normalised cost measured / compute-only / paper per method, and each step's share of peak."""
+    """Bars, paper beside ours: normalised cost, total hours, and each step's share of the matmul peak."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,32 +472,34 @@ def write_chart(path: str, result: dict[str, Any]) -> None:
 
     rows = result["rows"]
     labels = [r["label"] for r in rows]
-    series = [
-        ("measured (wall-clock)", [r["norm_cost"] for r in rows]),
-        ("compute-only (FLOPs)", [r["compute_norm_cost"] for r in rows]),
-        ("paper", [r["paper_norm_cost"] for r in rows]),
-    ]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
     width = 0.27
-    for i, (name, vals) in enumerate(series):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
-        ys = [v if v is not None else 0.0 for v in vals]
-        bars = ax1.bar(xs, ys, width, label=name)
-        for bar, v in zip(bars, vals):
-            if v is None:
-                ax1.text(bar.get_x() + bar.get_width() / 2, 0.02, "n/a", ha="center", va="bottom", fontsize=7,
-                         rotation=90)
-    ax1.set_xticks(range(len(rows)), labels)
+
+    def bars(ax: Any, series: list[tuple[str, list[Any], str]]) -> None:
+        n = len(series)
+        for i, (name, vals, colour) in enumerate(series):
+            xs = [j + (i - (n - 1) / 2) * width for j in range(len(rows))]
+            ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=name, color=colour)
+        ax.set_xticks(range(len(rows)), labels)
+        ax.legend(fontsize=8)
+
+    bars(ax1, [("paper (8 x A5000)", [r["paper_norm_cost"] for r in rows], "tab:grey"),
+               ("ours (wall-clock)", [r["norm_cost"] for r in rows], "tab:blue"),
+               ("ours (counted FLOPs)", [r["compute_norm_cost"] for r in rows], "tab:cyan")])
+    ax1.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
     ax1.set_ylabel("cost relative to SupMAE")
-    ax1.set_title(f"Table 1 cost, {result['config']['gpus']} x {result['device_name']}", fontsize=9)
-    ax1.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-    ax1.legend(fontsize=8)
+    ax1.set_title("normalised cost: paper beside ours", fontsize=9)
+    bars(ax2, [("paper (8 x A5000)", [r["paper_total_hours"] for r in rows], "tab:grey"),
+               (f"ours ({result['config']['gpus']} x this device)", [r["wall_hours"] for r in rows], "tab:blue")])
+    ax2.set_yscale("log")
+    ax2.set_ylabel("total hours (PT + FT), log scale")
+    ax2.set_title(f"wall-clock hours; ours on {result['device_name']}", fontsize=9)
     names = list(result["steps"])
     fracs = [result["compute_bound"][n]["frac_of_peak"] * 100 for n in names]
-    ax2.bar(names, fracs, color="tab:green")
-    ax2.set_ylabel(f"% of measured {result['peak_dtype']} matmul peak")
-    ax2.set_title(f"achieved FLOP/s per step (peak {result['peak_tflops']:.3g} TFLOP/s)", fontsize=9)
-    ax2.tick_params(axis="x", rotation=30)
+    ax3.bar(names, fracs, color="tab:green")
+    ax3.set_ylabel(f"% of measured {result['peak_dtype']} matmul peak")
+    ax3.set_title(f"achieved FLOP/s per step (peak {result['peak_tflops']:.3g} TFLOP/s)", fontsize=9)
+    ax3.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -363,27 +509,32 @@ def run_table1(
     device: str = "auto", gpus: int = 8, data: str = "synthetic", pipeline: str = "ffcv", num_workers: int = 2,
     model_scale: str = "base", depth: int | None = None, iters: int = 10, warmup: int | None = None,
     batch_size: int | None = None, num_images: int | None = None, methods: list[str] | None = None,
+    precision: str = "auto", compile: str = "auto", drain: int | None = None,
     out: str | None = None, seed: int = 0, log: Any = print,
 ) -> dict[str, Any]:
     """Measure, project and (with `out`) write Table 1. Returns the result dict of table1.json."""
     start = time.perf_counter()
     dev = resolve_device(device)
-    dtype = amp_dtype(dev)
     if batch_size is None:
         batch_size = 256 if dev.type == "cuda" else 8
     if warmup is None:
         # One CPU step is already steady (no compilation, no clock ramp); a GPU needs a few.
         warmup = 3 if dev.type == "cuda" else 1
+    if iters < 1:
+        raise UserError(f"--iters must be at least 1, got {iters}")
     keys = methods or [r.key for r in ROWS]
     unknown = [k for k in keys if k not in {r.key for r in ROWS}]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(r.key for r in ROWS)}")
     rows = [r for r in ROWS if r.key in keys]
+    from supmae.train.engine import resolve_precision
+
+    run_precision = resolve_precision(precision, dev)
 
     loader = None
     if data == "synthetic":
         arch = M.arch_for_scale(model_scale, depth=depth)
-        data_desc = "synthetic (one random batch on the device)"
+        data_desc = "synthetic (a random batch on the device per row)"
         n_images = num_images or IMAGENET_TRAIN_IMAGES
     else:
         if not os.path.isdir(data):
@@ -400,20 +551,21 @@ def run_table1(
         arch = M.arch_for_scale(model_scale, num_classes=loader.num_classes, depth=depth)
         data_desc = f"{pipeline} pipeline on {os.path.abspath(data)}"
         n_images = num_images or int(loader.num_samples)
-    log(f"[table1] {device_name(dev)}, {precision_name(dtype)}, scale {model_scale}, batch {batch_size}, "
+    if drain is None:
+        # Deeper than any pipeline's prefetch queue: torchvision's 2 per worker, FFCV's / DALI's batches_ahead.
+        drain = 2 * num_workers + 4
+    source = DataSource(dev, batch_size, arch.img_size, arch.num_classes, seed, loader=loader, drain=drain,
+                        timed=max(iters, 4))
+    log(f"[table1] {device_name(dev)}, {run_precision}, scale {model_scale}, batch {batch_size}, "
         f"{len(rows)} rows, data: {data_desc}")
     peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     peak = measure_matmul_peak(dev, peak_dtype)
     log(f"[table1] measured {precision_name(peak_dtype)} matmul peak: {peak / 1e12:.3g} TFLOP/s")
 
-    if loader is not None:
-        batches = loader_batches(loader)
-    else:
-        batches = constant_batches(*synthetic_batch(batch_size, arch.img_size, arch.num_classes, dev, seed))
     needed = [r.pt_method for r in rows] + (["finetune"] if any(r.ft_epochs for r in rows) else [])
     steps: dict[str, StepResult] = {}
     for name in needed:
-        steps[name] = measure_step(name, arch, dev, batch_size, dtype, batches, warmup, iters, seed, log)
+        steps[name] = measure_step(name, arch, dev, batch_size, source, warmup, iters, precision, compile, seed, log)
     # Measured again at the end, the best of the two: one short window can fall on a busy moment
     # of a shared machine (or a GPU still ramping its clocks).
     peak = max(peak, measure_matmul_peak(dev, peak_dtype))
@@ -422,11 +574,12 @@ def run_table1(
     normalise(projected)
     result = {
         "config": {
-            "device": str(dev), "precision": precision_name(dtype), "gpus": gpus, "data": data,
-            "data_desc": data_desc, "pipeline": pipeline if loader is not None else None,
+            "device": str(dev), "precision": run_precision, "precision_config": precision, "compile_config": compile,
+            "gpus": gpus, "data": data, "data_desc": data_desc, "pipeline": pipeline if loader is not None else None,
             "model_scale": model_scale, "img_size": arch.img_size, "patch_size": arch.patch_size,
             "embed_dim": arch.embed_dim, "depth": arch.depth, "num_classes": arch.num_classes,
-            "batch_size": batch_size, "num_images": n_images, "iters": iters, "warmup": warmup, "seed": seed,
+            "batch_size": batch_size, "num_images": n_images, "iters": iters, "warmup": warmup,
+            "drain": drain if loader is not None else None, "seed": seed,
         },
         "device_name": device_name(dev),
         "environment": environment(),
@@ -435,9 +588,10 @@ def run_table1(
         "steps": {k: asdict(v) for k, v in steps.items()},
         "compute_bound": compute_boundness(steps, peak),
         "rows": projected,
+        "paper": {"hardware": PAPER_HARDWARE, "gpus": PAPER_GPUS, "rows": {k: asdict(v) for k, v in PAPER.items()}},
         "paper_note": PAPER_NOTE,
         "assumptions": "ideal data-parallel scaling; iterations/epoch = floor(images / global batch); "
-        "the fine-tuning step is shared by MoCo v3, MAE and SupMAE",
+        "the fine-tuning step is shared by MoCo v3, MAE and SupMAE; with real data the fed rate is projected",
     }
     result["elapsed_seconds"] = time.perf_counter() - start
     if out:
@@ -468,18 +622,25 @@ def write_outputs(result: dict[str, Any], out: str, log: Any = print) -> dict[st
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="supmae bench table1", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when present)")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs of the projected run (global batch = batch x gpus)")
+    p.add_argument("--gpus", type=int, default=8, help="devices of the projected run (global batch = batch x gpus)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a dataset directory read by --pipeline")
     p.add_argument("--pipeline", default="ffcv", choices=("ffcv", "dali", "torchvision"))
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers (real data only)")
     p.add_argument("--model-scale", default="base", choices=tuple(M.SCALES))
     p.add_argument("--depth", type=int, default=None, help="override the encoder depth of every row")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per step")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per step (and per mode with --data)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations before timing (default 3 on GPU, 1 on CPU)")
-    p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default 256 on GPU, 8 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-device batch (default 256 on GPU, 8 on CPU)")
     p.add_argument("--num-images", type=int, default=None,
                    help=f"images per epoch (default {IMAGENET_TRAIN_IMAGES:,} = ImageNet-1k train, or the dataset's)")
     p.add_argument("--methods", default=",".join(r.key for r in ROWS), help="comma-separated rows to measure")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="every row's precision, as --train.precision (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile every row, as --train.compile (auto: on CUDA only)")
+    p.add_argument("--drain", type=int, default=None,
+                   help="with --data: batches drawn untimed before each pipeline-alone and fed timing, to empty the "
+                   "prefetch queue (default 2 x workers + 4)")
     add_run_options(p, default_out="runs/bench/table1")
     return p
 
@@ -491,7 +652,7 @@ def main(argv: list[str]) -> int:
         device=a.device, gpus=a.gpus, data=a.data, pipeline=a.pipeline, num_workers=a.num_workers,
         model_scale=a.model_scale, depth=a.depth, iters=a.iters, warmup=a.warmup, batch_size=a.batch_size,
         num_images=a.num_images, methods=[m.strip() for m in a.methods.split(",") if m.strip()],
-        out=a.out or None, seed=a.seed,
+        precision=a.precision, compile=a.compile, drain=a.drain, out=a.out or None, seed=a.seed,
     )
     print()
     print(render_markdown(result))

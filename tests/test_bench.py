@@ -51,7 +51,7 @@ def stepped(arch) -> dict[str, dict]:
     images, labels = synthetic_batch(8, arch.img_size, arch.num_classes, CPU)
     for method in M.METHODS:
         torch.manual_seed(0)
-        step = M.build_step(method, arch, CPU, batch_size=8, dtype=None)
+        step = M.build_step(method, arch, CPU, batch_size=8)
         trainable = [p for g in step.optimizer.param_groups for p in g["params"]]
         before = [p.detach().clone() for p in trainable]
         loss = step(images.clone(), labels)
@@ -109,8 +109,13 @@ def test_rows_without_fine_tuning_and_normalisation():
     assert sup["norm_cost"] == pytest.approx(1.0)
     assert deit["norm_cost"] == pytest.approx(300_000 / 200_000)
     assert deit["compute_norm_cost"] == pytest.approx((300 * 3e10) / (400 * 1e10 + 100 * 3e10))
-    assert deit["ratio_vs_paper"] is None  # no paper value was found: never invented
-    assert sup["ratio_vs_paper"] == pytest.approx(1.0)
+    # like with like: our normalised cost against the paper's (DeiT 0.73x of SupMAE in its Table 1)
+    assert deit["paper_norm_cost"] == 0.73 and deit["ratio_vs_paper"] == pytest.approx(1.5 / 0.73)
+    assert (deit["paper_pt_hours"], deit["paper_ft_hours"], deit["paper_total_hours"]) == (91.5, None, 91.5)
+    assert sup["ratio_vs_paper"] == pytest.approx(1.0) and sup["paper_total_hours"] == 125.9
+    # one pre-training epoch relative to SupMAE's, both sides: paper (91.5 / 300) / (95.9 / 400)
+    assert deit["paper_pt_epoch_norm"] == pytest.approx((91.5 / 300) / (95.9 / 400))
+    assert deit["pt_epoch_norm"] == pytest.approx(1000 * 1.0 / (1000 * 0.25))
 
 
 def test_a_fine_tuned_row_needs_the_fine_tuning_step():
@@ -174,7 +179,7 @@ def test_every_method_step_trains(method, stepped):
 
 
 def test_mocov3_momentum_encoder_and_frozen_patch_projection(arch):
-    step = M.build_step("mocov3", arch, CPU, batch_size=8, dtype=None)
+    step = M.build_step("mocov3", arch, CPU, batch_size=8)
     base, _, momentum = step.modules
     patch_w = base[0].patch_embed.proj.weight.detach().clone()
     mom_before = [p.detach().clone() for p in momentum.parameters()]
@@ -214,9 +219,10 @@ def test_user_errors():
         M.arch_for_scale("enormous")
     arch = M.arch_for_scale("tiny", num_classes=10, depth=1)
     with pytest.raises(UserError, match="unknown method"):
-        M.build_step("simclr", arch, CPU, 8, None)
-    with pytest.raises(UserError, match="even"):
-        M.build_step("deit", arch, CPU, 7, None)
+        M.build_step("simclr", arch, CPU, 8)
+    for method in ("deit", "finetune"):
+        with pytest.raises(UserError, match="even"):
+            M.build_step(method, arch, CPU, 7)
     with pytest.raises(UserError, match="unknown method"):
         T.run_table1(device="cpu", model_scale="tiny", methods=["nope"], out=None)
 
@@ -250,47 +256,141 @@ def test_table1_command_all_rows_tiny(tmp_path, capsys):
     assert data["peak_tflops"] > 0
     for name, b in data["compute_bound"].items():
         assert 0 < b["frac_of_best"] <= 1.0 + 1e-9, name
-    assert (out / "table1.md").read_text().startswith("# Table 1")
+    md = (out / "table1.md").read_text()
+    assert md.startswith("# Table 1")
     assert (out / "table1.png").read_bytes()[:8] == PNG_MAGIC
+    # The paper's Table 1 beside ours, in every output: hours, normalised cost, top-1 of all five rows.
+    paper = {"mocov3": (250, 45.7, 295.7, 2.35, 83.2), "mae": (364, 30, 394, 3.12, 83.6),
+             "deit": (91.5, None, 91.5, 0.73, 81.8), "mae_scratch": (90, None, 90, 0.71, 82.3),
+             "supmae": (95.9, 30, 125.9, 1.0, 83.6)}
+    by_key = {r["key"]: r for r in rows}
+    for key, (pt_h, ft_h, total_h, norm, top1) in paper.items():
+        r = by_key[key]
+        assert float(r["paper_pt_hours"]) == pt_h and float(r["paper_total_hours"]) == total_h, key
+        assert (r["paper_ft_hours"] == "") if ft_h is None else (float(r["paper_ft_hours"]) == ft_h), key
+        assert float(r["paper_norm_cost"]) == norm and float(r["paper_top1"]) == top1, key
+        assert float(r["ratio_vs_paper"]) == pytest.approx(float(r["norm_cost"]) / norm), key
+        j = next(x for x in data["rows"] if x["key"] == key)
+        assert (j["paper_total_hours"], j["paper_norm_cost"], j["paper_top1"]) == (total_h, norm, top1), key
+        label = next(x.label for x in T.ROWS if x.key == key)
+        line = next(x for x in md.splitlines() if x.startswith(f"| {label} |"))
+        assert f"/ {total_h:.1f} |" in line and f"/ {norm:.2f} |" in line and f"| {top1:.1f} |" in line, line
+    assert data["paper"]["hardware"] == "8 x NVIDIA A5000 24 GB"
+    for s in data["steps"].values():
+        assert s["precision"] == "fp32" and s["compiled"] is False and "CUDA only" in s["compile_reason"]
+    assert data["steps"]["supmae"]["source"].startswith("supmae.train.steps.build_pretrain_step")
+    assert data["steps"]["finetune"]["source"].startswith("supmae.train.steps.build_downstream_step")
+
+
+@pytest.fixture(scope="module")
+def converted_root(tmp_path_factory, synthetic_root) -> str:
+    """The generated 10-class JPEG set written by `supmae convert` (FFCV .beton + DALI shards)."""
+    from tools.convert import convert
+
+    out = str(tmp_path_factory.mktemp("converted") / "c")
+    convert(synthetic_root, out, max_res=64, workers=1, progress=False)
+    return out
 
 
 @pytest.mark.slow
-def test_table1_with_a_real_pipeline_reports_data_wait(tmp_path, synthetic_root):
-    # The torchvision pipeline reads the ImageFolder tree directly (FFCV would first compile its decoders).
-    result = T.run_table1(device="cpu", data=synthetic_root, pipeline="torchvision", num_workers=1,
-                          model_scale="tiny", depth=2, iters=2, warmup=1, batch_size=16, methods=["supmae"],
-                          gpus=1, out=str(tmp_path), log=lambda *_: None)
-    assert result["config"]["num_images"] == 400  # the dataset's train split, not ImageNet's
-    assert result["config"]["num_classes"] == 10
-    row = result["rows"][0]
-    assert row["pt_iters_per_epoch"] == 400 // 16
-    assert 0.0 <= row["data_wait_frac"] < 1.0
-    assert "data-wait" in (tmp_path / "table1.md").read_text()
+def test_table1_fed_by_a_real_pipeline_reports_step_only_and_fed_rates(tmp_path, converted_root):
+    from supmae.cli import main
+
+    out = tmp_path / "t1"
+    assert main(["bench", "table1", "--device", "cpu", "--data", converted_root, "--pipeline", "ffcv",
+                 "--num-workers", "1", "--model-scale", "tiny", "--depth", "1", "--iters", "2", "--warmup", "1",
+                 "--batch-size", "16", "--methods", "deit,supmae", "--gpus", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "table1.json").read_text())
+    assert data["config"]["num_images"] == 400 and data["config"]["num_classes"] == 10  # the dataset's, not ImageNet's
+    assert set(data["steps"]) == {"deit", "supmae", "finetune"}
+    for name, s in data["steps"].items():
+        assert s["step_only_seconds_per_iter"] > 0 and s["fed_seconds_per_iter"] > 0, name
+        assert s["loader_seconds_per_batch"] > 0 and s["bound"] in ("input", "compute"), name
+        assert s["bound"] == T.classify_bound(s["step_only_seconds_per_iter"], s["fed_seconds_per_iter"]), name
+        assert s["seconds_per_iter"] == s["fed_seconds_per_iter"]  # an epoch costs the fed rate
+    sup = next(r for r in data["rows"] if r["key"] == "supmae")
+    assert sup["pt_iters_per_epoch"] == 400 // 16 and sup["pt_bound"] in ("input", "compute")
+    md = (out / "table1.md").read_text()
+    assert "step-only img/s" in md and "fed img/s" in md and "-bound |" in md
 
 
-def test_step_command_ours_vs_paper(tmp_path, capsys):
+def test_classify_bound():
+    assert T.classify_bound(step_only_spi=1.0, fed_spi=1.05) == "compute"
+    assert T.classify_bound(step_only_spi=1.0, fed_spi=1.5) == "input"
+
+
+def test_supmae_row_runs_the_trainers_step_on_a_fresh_batch(monkeypatch, tmp_path, converted_root):
+    """The SupMAE row and `supmae pretrain` go through the same PretrainStep.micro; and the SupMAE row's
+    input is the pristine synthetic batch, though DeiT's Mixup (run before it) mixes its input in place."""
+    from supmae.train import steps as S
+    from supmae.train.pretrain import build_config, run_pretrain
+
+    calls: list[tuple[str, torch.Tensor]] = []
+    original = S.PretrainStep.micro
+
+    def spy(self, imgs, labels, *args, **kwargs):
+        calls.append((type(self.core).__name__, imgs.detach().clone()))
+        return original(self, imgs, labels, *args, **kwargs)
+
+    monkeypatch.setattr(S.PretrainStep, "micro", spy)
+    arch = M.arch_for_scale("tiny", depth=1)
+    T.run_table1(device="cpu", model_scale="tiny", depth=1, iters=1, warmup=0, batch_size=4,
+                 methods=["deit", "supmae"], out=None, log=lambda *_: None)
+    harness = list(calls)
+    assert len(harness) == 1 and harness[0][0] == "SupMAE"
+    pristine, _ = synthetic_batch(4, arch.img_size, arch.num_classes, CPU, seed=0)
+    assert torch.equal(harness[0][1], pristine)
+
+    cfg = build_config("tiny_cpu", ["--data.path", converted_root, "--output-dir", str(tmp_path / "run"), "--data.pipeline",
+                                    "torchvision", "--data.num_workers", "0", "--data.batch_size", "8",
+                                    "--train.epochs", "1", "--train.max_steps_per_epoch", "1", "--train.val", "false",
+                                    "--model.kwargs", '{"depth": 1}'])
+    run_pretrain(cfg)
+    trainer = calls[len(harness):]
+    assert len(trainer) == 1 and trainer[0][0] == "SupMAE" and trainer[0][1].shape == (8, 3, 32, 32)
+
+
+def test_step_command_factor_table(tmp_path, capsys):
+    from benchmarks import step as B
     from supmae.cli import main
 
     try:
-        rc = main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--depth", "2",
+        rc = main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--depth", "1",
                    "--batch-size", "4", "--iters", "2", "--warmup", "1", "--rounds", "2", "--threads", "2",
-                   "--out", str(tmp_path)])
+                   "--no-compile", "--out", str(tmp_path)])
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "Speed-up ours / paper" in printed
+    assert "one factor at a time" in printed and "Speed-up of supmae pretrain's step" in printed
     data = json.loads((tmp_path / "step.json").read_text())
-    assert "2 threads" in data["device_name"]
-    ours, paper = data["configs"]["ours"], data["configs"]["paper"]
-    assert ours["attention"] == "sdpa" and paper["attention"] == "eager"
-    assert data["depth"] == 2 and data["rounds"] == 2
-    assert ours["compile"] is False  # off by default on CPU
-    assert ours["precision"] == paper["precision"] == "fp32"
-    assert data["speedup"] == pytest.approx(ours["images_per_sec"] / paper["images_per_sec"])
-    assert 0 < ours["mfu"] < 1 and 0 < paper["mfu"] < 1
-    assert math.isclose(ours["achieved_tflops"] * 1e12, data["flops_per_image"] * ours["images_per_sec"], rel_tol=1e-9)
+    assert "2 threads" in data["device_name"] and data["depth"] == 2 - 1 and data["rounds"] == 2
+    rows = {r["name"]: r for r in data["rows"]}
+    assert [r["name"] for r in data["rows"]] == list(B.FACTORS)
+    # One factor added per row, on top of the last carried one.
+    assert (rows["paper"]["attention"], rows["paper"]["precision"], rows["paper"]["optimizer"]) == \
+        ("eager", "fp32", "AdamW for_loop")
+    assert rows["paper"]["host_sync"].startswith(".item()")
+    assert (rows["sdpa"]["attention"], rows["sdpa"]["precision"]) == ("sdpa", "fp32")
+    assert rows["bf16"]["precision"] == "bf16" and rows["bf16"]["carried"] is False
+    assert "auto precision on cpu is fp32" in rows["bf16"]["why_not_carried"]
+    assert rows["compile"]["skipped"] == "not measured: --no-compile" and "images_per_sec" not in rows["compile"]
+    assert (rows["no_sync"]["precision"], rows["no_sync"]["host_sync"]) == ("fp32", "none")  # bf16 not carried
+    assert rows["fused"]["optimizer"] == "AdamW fused" and rows["fused"]["carried"] is False
+    trainer = rows["trainer"]
+    assert (trainer["attention"], trainer["precision"], trainer["compile"], trainer["optimizer"]) == \
+        ("sdpa", "fp32", False, "AdamW foreach")
+    for name, r in rows.items():
+        if "images_per_sec" in r:
+            assert 0 < r["mfu"] < 1, name
+            assert math.isclose(r["achieved_tflops"] * 1e12, data["flops_per_image"] * r["images_per_sec"],
+                                rel_tol=1e-9)
+    assert rows["sdpa"]["vs_previous"] == pytest.approx(rows["sdpa"]["images_per_sec"] / rows["paper"]["images_per_sec"])
+    # no_sync is built on sdpa (bf16 was not carried): its "x previous" is against the sdpa row
+    assert rows["no_sync"]["vs_previous"] == pytest.approx(rows["no_sync"]["images_per_sec"]
+                                                           / rows["sdpa"]["images_per_sec"])
+    assert data["speedup"] == pytest.approx(trainer["images_per_sec"] / rows["paper"]["images_per_sec"])
     assert os.path.isfile(tmp_path / "step.md")
 
 
@@ -313,7 +413,8 @@ from supmae.cli import main
 assert main(["bench", "table1", "--device", "cpu", "--model-scale", "tiny", "--depth", "1", "--iters", "1",
              "--warmup", "0", "--methods", "supmae", "--out", {str(tmp_path / "t1")!r}]) == 0
 assert main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--depth", "1",
-             "--batch-size", "2", "--iters", "1", "--warmup", "0", "--out", {str(tmp_path / "step")!r}]) == 0
+             "--batch-size", "2", "--iters", "1", "--warmup", "0", "--no-compile",
+             "--out", {str(tmp_path / "step")!r}]) == 0
 assert not any(m.split(".")[0] in ("ffcv", "nvidia", "matplotlib") for m in sys.modules)
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
