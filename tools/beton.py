@@ -135,3 +135,24 @@ def write_beton(path: str, dataset: JpegSlices, max_resolution: int, jpeg_qualit
     )
     with _ffcv_progress_off():
         writer.from_indexed_dataset(dataset, chunksize=512)
+
+
+def read_jpeg_table(path: str) -> dict[str, np.ndarray]:
+    """Where each sample's stored JPEG lies in a `.beton` (data pointer and size from FFCV's own
+    reader), with its height, width and label: enough to copy the samples into another file
+    without decoding or re-encoding them."""
+    from ffcv.reader import Reader
+
+    reader = Reader(path)
+    names = reader.field_names
+    image = reader.metadata[f"f{names.index('image')}"]
+    label = reader.metadata[f"f{names.index('label')}"]
+    sizes_by_ptr = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    ptrs = image["data_ptr"].astype(np.int64)
+    return {
+        "offsets": ptrs,
+        "sizes": np.asarray([sizes_by_ptr[p] for p in ptrs.tolist()], dtype=np.int64),
+        "heights": image["height"].astype(np.int64),
+        "widths": image["width"].astype(np.int64),
+        "labels": np.asarray(label, dtype=np.int64),
+    }

@@ -1,16 +1,24 @@
-"""`supmae convert`: an ImageNet-style folder to FFCV `.beton` files and DALI-readable webdataset
-shards, in one pass, resumable after any crash.
+"""`supmae convert`: ImageNet as downloaded (official archives, Kaggle layout) or any ImageFolder
+tree to FFCV `.beton` files and DALI-readable webdataset shards, in one pass, resumable after any
+crash, shardable over machines.
 
     supmae convert SRC OUT [--formats ffcv,wds] [--max-res 256] [--quality 90] [--workers N]
                    [--shard-size 1000] [--splits train,val] [--seed 0] [--max-pixels N] [--strict]
+                   [--shard K/N]
+    supmae convert --merge PART_DIR... OUT
     supmae convert --verify OUT
 
-Input. SRC is either an ImageNet-style tree (`SRC/train/<class>/...`, `SRC/val/<class>/...`: any
-folder holding a `train` or `val` sub-folder) or one split folder (`SRC/<class>/...`, converted as
-split "train"). Classes are the sub-folders of the first split (train before val), sorted, indexed
-0..C-1 exactly as torchvision's `ImageFolder` assigns them; every other split must use a subset of
-them. Files are listed the way `ImageFolder` lists them (recursively, symlinks followed, sorted),
-but every file is tried, whatever its extension: format is decided by content.
+Input. The layout of SRC is detected and named on stderr (`tools/layouts.py`): the official
+archives (`ILSVRC2012_img_train.tar`, `ILSVRC2012_img_val.tar`, `ILSVRC2012_devkit_t12.tar.gz`,
+read in place by byte range, nothing extracted: `tools/archives.py`), the Kaggle layout
+(`ILSVRC/Data/CLS-LOC/{train,val}` + `LOC_val_solution.csv`), or an ImageNet-style tree
+(`SRC/train/<class>/...`, `SRC/val/<class>/...`) or one split folder (`SRC/<class>/...`, converted
+as split "train"). Classes are the class names (wnids) of the first split (train before val),
+sorted, indexed 0..C-1 exactly as torchvision's `ImageFolder` and `ImageNet` assign them; every
+other split must use a subset of them. Samples are listed in the order `ImageFolder` lists the
+same images in class folders (recursively, symlinks followed, sorted), so every layout of the same
+images gives byte-identical shards and `.beton` files; every file is tried, whatever its extension: format is
+decided by content.
 
 Each file is read once, decoded, made RGB, its longer side capped at --max-res and encoded as a
 JPEG at --quality (see `tools/imageio.py` for the exact rules: alpha is composited on white,
@@ -37,6 +45,16 @@ writer runs single-process). A finished conversion is marked by `manifest.json`;
 does nothing. Changing an output-affecting option or the source tree under an unfinished
 conversion is refused.
 
+Sharding over machines. `--shard K/N` (0 <= K < N: a job array's task index and count) converts
+chunks [K*C/N, (K+1)*C/N) of each split's C chunks into a part folder (its own manifest, shards,
+`.beton` and `part.json`, the chunk records a merge needs); every part lists the whole source, so
+the split into chunks is the same everywhere. `--merge PART_DIR... OUT` checks that the N parts
+come from one listing and the same options, copies the webdataset shards (global chunk numbers, so
+names never collide) and rewrites one `.beton` per split from the JPEG bytes stored in the parts'
+`.beton` files (FFCV's reader locates them, FFCV's writer stores them; nothing is decoded or
+re-encoded). The merged folder is byte-identical to an unsharded conversion (manifest timings
+aside).
+
 Bad input never stops the run and is never dropped silently; each file not converted is a row of
 `skipped.tsv` (split, path, reason, detail):
 
@@ -51,6 +69,13 @@ Bad input never stops the run and is never dropped silently; each file not conve
     stat/open/read fails (permissions, link loop)   skipped  unreadable
     file directly inside a split folder             skipped  outside-class-folder
     empty (or, in val, missing) class folder        warning; the class keeps its index, 0 samples
+    archive member that is no regular file          skipped  not-a-regular-file
+    damaged per-class tar (unreadable header)       skipped  damaged-archive (members before it converted)
+    train-archive member that is no per-class tar   skipped  outside-class-folder
+    archive cut short (interrupted download)        skipped  truncated-archive (+ the cut member: truncated);
+                                                    everything before the cut converted, members counted
+    val image without ground truth / odd name       skipped  no-label
+    ground-truth line (or CSV row) without image    skipped  missing-image
 
 Tests run as root, for whom `chmod 000` does not make a file unreadable: there a symlink loop
 (ELOOP on open) is the unreadable file. With --strict any skipped file makes the exit status 1
@@ -60,7 +85,6 @@ Tests run as root, for whom `chmod 000` does not make a file unreadable: there a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import os
@@ -68,9 +92,7 @@ import shutil
 import signal
 import sys
 import time
-import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -93,6 +115,7 @@ from tools.imageio import (
     encode_bytes,
     read_source,
 )
+from tools.layouts import Source, SplitPlan, list_source
 from tools.shards import ShardSample, build_shard
 
 # Bump when the same options would give different output bytes (keys, layout, encoding rules).
@@ -102,133 +125,7 @@ DEFAULT_SHARD_SIZE = 1000
 WORK_DIR = ".work"
 SOURCES_DIR = "sources"
 STATE_FILE = "state.json"
-OUTSIDE_CLASS = "outside-class-folder"
-
-
-# ----------------------------------------------------------------------------------------------
-# Listing the source tree
-
-
-@dataclass(frozen=True)
-class Source:
-    rel: str  # path relative to SRC, '/'-separated
-    label: int
-
-
-@dataclass
-class SplitPlan:
-    name: str
-    sources: list[Source]
-    strays: list[str]  # files directly in the split folder: seen, never samples
-    permutation: np.ndarray  # [n] output position -> source index
-    shard_size: int
-    class_seen: list[int] = field(default_factory=list)  # files seen per class
-
-    @property
-    def num_shards(self) -> int:
-        return -(-len(self.sources) // self.shard_size)
-
-    def shard_positions(self, k: int) -> range:
-        return range(k * self.shard_size, min(len(self.sources), (k + 1) * self.shard_size))
-
-    @property
-    def key_width(self) -> int:
-        return max(8, len(str(max(len(self.sources) - 1, 0))))
-
-    def key(self, position: int) -> str:
-        return f"{position:0{self.key_width}d}"
-
-
-def find_classes(directory: str) -> list[str]:
-    """Class folder names of one split, sorted: torchvision's `find_classes` rule (any directory
-    entry, symlinks to directories included)."""
-    with os.scandir(directory) as entries:
-        return sorted(e.name for e in entries if e.is_dir())
-
-
-def _walk_class(class_dir: str) -> list[str]:
-    """Files under one class folder in `ImageFolder`'s order (recursive, links followed, sorted)."""
-    paths = []
-    for root, _, names in sorted(os.walk(class_dir, followlinks=True)):
-        for name in sorted(names):
-            paths.append(os.path.join(root, name))
-    return paths
-
-
-def _split_dirs(src: str, splits: Sequence[str] | None) -> dict[str, str]:
-    present = [s for s in SPLITS if os.path.isdir(os.path.join(src, s))]
-    if not present:
-        # A single split folder: its sub-folders are classes.
-        if splits and list(splits) != ["train"]:
-            raise DataError(
-                f"{src} has no {'/'.join(SPLITS)} sub-folder, so it is one split ('train'); "
-                f"--splits {','.join(splits)} does not apply"
-            )
-        return {"train": src}
-    wanted = list(splits) if splits else present
-    missing = [s for s in wanted if s not in present]
-    if missing:
-        raise DataError(f"split folder(s) {', '.join(missing)} not found under {src} (found: {', '.join(present)})")
-    return {s: os.path.join(src, s) for s in wanted}
-
-
-def discover(
-    src: str, splits: Sequence[str] | None, seed: int, shard_size: int
-) -> tuple[list[str], list[SplitPlan], list[str]]:
-    """Classes, one plan per split, and warnings (empty or missing class folders)."""
-    dirs = _split_dirs(src, splits)
-    names = list(dirs)
-    classes = find_classes(dirs[names[0]])
-    if not classes:
-        raise DataError(f"no class folders found in {dirs[names[0]]}")
-    warnings: list[str] = []
-    plans = []
-    for split in names:
-        split_dir = dirs[split]
-        present = find_classes(split_dir)
-        extra = sorted(set(present) - set(classes))
-        if extra:
-            raise DataError(
-                f"split '{split}' has class folders that '{names[0]}' lacks: {', '.join(extra[:5])}"
-                f"{' ...' if len(extra) > 5 else ''}"
-            )
-        sources: list[Source] = []
-        class_seen = []
-        for label, name in enumerate(classes):
-            class_dir = os.path.join(split_dir, name)
-            if name not in present:
-                warnings.append(
-                    f"split '{split}': class folder '{name}' is missing; class keeps index {label}, 0 samples"
-                )
-                class_seen.append(0)
-                continue
-            files = _walk_class(class_dir)
-            if not files:
-                warnings.append(
-                    f"split '{split}': class folder '{name}' is empty; class keeps index {label}, 0 samples"
-                )
-            class_seen.append(len(files))
-            sources.extend(Source(os.path.relpath(p, src).replace(os.sep, "/"), label) for p in files)
-        with os.scandir(split_dir) as entries:
-            strays = sorted(os.path.relpath(e.path, src).replace(os.sep, "/") for e in entries if not e.is_dir())
-        if not sources:
-            raise DataError(f"split '{split}' ({split_dir}) holds no files in its class folders")
-        rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode())]))
-        perm = rng.permutation(len(sources))
-        plans.append(SplitPlan(split, sources, strays, perm, shard_size, class_seen))
-    return classes, plans, warnings
-
-
-def _listing_fingerprint(classes: list[str], plans: list[SplitPlan]) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(classes).encode())
-    for plan in plans:
-        h.update(plan.name.encode() + b"\0")
-        for s in plan.sources:
-            h.update(f"{s.label}\t{s.rel}\n".encode("utf-8", "surrogateescape"))
-        for s in plan.strays:
-            h.update(f"-\t{s}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
+PART_FILE = "part.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,13 +143,32 @@ def _init_worker(max_res: int, quality: int, max_pixels: int, parent_pid: int) -
         die_with_parent(parent_pid)
 
 
-def _encode_task(path: str) -> tuple:
-    """("ok", jpeg, width, height, source bytes) or ("skip", code, detail, source bytes)."""
+_ARCHIVE_FDS: dict[str, int] = {}
+
+
+def _read_range(path: str, offset: int, size: int) -> bytes:
+    """The bytes of one archive member: one pread of its range (the archive stays open per worker)."""
+    fd = _ARCHIVE_FDS.get(path)
+    if fd is None:
+        fd = _ARCHIVE_FDS[path] = os.open(path, os.O_RDONLY)
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise SkipImage("truncated", f"archive ended after {len(data)} of the member's {size} bytes")
+    return data
+
+
+def _encode_task(task: tuple[str, int, int]) -> tuple:
+    """("ok", jpeg, width, height, source bytes) or ("skip", code, detail, source bytes).
+
+    `task` is (file path, -1, -1) for a plain file, (archive path, offset, size) for a member."""
     max_res, quality, max_pixels = _WORKER_ARGS
+    path, offset, size = task
     try:
-        data = read_source(path)
+        data = read_source(path) if offset < 0 else _read_range(path, offset, size)
     except SkipImage as exc:
         return ("skip", exc.code, exc.detail, 0)
+    except OSError as exc:
+        return ("skip", "unreadable", exc.strerror or str(exc), 0)
     try:
         enc = encode_bytes(data, max_res, quality, max_pixels)
     except SkipImage as exc:
@@ -273,13 +189,16 @@ def _identity(
     splits: list[str],
     seed: int,
     max_pixels: int,
+    layout: str = "imagefolder",
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Everything that decides the output bytes; a resume must match it exactly."""
     import PIL
 
-    return {
+    identity = {
         "tool_version": TOOL_VERSION,
         "source_root": src,
+        "layout": layout,
         "formats": list(formats),
         "max_res": max_res,
         "quality": quality,
@@ -289,6 +208,9 @@ def _identity(
         "max_pixels": max_pixels,
         "pillow": PIL.__version__,
     }
+    if shard is not None:
+        identity["shard"] = list(shard)
+    return identity
 
 
 def _diff(a: dict, b: dict) -> str:
@@ -305,10 +227,10 @@ def _shard_tar_path(out: str, split: str, k: int, keep_wds: bool) -> str:
     return os.path.join(base, f"{split}-{k:06d}.tar")
 
 
-def _load_finished(out: str, plan: SplitPlan, keep_wds: bool) -> dict[int, dict]:
+def _load_finished(out: str, plan: SplitPlan, keep_wds: bool, chunks: range) -> dict[int, dict]:
     """Chunk records whose files are all in place; anything else is redone."""
     done = {}
-    for k in range(plan.num_shards):
+    for k in chunks:
         path = _shard_record_path(out, plan.name, k)
         try:
             with open(path) as f:
@@ -481,6 +403,27 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` (0 <= K < N): this run converts part K of N, as a job array's task index and count give it."""
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise DataError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4 ... 3/4), got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise DataError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4 ... 3/4), got {text!r}")
+    return k, n
+
+
+def shard_chunks(num_chunks: int, shard: tuple[int, int] | None) -> range:
+    """The chunks of one split that part K of N converts: a contiguous, balanced range, so the
+    parts joined in K order are the unsharded output in order."""
+    if shard is None:
+        return range(num_chunks)
+    k, n = shard
+    return range(k * num_chunks // n, (k + 1) * num_chunks // n)
+
+
 def convert(
     src: str,
     out: str,
@@ -494,25 +437,33 @@ def convert(
     strict: bool = False,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Convert `src` into `out` (see the module docstring) and return the manifest.
 
     `workers` encoding processes (0: encode in this process). `progress` draws a tqdm bar and
     prints warnings and a summary on stderr. With `strict`, any skipped input raises DataError
-    after the outputs and `skipped.tsv` are written. Rerunning after an interruption resumes."""
+    after the outputs and `skipped.tsv` are written. Rerunning after an interruption resumes.
+    `shard=(K, N)` converts only part K of N into `out` (a part folder; see `merge`)."""
     t_start = time.perf_counter()
     formats = list(formats)
     _check_args(formats, max_res, quality, workers, shard_size, max_pixels, splits)
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise DataError(f"--shard must be K/N with 0 <= K < N, got {shard[0]}/{shard[1]}")
     src = os.path.abspath(src)
     out = os.path.abspath(out)
     if not os.path.isdir(src):
         raise DataError(f"source folder {src} does not exist")
     if out == src or out.startswith(src + os.sep):
         raise DataError(f"the output folder {out} must not be inside the source folder {src}")
-    classes, plans, warnings = discover(src, splits, seed, shard_size)
+    listing = list_source(src, splits, seed, shard_size)
+    _say(progress, f"layout: {listing.description}")
+    classes, plans, warnings = listing.classes, listing.plans, listing.warnings
     split_names = [p.name for p in plans]
-    identity = _identity(src, formats, max_res, quality, shard_size, split_names, seed, max_pixels)
-    fingerprint = _listing_fingerprint(classes, plans)
+    identity = _identity(
+        src, formats, max_res, quality, shard_size, split_names, seed, max_pixels, listing.layout, shard
+    )
+    fingerprint = listing.fingerprint()
 
     manifest = _read_json(os.path.join(out, MANIFEST_FILE))
     if manifest is not None:
@@ -541,17 +492,22 @@ def convert(
         _say(progress, f"warning: {w}")
 
     keep_wds = "wds" in formats
-    finished = {p.name: _load_finished(out, p, keep_wds) for p in plans}
+    mine = {p.name: shard_chunks(p.num_shards, shard) for p in plans}
+    finished = {p.name: _load_finished(out, p, keep_wds, mine[p.name]) for p in plans}
     resumed = sum(len(v) for v in finished.values())
-    pending = [(p, k) for p in plans for k in range(p.num_shards) if k not in finished[p.name]]
+    pending = [(p, k) for p in plans for k in mine[p.name] if k not in finished[p.name]]
     total_pending = sum(len(p.shard_positions(k)) for p, k in pending)
     if resumed:
         _say(progress, f"resuming: {resumed} chunk(s) already done, {len(pending)} to go")
 
-    def tasks() -> Iterator[str]:
+    def tasks() -> Iterator[tuple[str, int, int]]:
         for p, k in pending:
             for pos in p.shard_positions(k):
-                yield os.path.join(src, p.sources[int(p.permutation[pos])].rel)
+                s = p.sources[int(p.permutation[pos])]
+                if s.archive is None:
+                    yield (os.path.join(src, s.rel), -1, -1)
+                else:
+                    yield (os.path.join(src, s.archive), s.offset, s.size)
 
     from tqdm import tqdm
 
@@ -581,12 +537,37 @@ def convert(
         for p in plans:
             if os.path.isfile(beton_path(out, p.name)):
                 continue
-            records = [finished[p.name][k] for k in range(p.num_shards)]
+            records = [finished[p.name][k] for k in mine[p.name]]
             if not any(r["samples"] for r in records):
                 continue
             _say(progress, f"writing {os.path.relpath(beton_path(out, p.name), out)}")
             _assemble_beton(out, p, records, max_res, quality)
 
+    part = None
+    if shard is not None:
+        # What a merge needs besides the files: every chunk record of this part, and the inputs
+        # seen outside the chunks (reported once, by part 0).
+        part = {
+            "shard": list(shard),
+            "identity": identity,
+            "listing_fingerprint": fingerprint,
+            "classes": classes,
+            "warnings": warnings,
+            "layout": listing.layout,
+            "archives": listing.archives,
+            "splits": {
+                p.name: {
+                    "chunks": {str(k): finished[p.name][k] for k in mine[p.name]},
+                    "num_chunks": p.num_shards,
+                    "num_sources": len(p.sources),
+                    "shard_size": p.shard_size,
+                    "extras": p.extras,
+                    "class_seen": p.class_seen,
+                }
+                for p in plans
+            },
+        }
+        atomic_write(os.path.join(out, PART_FILE), json.dumps(part).encode())
     manifest = _write_reports(
         out,
         classes,
@@ -602,12 +583,201 @@ def convert(
         elapsed=time.perf_counter() - t_start,
         encode_seconds=encode_seconds,
         encoded_now=total_pending,
+        chunks=mine,
+        with_extras=shard is None or shard[0] == 0,
+        layout=listing.layout,
+        archives=listing.archives,
     )
     shutil.rmtree(os.path.join(out, WORK_DIR), ignore_errors=True)
     fsync_dir(out)
     if progress:
         _print_summary(manifest)
     return _finish_strict(manifest, strict, out)
+
+
+def _unescape_tsv(cell: str) -> str:
+    out, i = [], 0
+    while i < len(cell):
+        c = cell[i]
+        if c == "\\" and i + 1 < len(cell):
+            out.append({"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}.get(cell[i + 1], cell[i + 1]))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _read_sources(path: str) -> list[Source]:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        lines = f.read().split("\n")[1:]
+    rows = []
+    for line in lines:
+        if not line:
+            continue
+        _, label, rel = line.split("\t")
+        rows.append(Source(_unescape_tsv(rel), int(label)))
+    return rows
+
+
+def _comparable(identity: dict) -> dict:
+    """A part's identity less what differs between the parts of one conversion."""
+    return {k: v for k, v in identity.items() if k not in ("shard", "source_root")}
+
+
+def merge(parts: Sequence[str], out: str, strict: bool = False, progress: bool = True) -> dict:
+    """Join the part folders of a sharded conversion (`convert(..., shard=(K, N))` for every K)
+    into one dataset in `out`, equal to the unsharded conversion: webdataset shards and their
+    indexes are copied as they are; the `.beton` is rewritten by FFCV's writer from the JPEG bytes
+    stored in the parts' `.beton` files (copied, never decoded or re-encoded)."""
+    t_start = time.perf_counter()
+    out = os.path.abspath(out)
+    infos = []
+    for d in parts:
+        d = os.path.abspath(d)
+        if not os.path.isfile(os.path.join(d, MANIFEST_FILE)):
+            raise DataError(f"{d} is not a finished conversion (no {MANIFEST_FILE}): run or rerun its --shard job")
+        part = _read_json(os.path.join(d, PART_FILE))
+        if part is None:
+            raise DataError(f"{d} is a whole conversion, not one part of a --shard K/N run")
+        infos.append((d, part))
+    if not infos:
+        raise DataError("--merge needs the part folders of a sharded conversion and an output folder")
+    counts = sorted({p["shard"][1] for _, p in infos})
+    if len(counts) != 1:
+        raise DataError(f"the parts come from runs with different shard counts ({counts})")
+    n = counts[0]
+    have = sorted(p["shard"][0] for _, p in infos)
+    if have != list(range(n)):
+        missing = sorted(set(range(n)) - set(have))
+        twice = sorted({k for k in have if have.count(k) > 1})
+        raise DataError(f"the parts must be shards 0..{n - 1} exactly once; missing {missing}, repeated {twice}")
+    infos.sort(key=lambda dp: dp[1]["shard"][0])
+    first_dir, first = infos[0]
+    for d, p in infos[1:]:
+        if _comparable(p["identity"]) != _comparable(first["identity"]):
+            raise DataError(
+                f"{d} was converted with other options than {first_dir}: {_diff(first['identity'], p['identity'])}"
+            )
+        if p["listing_fingerprint"] != first["listing_fingerprint"]:
+            raise DataError(f"{d} was converted from another source listing than {first_dir}")
+    identity = {k: v for k, v in first["identity"].items() if k != "shard"}
+    fingerprint = first["listing_fingerprint"]
+    formats = identity["formats"]
+
+    existing = _read_json(os.path.join(out, MANIFEST_FILE))
+    if existing is not None:
+        if existing.get("identity") == identity and existing.get("listing_fingerprint") == fingerprint:
+            _say(progress, f"{out} already holds this merged conversion; nothing to do")
+            return _finish_strict(existing, strict, out)
+        raise DataError(f"{out} already holds a different conversion; choose another OUT or delete it")
+    marker = os.path.join(out, WORK_DIR, "merge.json")
+    if os.path.isdir(out) and os.listdir(out):
+        if _read_json(marker) is None:
+            raise DataError(f"{out} is not empty and holds no conversion; choose an empty or new folder")
+        # An interrupted merge: it only copied, so it starts over.
+        for name in os.listdir(out):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    os.makedirs(os.path.join(out, WORK_DIR), exist_ok=True)
+    atomic_write(marker, json.dumps({"parts": [d for d, _ in infos]}).encode())
+
+    plans: list[SplitPlan] = []
+    finished: dict[str, dict[int, dict]] = {}
+    for name in identity["splits"]:
+        info = first["splits"][name]
+        sources = _read_sources(os.path.join(first_dir, SOURCES_DIR, f"{name}.tsv"))
+        if len(sources) != info["num_sources"]:
+            raise DataError(
+                f"{first_dir}: {SOURCES_DIR}/{name}.tsv lists {len(sources)} sources, expected {info['num_sources']}"
+            )
+        plan = SplitPlan(
+            name,
+            sources,
+            [tuple(e) for e in info["extras"]],
+            np.empty(0, np.int64),
+            info["shard_size"],
+            info["class_seen"],
+        )
+        plans.append(plan)
+        records: dict[int, dict] = {}
+        for d, p in infos:
+            for k, rec in p["splits"][name]["chunks"].items():
+                records[int(k)] = rec
+        assert sorted(records) == list(range(plan.num_shards)), "parts do not cover every chunk"
+        finished[name] = records
+        if "wds" in formats:
+            _say(progress, f"copying the {name} webdataset shards")
+            for d, p in infos:
+                for rec in p["splits"][name]["chunks"].values():
+                    for key in ("tar", "idx"):
+                        if rec[key] is None:
+                            continue
+                        target = os.path.join(out, rec[key])
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        with atomic_path(target) as tmp:
+                            shutil.copyfile(os.path.join(d, rec[key]), tmp)
+        if "ffcv" in formats:
+            _say(progress, f"writing {os.path.relpath(beton_path(out, name), out)} from the parts' samples")
+            _merge_betons(out, name, infos, identity["max_res"], identity["quality"])
+    manifest = _write_reports(
+        out,
+        first["classes"],
+        plans,
+        finished,
+        formats,
+        identity,
+        fingerprint,
+        first["warnings"],
+        workers=0,
+        strict=strict,
+        resumed=0,
+        elapsed=time.perf_counter() - t_start,
+        encode_seconds=0.0,
+        encoded_now=0,
+        layout=first["layout"],
+        archives=first["archives"],
+    )
+    shutil.rmtree(os.path.join(out, WORK_DIR), ignore_errors=True)
+    fsync_dir(out)
+    if progress:
+        _print_summary(manifest)
+    return _finish_strict(manifest, strict, out)
+
+
+def _merge_betons(out: str, split: str, infos: list[tuple[str, dict]], max_res: int, quality: int) -> None:
+    from tools.beton import JpegSlices, read_jpeg_table, write_beton
+
+    files, tables = [], []
+    for d, p in infos:
+        rows = [
+            row
+            for k in sorted(p["splits"][split]["chunks"], key=int)
+            for row in p["splits"][split]["chunks"][k]["samples"]
+        ]
+        if not rows:
+            continue
+        path = beton_path(d, split)
+        table = read_jpeg_table(path)
+        labels = np.asarray([r[2] for r in rows], dtype=np.int64)
+        sizes = np.asarray([(r[4], r[3]) for r in rows], dtype=np.int64)  # [n, (height, width)]
+        if len(table["labels"]) != len(rows) or not (
+            np.array_equal(table["labels"], labels)
+            and np.array_equal(table["heights"], sizes[:, 0])
+            and np.array_equal(table["widths"], sizes[:, 1])
+        ):
+            raise DataError(f"{path} does not hold the samples its part records list; reconvert that part")
+        files.append(path)
+        tables.append(table)
+    if not files:
+        return
+    cat = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+    file_ids = np.concatenate([np.full(len(t["labels"]), i, dtype=np.int64) for i, t in enumerate(tables)])
+    dataset = JpegSlices(files, file_ids, cat["offsets"], cat["sizes"], cat["heights"], cat["widths"], cat["labels"])
+    final = beton_path(out, split)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with atomic_path(final) as tmp:
+        write_beton(tmp, dataset, max_resolution=max_res, jpeg_quality=quality)
 
 
 def _finish_strict(manifest: dict, strict: bool, out: str) -> dict:
@@ -636,8 +806,17 @@ def _write_reports(
     elapsed: float,
     encode_seconds: float,
     encoded_now: int,
+    chunks: dict[str, range] | None = None,
+    with_extras: bool = True,
+    layout: str = "imagefolder",
+    archives: dict | None = None,
 ) -> dict:
+    """Write classes, sources, skipped.tsv and (last) the manifest. `chunks` (per split) are the
+    chunks this output holds (all unless it is one part of a sharded run); `with_extras` reports
+    the inputs seen outside any chunk (one part of a sharded run does that for all)."""
     import PIL
+
+    part = identity.get("shard")
 
     atomic_write(os.path.join(out, CLASSES_FILE), (json.dumps(classes, indent=1) + "\n").encode())
     os.makedirs(os.path.join(out, SOURCES_DIR), exist_ok=True)
@@ -646,7 +825,9 @@ def _write_reports(
     splits_out: dict[str, dict] = {}
     formats_out: dict[str, dict] = {f: {} for f in formats}
     for p in plans:
-        records = [finished[p.name][k] for k in range(p.num_shards)]
+        mine = chunks[p.name] if chunks is not None else range(p.num_shards)
+        records = [finished[p.name][k] for k in mine]
+        extras = p.extras if with_extras else []
         sources_rel = f"{SOURCES_DIR}/{p.name}.tsv"
         _write_text(
             os.path.join(out, sources_rel),
@@ -662,18 +843,16 @@ def _write_reports(
         for _, src_index, code, detail in skipped:
             skipped_lines.append(f"{p.name}\t{tsv_cell(p.sources[src_index].rel)}\t{code}\t{tsv_cell(detail)}\n")
             by_reason[code] = by_reason.get(code, 0) + 1
-        for rel in p.strays:
-            skipped_lines.append(
-                f"{p.name}\t{tsv_cell(rel)}\t{OUTSIDE_CLASS}\tnot inside a class folder; ImageFolder ignores it too\n"
-            )
-            by_reason[OUTSIDE_CLASS] = by_reason.get(OUTSIDE_CLASS, 0) + 1
+        for path, code, detail in extras:
+            skipped_lines.append(f"{p.name}\t{tsv_cell(path)}\t{code}\t{tsv_cell(detail)}\n")
+            by_reason[code] = by_reason.get(code, 0) + 1
         counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
-        seen = len(p.sources) + len(p.strays)
-        assert len(permutation) + len(skipped) + len(p.strays) == seen, "converted + skipped != seen"
+        seen = sum(len(p.shard_positions(k)) for k in mine) + len(extras)
+        assert len(permutation) + len(skipped) + len(extras) == seen, "converted + skipped != seen"
         splits_out[p.name] = {
             "count": len(permutation),
             "seen": seen,
-            "skipped": len(skipped) + len(p.strays),
+            "skipped": len(skipped) + len(extras),
             "class_counts": {c: int(n) for c, n in zip(classes, counts)},
             "class_files_seen": dict(zip(classes, p.class_seen)),
             "permutation": permutation,
@@ -681,12 +860,12 @@ def _write_reports(
             "source_bytes": sum(r["source_bytes"] for r in records),
             "jpeg_bytes": sum(r["jpeg_bytes"] for r in records),
         }
-        if not permutation:
+        if not permutation and part is None:
             raise DataError(
                 f"split '{p.name}': none of its {len(p.sources)} files could be converted "
                 f"(reasons in {os.path.join(out, SKIPPED_FILE)})"
             )
-        if "ffcv" in formats:
+        if "ffcv" in formats and permutation:
             rel = os.path.relpath(beton_path(out, p.name), out)
             formats_out["ffcv"][p.name] = {"files": [_file_entry(out, rel) | {"count": len(permutation)}]}
         if "wds" in formats:
@@ -711,6 +890,7 @@ def _write_reports(
         "tool": "supmae convert",
         "tool_version": TOOL_VERSION,
         "source_root": identity["source_root"],
+        "layout": layout,
         "options": {
             "formats": formats,
             "max_res": identity["max_res"],
@@ -737,6 +917,7 @@ def _write_reports(
         "converted": total_seen - total_skipped,
         "skipped": {"count": total_skipped, "by_reason": dict(sorted(by_reason.items())), "file": SKIPPED_FILE},
         "warnings": warnings,
+        "archives": archives or {},
         "identity": identity,
         "listing_fingerprint": fingerprint,
         "resumed_chunks": resumed,
@@ -744,6 +925,8 @@ def _write_reports(
         "encode_seconds": round(encode_seconds, 3),
         "elapsed_seconds": round(elapsed, 3),
     }
+    if part is not None:
+        manifest["part"] = {"index": part[0], "count": part[1]}
     # Written last: its presence marks a finished conversion.
     atomic_write(os.path.join(out, MANIFEST_FILE), (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
@@ -803,10 +986,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an ImageNet-style folder to FFCV .beton files and DALI webdataset shards "
         "(one pass, resumable), or check a converted folder with --verify.",
     )
-    p.add_argument("src", nargs="?", metavar="SRC", help="source folder (with --verify: the converted folder)")
-    p.add_argument("out", nargs="?", metavar="OUT", help="output folder (created; must be empty or a resumable run)")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="SRC OUT (SRC: an ImageFolder tree, the official ImageNet archives or the Kaggle layout; OUT: "
+        "created, empty or a resumable run); with --verify: OUT; with --merge: PART_DIR... OUT",
+    )
     p.add_argument(
         "--verify", action="store_true", help="re-read every output of OUT and check it against the manifest"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="join the part folders of a --shard K/N conversion (all N of them) into OUT, without re-encoding",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="convert only part K of N (0 <= K < N) into OUT, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
     )
     p.add_argument("--formats", default="ffcv,wds", help="comma-separated subset of ffcv,wds (default: both)")
     p.add_argument(
@@ -842,10 +1041,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.verify and args.merge:
+        raise DataError("--verify and --merge do not go together: merge first, then verify OUT")
+    if args.merge:
+        if len(args.paths) < 2:
+            raise DataError("--merge takes the part folders and the output: supmae convert --merge PART_DIR... OUT")
+        if args.shard is not None:
+            raise DataError("--merge joins parts; --shard belongs to the conversions that wrote them")
+        manifest = merge(args.paths[:-1], args.paths[-1], strict=False, progress=not args.no_progress)
+        return _strict_exit(args.strict, manifest, args.paths[-1])
     if args.verify:
-        if args.src is None or args.out is not None:
+        if len(args.paths) != 1:
             raise DataError("--verify takes one folder: supmae convert --verify OUT")
-        target = args.src
+        target = args.paths[0]
         if not os.path.isdir(target):
             raise DataError(f"{target} is not a folder")
         problems = verify(target, workers=max(args.workers, 1), progress=not args.no_progress)
@@ -859,11 +1067,15 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"verify {target}: OK")
         return 0
-    if args.src is None or args.out is None:
-        raise DataError("expected SRC and OUT: supmae convert SRC OUT [options] (or: supmae convert --verify OUT)")
+    if len(args.paths) != 2:
+        raise DataError(
+            "expected SRC and OUT: supmae convert SRC OUT [options] "
+            "(or: supmae convert --verify OUT, supmae convert --merge PART_DIR... OUT)"
+        )
+    src, out = args.paths
     manifest = convert(
-        args.src,
-        args.out,
+        src,
+        out,
         formats=_csv(args.formats),
         max_res=args.max_res,
         quality=args.quality,
@@ -874,11 +1086,16 @@ def main(argv: list[str]) -> int:
         strict=False,
         progress=not args.no_progress,
         max_pixels=args.max_pixels,
+        shard=parse_shard(args.shard) if args.shard is not None else None,
     )
-    if args.strict and manifest["skipped"]["count"]:
+    return _strict_exit(args.strict, manifest, out)
+
+
+def _strict_exit(strict: bool, manifest: dict, out: str) -> int:
+    if strict and manifest["skipped"]["count"]:
         print(
-            f"supmae convert: --strict: {manifest['skipped']['count']} input file(s) were not converted "
-            f"(see {os.path.join(args.out, SKIPPED_FILE)})",
+            f"supmae convert: --strict: {manifest['skipped']['count']} input(s) were not converted "
+            f"(see {os.path.join(out, SKIPPED_FILE)})",
             file=sys.stderr,
         )
         return 1
