@@ -30,8 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32,
                          "decoder_num_heads": 2, "cls_hidden_dim": 32})
 LOG_KEYS = {"epoch", "train_lr", "loss", "rec_loss", "cls_loss", "epoch_seconds", "images_per_sec", "step_time_ms",
-            "data_wait_frac", "peak_mem_mb", "device_hours", "elapsed_seconds", "world_size", "device", "steps",
-            "images", "total_epochs"}
+            "data_wait_frac", "data_wait_seconds", "eval_seconds", "checkpoint_seconds", "peak_mem_mb",
+            "device_hours", "elapsed_seconds", "world_size", "device", "steps", "images", "total_epochs",
+            "process_epoch", "flops_per_image"}
 STEP_KEYS = {"step", "epoch", "lr", "loss", "images_per_sec", "data_wait_frac", "elapsed_seconds"}
 
 
