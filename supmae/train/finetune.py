@@ -40,7 +40,6 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars, param_groups_layer_decay
-from timm.utils import accuracy
 from torch import nn
 
 from supmae.config import apply_overrides, from_dict, to_dict
@@ -197,9 +196,11 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp_dtype
             logits = logits.float()
             n = labels.shape[0]
             k = min(5, logits.shape[1])
-            top1, topk = accuracy(logits, labels, topk=(1, k))
+            # Integer counts of correct predictions (not per-batch percentages), so that the sum over
+            # ranks equals a one-process evaluation exactly.
+            hits = logits.topk(k, dim=1).indices.eq(labels[:, None])  # [N, k]
             loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-            sums += torch.stack([loss.double(), top1.double() * n / 100, topk.double() * n / 100,
+            sums += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
                                  torch.tensor(float(n), dtype=torch.float64, device=device)])
     finally:
         model.train(was_training)

@@ -126,8 +126,11 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype | None = None, 
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: measuring at a run's start must not move the run's global RNG streams
+    # (a resumed run would otherwise draw differently from an uninterrupted one).
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     flops_each = 2.0 * n**3
     for _ in range(3):
         torch.mm(a, b)

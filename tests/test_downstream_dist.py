@@ -1,0 +1,130 @@
+"""Fine-tuning, probing and evaluation under torchrun with two CPU ranks (gloo), and their exact resume.
+
+A 5-class dataset with 15 val images, so that two ranks read a padded val split (one repeat on one
+rank): the evaluation must still count each image once and equal a one-process evaluation of the
+same weights. Deterministic CPU mode: a run stopped after one epoch (`--train.epochs_per_run 1`)
+and continued with `--resume auto` ends with the weights of an uninterrupted run, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from supmae.cli import main as cli_main
+from supmae.models import create_model
+from supmae.train.checkpoint import atomic_save, load_checkpoint
+from supmae.train.run_dir import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {"embed_dim": 64, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2,
+         "cls_hidden_dim": 64}
+RECIPES = {"finetune": "tiny_cpu_ft", "linprobe": "tiny_cpu_lin"}
+
+
+@pytest.fixture(scope="module")
+def odd_root(tmp_path_factory) -> str:
+    """5 classes x 12 train / 3 val JPEGs (val: 15, odd: two ranks pad it)."""
+    from tools.synthetic import make_dataset
+
+    return make_dataset(str(tmp_path_factory.mktemp("odd")), train_per_class=12, val_per_class=3, size=32,
+                        num_classes=5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    model = create_model("supmae_vit_tiny_patch4", **SMALL, num_classes=5)
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+    atomic_save({"model": model.state_dict(), "model_args": model.model_args, "epoch": 0}, path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
+def torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "supmae.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, env=_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def job_args(job: str, data: str, ckpt: str, out: str, *extra: str) -> list[str]:
+    return [job, "--recipe", RECIPES[job], "--pretrained", ckpt, "--data.path", data, "--output-dir", out,
+            "--data.pipeline", "torchvision", "--data.num_workers", "1", "--data.batch_size", "8",
+            "--train.epochs", "2", "--train.max_steps_per_epoch", "2", "--train.log_every", "1",
+            "--train.device", "cpu", "--train.cpu_threads", "1", "--train.deterministic", "true",
+            "--optim.warmup_epochs", "0.5", *extra]
+
+
+def evaluate_once(ckpt: str, data: str, out: str) -> dict:
+    assert cli_main(["eval", "--checkpoint", ckpt, "--data.path", data, "--data.num_workers", "1",
+                     "--device", "cpu", "--output-dir", out]) == 0
+    return read_jsonl(os.path.join(out, "log.jsonl"))[-1]
+
+
+def assert_same_weights(a: str, b: str) -> None:
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"{key} differs (max abs {(wa[key] - wb[key]).abs().max()})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("job", "accum"), [("linprobe", "1"), ("finetune", "2")])
+def test_two_ranks_train_evaluate_once_per_sample_and_resume_exactly(odd_root, tiny_ckpt, tmp_path, job, accum):
+    whole, chunked = str(tmp_path / "whole"), str(tmp_path / "chunked")
+    extra = ["--optim.accum_iter", accum]
+    proc = torchrun(job_args(job, odd_root, tiny_ckpt, whole, *extra))
+    # The BatchNorm head's buffers are synchronised before evaluation and saving: the ranks agree.
+    assert "weights identical on all 2 ranks" in proc.stdout
+    rows = read_jsonl(os.path.join(whole, "log.jsonl"))
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["world_size"] == 2 for r in rows)
+    assert sorted(os.listdir(whole)) == ["checkpoint-best.pth", "checkpoint-last.pth", "config.json", "log.jsonl",
+                                         "starts.jsonl", "steps.jsonl"]  # rank 0 alone writes
+
+    # The 2-rank evaluation of the final weights = a 1-process evaluation of the same checkpoint,
+    # which = a 2-rank `supmae eval`: all 15 images, each once.
+    last = os.path.join(whole, "checkpoint-last.pth")
+    single = evaluate_once(last, odd_root, str(tmp_path / "eval1"))
+    assert single["samples"] == 15 and single["world_size"] == 1
+    assert single["test_acc1"] == rows[-1]["test_acc1"] and single["test_acc5"] == rows[-1]["test_acc5"]
+    assert single["test_loss"] == pytest.approx(rows[-1]["test_loss"], rel=1e-6)
+    eval2 = str(tmp_path / "eval2")
+    torchrun(["eval", "--checkpoint", last, "--data.path", odd_root, "--data.num_workers", "1", "--device", "cpu",
+              "--output-dir", eval2])
+    double = read_jsonl(os.path.join(eval2, "log.jsonl"))[-1]
+    assert double["world_size"] == 2 and double["samples"] == 15 and double["test_acc1"] == single["test_acc1"]
+
+    # Stop after one epoch, continue with --resume auto: the weights of the uninterrupted run, bit for bit
+    # (per-rank RNG restored: the fine-tune's random erasing, mixup and drop path draw the same).
+    torchrun(job_args(job, odd_root, tiny_ckpt, chunked, *extra, "--train.epochs_per_run", "1"))
+    assert load_checkpoint(os.path.join(chunked, "checkpoint-last.pth"))["epoch"] == 0
+    torchrun(job_args(job, odd_root, tiny_ckpt, chunked, *extra, "--resume", "auto"))
+    assert_same_weights(last, os.path.join(chunked, "checkpoint-last.pth"))
+    assert [r["epoch"] for r in read_jsonl(os.path.join(chunked, "log.jsonl"))] == [0, 1]
+    assert len(read_jsonl(os.path.join(chunked, "starts.jsonl"))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["finetune", "linprobe"])
+def test_one_process_resume_is_exact(odd_root, tiny_ckpt, tmp_path, job):
+    whole, chunked = str(tmp_path / "whole"), str(tmp_path / "chunked")
+    assert cli_main(job_args(job, odd_root, tiny_ckpt, whole)) == 0
+    assert cli_main(job_args(job, odd_root, tiny_ckpt, chunked, "--train.epochs_per_run", "1")) == 0
+    assert cli_main(job_args(job, odd_root, tiny_ckpt, chunked, "--resume", "auto")) == 0
+    assert_same_weights(os.path.join(whole, "checkpoint-last.pth"), os.path.join(chunked, "checkpoint-last.pth"))
