@@ -138,3 +138,30 @@ def test_compile_auto_is_off_on_the_cpu_and_says_why():
     assert "CUDA" in resolve_compile("auto", torch.device("cpu"))[1]
     assert resolve_compile("on", torch.device("cpu")) == (True, "")
     assert resolve_compile("off", torch.device("cpu")) == (False, "--train.compile off")
+
+
+@pytest.fixture(scope="module")
+def converted(synthetic_root, tmp_path_factory) -> str:
+    from tools.convert import convert
+
+    out = str(tmp_path_factory.mktemp("converted"))
+    convert(synthetic_root, out, max_res=64, workers=2, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_cpu_threads_survive_the_ffcv_loader(converted, tmp_path, monkeypatch):
+    """FFCV's Loader sets torch's thread count to its worker count; --train.cpu_threads must win."""
+    seen: list[int] = []
+    real_micro = steps_mod.PretrainStep.micro
+
+    def micro(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_micro(self, *args, **kwargs)
+
+    monkeypatch.setattr(steps_mod.PretrainStep, "micro", micro)
+    argv = pretrain_argv(converted, str(tmp_path / "ffcv"), 1, 2)
+    argv[argv.index("--data.pipeline") + 1] = "ffcv"
+    argv[argv.index("--train.cpu_threads") + 1] = "2"  # the loader's 1 worker would make it 1
+    assert cli_main(argv) == 0
+    assert seen == [2, 2]
