@@ -192,7 +192,11 @@ def test_cli_refuses_unsafe_and_pretraining_checkpoints(tmp_path, capsys, synthe
     assert "is a pretraining checkpoint" in capsys.readouterr().err
 
 
-def test_unknown_head_count_asks_for_a_model_name():
+def test_unknown_head_count_asks_for_a_model_name_unless_the_checkpoint_declares_it():
     src = small_supmae(embed_dim=40, num_heads=2)
+    assert infer_encoder_args(src.state_dict())["num_heads"] is None
     with pytest.raises(UserError, match="--model NAME"):
-        infer_encoder_args(src.state_dict())
+        encoder_args_from_checkpoint({"model": src.state_dict()}, log=lambda _msg: None)
+    # Our checkpoints carry model_args: the declared head count is used, whatever the width.
+    declared = encoder_args_from_checkpoint({"model": src.state_dict(), "model_args": src.model_args})
+    assert declared["num_heads"] == 2 and declared["embed_dim"] == 40

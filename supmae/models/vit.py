@@ -135,7 +135,8 @@ def infer_encoder_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Encoder hyper-parameters read off a (reference-layout) state dict's shapes.
 
     The head count is not visible in any shape; it is taken from the standard ViT widths, or
-    width / 64 otherwise. `UserError` when the state dict is not a ViT encoder.
+    width / 64 otherwise, and is None for other widths (the caller needs a declared value then).
+    `UserError` when the state dict is not a ViT encoder.
     """
     need = ("patch_embed.proj.weight", "pos_embed", "cls_token")
     absent = [k for k in need if k not in state]
@@ -154,15 +155,11 @@ def infer_encoder_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     depth = max(blocks) + 1
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     mlp_ratio = float(fc1.shape[0]) / embed_dim if fc1 is not None else 4.0
+    heads: int | None = None  # None: not readable off the weights; a declared value must supply it
     if embed_dim in KNOWN_HEADS:
         heads = KNOWN_HEADS[embed_dim]
     elif embed_dim % 64 == 0:
         heads = embed_dim // 64
-    else:
-        raise UserError(
-            f"cannot tell the number of attention heads of a width-{embed_dim} encoder from its weights: "
-            "pass --model NAME (a supmae model name) or use a checkpoint with 'model_args'"
-        )
     n_tokens = int(state["pos_embed"].shape[1]) - 1
     grid = math.isqrt(n_tokens)
     return {
@@ -210,6 +207,11 @@ def encoder_args_from_checkpoint(ckpt: dict[str, Any], model_name: str = "", log
     out = dict(inferred)
     if declared is not None:
         out.update({k: declared[k] for k in ENCODER_KEYS if k in declared})
+    if out["num_heads"] is None:
+        raise UserError(
+            f"cannot tell the number of attention heads of a width-{out['embed_dim']} encoder from its weights: "
+            "pass --model NAME (a supmae model name) or use a checkpoint with 'model_args'"
+        )
     else:
         log(
             f"note: no model_args in the checkpoint; encoder inferred from its weights: width {out['embed_dim']}, "
@@ -300,6 +302,11 @@ def downstream_args_from_state(state: dict[str, torch.Tensor]) -> dict[str, Any]
     e.g. a reference fine-tuned checkpoint: a probe has `head.1.weight` behind a BatchNorm, a
     fine-tuned global-pool model has `fc_norm.*`."""
     enc = infer_encoder_args(state)
+    if enc["num_heads"] is None:
+        raise UserError(
+            f"cannot tell the number of attention heads of a width-{enc['embed_dim']} encoder from its weights: "
+            "use a checkpoint with 'vit_args' (ours) or a standard ViT width"
+        )
     probe = "head.1.weight" in state
     head_w = state.get("head.1.weight" if probe else "head.weight")
     if head_w is None:
