@@ -97,6 +97,52 @@ def test_two_gloo_ranks(tmp_path):
         assert r["after_shutdown"] is False
 
 
+def _no_shared_fs_worker(rank: int, port: int, out_dir: str) -> None:
+    """Rank 0 sees the run directory and checkpoints; rank 1 is given paths that do not exist on its
+    "node": it must receive rank 0's decision and files, and never look at its own disk."""
+    from supmae.train.engine import decide_resume, gather_rng, load_on_main, restore_rank_rng
+    from supmae.train.run_dir import RunDir
+
+    _set_env(rank, 2, port)
+    torch.set_num_threads(1)
+    here = out_dir if rank == 0 else os.path.join(out_dir, "not-on-this-node")
+    result: dict = {}
+    with D.distributed("cpu", timeout_s=60) as info:
+        path, ckpt = decide_resume("auto", RunDir(os.path.join(here, "run"), writer=info.is_main), info, print)
+        result["resume"] = [os.path.basename(path), ckpt["epoch"], ckpt["model"]["w"].tolist()]
+        result["pretrained"] = load_on_main(os.path.join(here, "pretrained.pth"), info)["model"]["w"].tolist()
+        try:
+            load_on_main(os.path.join(here, "corrupt.pth"), info)
+        except UserError as exc:
+            result["refusal"] = str(exc)
+        # Per-rank RNG: each rank gets its own state back from the gathered dict.
+        torch.manual_seed(100 + rank)
+        saved = gather_rng(info.device)
+        expected = torch.rand(3).tolist()
+        torch.manual_seed(7)
+        restore_rank_rng(saved, info.rank, info.world_size, info.device)
+        result["rng"] = [len(saved["by_rank"]), torch.rand(3).tolist() == expected, expected]
+    with open(os.path.join(out_dir, f"nfs{rank}.json"), "w", encoding="utf-8") as fh:
+        json.dump(result, fh)
+
+
+@pytest.mark.slow
+def test_only_rank_0_reads_checkpoints_and_a_rank_without_the_run_dir_is_fine(tmp_path):
+    from supmae.train.checkpoint import atomic_save
+
+    atomic_save({"model": {"w": torch.tensor([1.0, 2.0])}, "epoch": 3}, str(tmp_path / "run" / "checkpoint-last.pth"))
+    atomic_save({"model": {"w": torch.tensor([5.0])}}, str(tmp_path / "pretrained.pth"))
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    mp.spawn(_no_shared_fs_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "nfs0.json").read_text())
+    r1 = json.loads((tmp_path / "nfs1.json").read_text())
+    assert r0["resume"] == r1["resume"] == ["checkpoint-last.pth", 3, [1.0, 2.0]]
+    assert r0["pretrained"] == r1["pretrained"] == [5.0]
+    # Rank 0's own one-line message (naming its file) on both ranks.
+    assert r0["refusal"] == r1["refusal"] and str(tmp_path / "corrupt.pth") in r0["refusal"]
+    assert r0["rng"][:2] == r1["rng"][:2] == [2, True] and r0["rng"][2] != r1["rng"][2]
+
+
 def _lonely_rank(port: int, out_dir: str) -> None:
     _set_env(0, 2, port)  # a world of two where the second never comes
     t0 = time.monotonic()
