@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "visualize": ("supmae.visualize:main", "PNG grid of masked inputs and reconstructions"),
     "bench": ("benchmarks.cli:main", "benchmarks: loaders, step, table1"),
     "report": ("supmae.report:main", "cost report of a pretrain / finetune / linprobe run directory"),
+    "doctor": ("supmae.doctor:main", "measure this machine for a recipe: data- or compute-bound, what to use, cost"),
 }
 
 

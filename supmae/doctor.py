@@ -1,0 +1,706 @@
+"""`supmae doctor`: what will a recipe cost on this machine, and what will slow it down.
+
+    supmae doctor --data DIR [--recipe NAME] [--device auto|cpu|cuda] [--out DIR]
+                  [--price-per-gpu-hour P] [--machines N] [--workers 1,2,4] [--seconds S]
+                  [--pipelines ffcv,dali,torchvision] [--num-images N] [--section.key VALUE ...]
+
+It measures, in a few minutes:
+- the machine (psutil): physical and usable cores, memory, whether the dataset fits in the page
+  cache (so the advice on FFCV's `os_cache` rests on a number);
+- every pipeline's delivered images/s at the recipe's resolution and per-device batch, at a few
+  worker counts up to the cores one rank may use (`pipelines.build_pipeline`, the training
+  augmentation, nothing consuming the batches); a pipeline that cannot run here is listed with why;
+- the read throughput of the dataset's files (after asking the kernel to drop them from the page
+  cache, so it is close to a cold read where the kernel obliges);
+- the recipe's training step on the device: the trainer's own step (`build_pretrain_step`:
+  precision, TF32 and compile as `supmae pretrain` resolves them) on synthetic device tensors, so
+  the step's rate is the compute alone; the matmul peak of the device in the step's precision, and
+  the counted FLOPs per image, hence MFU;
+- the batch that fits memory: on CUDA by trying doubling batches until one runs out of memory (or
+  a limit); on the CPU from the process's peak resident memory at two batch sizes (memory = fixed
+  + per image x batch) and the memory psutil reports available.
+
+Then the verdict: data-bound exactly when the best loader delivers fewer images/s than the step
+consumes; the pipeline and worker count to use; and the projected wall-clock, device-hours and
+money of the recipe's full length on this machine and on N such machines (ideal scaling: the
+gradient all-reduce between machines is not measured). Writes doctor.md and doctor.json.
+
+Dotted overrides after the options change the recipe as they do for `supmae pretrain`
+(`--data.batch_size 128`, `--model.kwargs '{"depth": 2}'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from supmae.errors import UserError
+
+# The torchvision baseline first: its DataLoader forks worker processes, which must not happen while
+# FFCV's compiled thread pool (numba) is alive in this process (benchmarks/loaders.py measured FFCV at
+# half speed in that order).
+PIPELINE_ORDER = ("torchvision", "dali", "ffcv")
+# A loader must deliver this much more than the step consumes to count as keeping up with fewer
+# workers: epoch-to-epoch jitter and the cores the step itself needs on a CPU.
+HEADROOM = 1.2
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; os.cpu_count() where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores and memory of this machine (psutil)."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {
+        "host": platform.node(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "usable_cores": usable_cores(),
+        "memory_total_bytes": int(vm.total),
+        "memory_available_bytes": int(vm.available),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def default_workers(cores: int) -> list[int]:
+    """1, 2, 4, ... up to `cores`, and `cores` itself."""
+    out, w = [], 1
+    while w < cores:
+        out.append(w)
+        w *= 2
+    out.append(max(1, cores))
+    return sorted(set(out))
+
+
+def parse_workers(text: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--workers must be comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 0:
+        raise UserError(f"--workers needs non-negative worker counts, got {text!r}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+def dataset_files(path: str, split: str) -> dict[str, tuple[list[str], str | None]]:
+    """Per pipeline: the files it reads for `split` (and None), or no files and why not."""
+    from pipelines.base import ConvertedDataset, is_converted
+    from pipelines.constants import beton_path, wds_dir
+
+    def tree(root: str) -> list[str]:
+        return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+
+    out: dict[str, tuple[list[str], str | None]] = {}
+    if not is_converted(path):
+        split_dir = os.path.join(path, split)
+        found = tree(split_dir) if os.path.isdir(split_dir) else []
+        out["torchvision"] = (found, None if found else f"no {split}/ folder in {path}")
+        for kind in ("ffcv", "dali"):
+            out[kind] = ([], f"{path} is not a converted dataset (run 'supmae convert')")
+        return out
+    ds = ConvertedDataset(path)
+    beton = beton_path(ds.root, split)
+    out["ffcv"] = ([beton], None) if os.path.isfile(beton) else ([], (f"no {os.path.relpath(beton, ds.root)} "
+                                                                  "(converted without the ffcv format?)"))
+    shards = wds_dir(ds.root, split)
+    tars = [f for f in tree(shards) if f.endswith(".tar")] if os.path.isdir(shards) else []
+    out["dali"] = (tars, None) if tars else ([], f"no webdataset shards in {os.path.relpath(shards, ds.root)}")
+    src = ds.source_root
+    raw = os.path.join(src, split) if src else ""
+    found = tree(raw) if raw and os.path.isdir(raw) else []
+    out["torchvision"] = (found, None) if found else ([], (f"the raw JPEG tree the manifest names ({raw or 'none'}) "
+                                                        "is not here"))
+    return out
+
+
+def dataset_facts(path: str, split: str) -> tuple[int, int]:
+    """(images in `split`, classes) of a converted dataset or an ImageFolder root."""
+    from pipelines.base import ConvertedDataset, is_converted
+
+    if is_converted(path):
+        ds = ConvertedDataset(path)
+        return ds.count(split), len(ds.classes)
+    root = os.path.join(path, split)
+    if not os.path.isdir(root):
+        raise UserError(f"--data {path}: neither a converted dataset nor an ImageFolder root with {split}/")
+    classes = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+    count = sum(len(files) for _, _, files in os.walk(root))
+    return count, len(classes)
+
+
+def measure_read(files: list[str], seconds: float) -> dict[str, Any]:
+    """Sequential read throughput of `files` for about `seconds`, after asking the kernel to drop their
+    cached pages (POSIX_FADV_DONTNEED; honoured for clean pages, so close to a cold read)."""
+    chunk = 8 << 20
+    total = sum(os.path.getsize(f) for f in files)
+    dropped = hasattr(os, "posix_fadvise")
+    done, t0 = 0, time.perf_counter()
+    deadline = t0 + seconds
+    for name in files:
+        with open(name, "rb", buffering=0) as fh:
+            if dropped:
+                try:
+                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    dropped = False
+            while True:
+                block = fh.read(chunk)
+                if not block:
+                    break
+                done += len(block)
+                if time.perf_counter() > deadline:
+                    break
+        if time.perf_counter() > deadline:
+            break
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    return {"bytes_read": done, "seconds": elapsed, "mb_per_sec": done / elapsed / 1e6, "dataset_bytes": total,
+            "cache_dropped_first": dropped}
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+def _endless(pipe: Any) -> Iterator[Any]:
+    while True:  # successive epochs, each with its own order, as in training
+        yield from pipe
+
+
+def measure_loader(kind: str, data: str, cfg: Any, device: Any, workers: int, seconds: float,
+                   warmup_batches: int = 2) -> dict[str, Any]:
+    """Images/s one pipeline delivers with `workers` workers: built, warmed up, then timed for about
+    `seconds` (at least 2 batches), with the recipe's batch, resolution and training augmentation."""
+    import torch
+
+    from pipelines import build_pipeline
+
+    t0 = time.perf_counter()
+    pipe = build_pipeline(kind, data, split=cfg.data.train_split, batch_size=cfg.data.batch_size,
+                          img_size=cfg.data.img_size, device=device, seed=cfg.seed, num_workers=workers, train=True,
+                          scale=(cfg.data.scale_min, 1.0), color_jitter=cfg.data.color_jitter,
+                          randaugment=cfg.data.randaugment or None, os_cache=cfg.data.os_cache,
+                          batches_ahead=cfg.data.batches_ahead)
+    build = time.perf_counter() - t0
+    stream = _endless(pipe)
+    cuda = torch.device(device).type == "cuda"
+    try:
+        t0 = time.perf_counter()
+        for _ in range(warmup_batches):
+            next(stream)
+        warm = time.perf_counter() - t0
+        images, batches = 0, 0
+        t0 = time.perf_counter()
+        while batches < 2 or time.perf_counter() - t0 < seconds:
+            _, labels = next(stream)
+            images += int(labels.shape[0])
+            batches += 1
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    finally:
+        stream.close()
+        del stream, pipe
+        gc.collect()
+    return {"pipeline": kind, "workers": workers, "images_per_sec": images / elapsed, "available": True,
+            "reason": "", "batches": batches, "seconds": elapsed, "build_seconds": build, "warmup_seconds": warm}
+
+
+def measure_loaders(data: str, cfg: Any, device: Any, kinds: list[str], workers: list[int], seconds: float,
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every pipeline at every worker count; a pipeline that cannot run is one row with its reason."""
+    from pipelines import available
+    from pipelines.errors import DataError
+
+    files = dataset_files(data, cfg.data.train_split)
+    rows: list[dict[str, Any]] = []
+    for kind in sorted(kinds, key=PIPELINE_ORDER.index):
+        reason = available(kind) or files[kind][1]
+        if reason:
+            rows.append({"pipeline": kind, "workers": None, "images_per_sec": None, "available": False,
+                         "reason": reason})
+            log(f"[doctor] {kind}: cannot run here: {reason}")
+            continue
+        for w in workers:
+            log(f"[doctor] {kind} with {w} worker(s): build, warm up, time {seconds:g} s")
+            try:
+                rows.append(measure_loader(kind, data, cfg, device, w, seconds))
+            except (DataError, UserError) as exc:
+                rows.append({"pipeline": kind, "workers": w, "images_per_sec": None, "available": False,
+                             "reason": str(exc)})
+                log(f"[doctor] {kind}: cannot run here: {exc}")
+                break
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+
+class PeakRss:
+    """Peak resident memory of this process while the block runs, sampled every few milliseconds
+    (ru_maxrss is the whole process's lifetime peak, which earlier loaders may already have set)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:  # noqa: PYI034 (typing.Self needs Python 3.11; we support 3.10)
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _sync(device: Any) -> None:
+    from supmae.train.metrics import synchronize
+
+    synchronize(device)
+
+
+def _batch(batch: int, img_size: int, num_classes: int, device: Any) -> tuple[Any, Any]:
+    import torch
+
+    imgs = torch.randn(batch, 3, img_size, img_size, device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    return imgs, labels
+
+
+def measure_step(cfg: Any, device: Any, num_classes: int, accum: int, seconds: float) -> tuple[dict[str, Any], Any]:
+    """Images/s of the trainer's step at the recipe's per-device batch, on synthetic device tensors.
+
+    One optimiser step is `accum` micro-batches and an update; the micro-batch and the update are
+    timed apart (after untimed warm-up calls, which also compile), so the rate is
+    accum x batch / (accum x t_micro + t_update) without running a whole accumulation cycle."""
+    from supmae.train.steps import build_pretrain_step
+
+    batch, size = cfg.data.batch_size, cfg.data.img_size
+    step = build_pretrain_step(cfg, device, num_classes, accum=accum)
+    imgs, labels = _batch(batch, size, num_classes, device)
+    small = max(2, batch // 2)
+    mem: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if device.type == "cpu" and small < batch:
+        # Peak resident memory at two batch sizes gives memory = fixed + per image x batch. The
+        # smaller first: the allocator keeps what the larger one took, which would hide the smaller's.
+        s_imgs, s_labels = _batch(small, size, num_classes, device)
+        with PeakRss() as m_small:
+            step.micro(s_imgs, s_labels)
+            step.update()
+        del s_imgs, s_labels
+        with PeakRss() as m_full:
+            step.micro(imgs, labels)
+            step.update()
+        mem = {"rss_small_batch": small, "rss_peak_small": m_small.peak, "rss_peak_full": m_full.peak}
+    else:
+        step.micro(imgs, labels)
+        step.update()
+    _sync(device)
+    warmup = time.perf_counter() - t0
+    n, t0 = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - t0 < seconds:
+        step.micro(imgs, labels)
+        n += 1
+    _sync(device)
+    t_micro = (time.perf_counter() - t0) / n
+    updates = []
+    for _ in range(2):
+        _sync(device)
+        t0 = time.perf_counter()
+        step.update()
+        _sync(device)
+        updates.append(time.perf_counter() - t0)
+        step.micro(imgs, labels)
+    step.update()
+    t_update = min(updates)
+    ips = accum * batch / (accum * t_micro + t_update)
+    return {"images_per_sec": ips, "micro_seconds": t_micro, "update_seconds": t_update, "micro_batches": n,
+            "accum": accum, "batch_size": batch, "warmup_seconds": warmup, "precision": step.precision,
+            "compiled": bool(step.compiled), "compile_reason": step.compile_reason, **mem}, step
+
+
+def probe_cuda_batch(step: Any, cfg: Any, device: Any, num_classes: int, limit: int) -> dict[str, Any]:
+    """Doubling batches from the recipe's until one runs out of memory or `limit` is reached."""
+    import torch
+
+    size, batch, fits = cfg.data.img_size, cfg.data.batch_size, None
+    peak_mb = None
+    while batch <= limit:
+        try:
+            torch.cuda.reset_peak_memory_stats(device)
+            imgs, labels = _batch(batch, size, num_classes, device)
+            step.micro(imgs, labels)
+            step.update()
+            torch.cuda.synchronize(device)
+            fits, peak_mb = batch, torch.cuda.max_memory_allocated(device) / 2**20
+            del imgs, labels
+        except torch.cuda.OutOfMemoryError:
+            step.optimizer.zero_grad(set_to_none=True)
+            break
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+        batch *= 2
+    oom = batch <= limit
+    how = (f"ran doubling batches on {torch.cuda.get_device_name(device)}: {fits} fit"
+           + (f", {batch} ran out of memory" if oom else f" (stopped at the limit {limit}, none ran out)"))
+    return {"max_batch": fits, "method": how, "peak_mem_mb_at_max": peak_mb, "hit_oom": oom}
+
+
+def estimate_cpu_batch(step_row: dict[str, Any], batch: int) -> dict[str, Any]:
+    """The batch that fits the memory psutil reports available, from the two measured peaks."""
+    import psutil
+
+    small, p_small, p_full = step_row.get("rss_small_batch"), step_row.get("rss_peak_small"), \
+        step_row.get("rss_peak_full")
+    if not small or p_small is None or p_full is None:
+        return {"max_batch": None, "method": "not estimated (the recipe's batch is too small to measure two sizes)"}
+    per_image = (p_full - p_small) / (batch - small)
+    available = psutil.virtual_memory().available
+    if per_image <= 0:
+        return {"max_batch": None, "per_image_bytes": per_image, "available_bytes": available,
+                "method": f"not estimated: the peak resident memory did not grow from batch {small} to {batch}"}
+    # What the process holds at the larger batch is already resident; the rest of the available
+    # memory, less 10 % for the loaders and the allocator's slack, can hold more images.
+    extra = int(0.9 * available / per_image)
+    return {"max_batch": batch + extra, "per_image_bytes": per_image, "available_bytes": available,
+            "method": (f"peak resident memory {p_small / 2**20:.0f} MiB at batch {small} and {p_full / 2**20:.0f} MiB "
+                       f"at batch {batch}: {per_image / 2**20:.2f} MiB per image; 90% of the {available / 2**30:.1f} "
+                       f"GiB psutil reports available holds {extra} more")}
+
+
+# ---------------------------------------------------------------------------------------------- verdict
+
+
+def verdict(loaders: list[dict[str, Any]], step_ips: float) -> dict[str, Any]:
+    """bound ("data" exactly when the best loader delivers fewer images/s than the step consumes), by how
+    much, and the pipeline and worker count to use: the fewest workers (then the fastest) that deliver
+    HEADROOM x the step's rate, else the best loader."""
+    ok = [r for r in loaders if r.get("available") and r.get("images_per_sec")]
+    if not ok:
+        raise UserError("no pipeline could run here (see the reasons in the loader table)")
+    best = max(ok, key=lambda r: r["images_per_sec"])
+    bound = "data" if best["images_per_sec"] < step_ips else "compute"
+    keeping_up = [r for r in ok if r["images_per_sec"] >= HEADROOM * step_ips]
+    if keeping_up:
+        rec = min(keeping_up, key=lambda r: (r["workers"], -r["images_per_sec"]))
+        why = (f"the fewest workers that deliver {HEADROOM:g}x what the step consumes "
+               f"({rec['images_per_sec']:.0f} >= {HEADROOM:g} x {step_ips:.0f} images/s)")
+    else:
+        rec = best
+        why = "the fastest loader measured" + (" (none keeps up with the step)" if bound == "data" else
+                                               f" (none has {HEADROOM:g}x headroom)")
+    factor = step_ips / best["images_per_sec"] if bound == "data" else best["images_per_sec"] / step_ips
+    return {"bound": bound, "factor": factor, "best": {"pipeline": best["pipeline"], "workers": best["workers"],
+                                                       "images_per_sec": best["images_per_sec"]},
+            "recommendation": {"pipeline": rec["pipeline"], "workers": rec["workers"],
+                               "images_per_sec": rec["images_per_sec"], "why": why},
+            "rate": min(rec["images_per_sec"], step_ips)}
+
+
+def projection(epochs: int, images_per_epoch: int, rate: float, devices: int, machines: int,
+               price: float | None) -> dict[str, Any]:
+    """Wall-clock and device-hours of `epochs` epochs at `rate` images/s per device."""
+    wall = epochs * images_per_epoch / (rate * devices) / 3600.0
+    device_hours = wall * devices
+    n_wall = wall / machines
+    return {"epochs": epochs, "images_per_epoch": images_per_epoch, "images_per_sec_per_device": rate,
+            "devices": devices, "wall_hours": wall, "device_hours": device_hours,
+            "cost": device_hours * price if price is not None else None, "machines": machines,
+            "wall_hours_on_machines": n_wall, "device_hours_on_machines": device_hours,
+            "cost_on_machines": device_hours * price if price is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _resolve_device(name: str) -> Any:
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible here")
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
+
+
+def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "auto", out: str | None = None,
+               price_per_gpu_hour: float | None = None, machines: int = 1, workers: list[int] | None = None,
+               seconds: float = 3.0, pipelines: list[str] | None = None, num_images: int | None = None,
+               overrides: list[str] | None = None, batch_limit: int = 4096,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure this machine for `recipe` on `data`; write doctor.md and doctor.json into `out` (when
+    given) and return the JSON's content."""
+    import torch
+
+    from pipelines import KINDS
+    from supmae.config import apply_overrides
+    from supmae.models.flops import training_flops_per_image
+    from supmae.recipes import get_recipe, list_recipes
+    from supmae.train.metrics import device_name, measure_matmul_peak
+    from supmae.train.pretrain import resolve_accumulation
+
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data} is not a directory")
+    if machines < 1:
+        raise UserError(f"--machines must be >= 1, got {machines}")
+    if num_images is not None and num_images < 1:
+        raise UserError(f"--num-images must be positive, got {num_images}")
+    if seconds <= 0:
+        raise UserError(f"--seconds must be positive, got {seconds}")
+    if price_per_gpu_hour is not None and price_per_gpu_hour < 0:
+        raise UserError(f"--price-per-gpu-hour must not be negative, got {price_per_gpu_hour}")
+    if recipe not in list_recipes("pretrain") and recipe in list_recipes():
+        raise UserError(f"--recipe {recipe} is a fine-tuning / probing recipe; the doctor measures pretraining "
+                        "recipes (see 'supmae pretrain --list-recipes')")
+    kinds = pipelines or list(KINDS)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"--pipelines: unknown pipeline(s) {', '.join(unknown)} (known: {', '.join(KINDS)})")
+    cfg = get_recipe(recipe, "pretrain")
+    apply_overrides(cfg, list(overrides or []))
+    cfg.data.path = data
+    dev = _resolve_device(device)
+    devices = torch.cuda.device_count() if dev.type == "cuda" else 1
+    t_all = time.perf_counter()
+    threads = torch.get_num_threads()
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    try:
+        machine = machine_info()
+        cores_per_rank = max(1, machine["usable_cores"] // devices)
+        worker_counts = workers if workers is not None else default_workers(cores_per_rank)
+        count, num_classes = dataset_facts(data, cfg.data.train_split)
+        files = dataset_files(data, cfg.data.train_split)
+
+        loaders = measure_loaders(data, cfg, dev, kinds, worker_counts, seconds, log)
+
+        log(f"[doctor] training step of {recipe} on {device_name(dev)}, batch {cfg.data.batch_size}")
+        try:
+            accum = resolve_accumulation(cfg.optim, cfg.data.batch_size, devices)
+            accum_note = ""
+        except UserError as exc:
+            accum, accum_note = cfg.optim.accum_iter, f"accumulation {cfg.optim.accum_iter} used: {exc}"
+        step_row, step = measure_step(cfg, dev, num_classes, accum, seconds)
+        flops = training_flops_per_image(step.core, mask_ratio=cfg.model.mask_ratio)["total"]
+        peak_dtype = step.amp_dtype or torch.float32
+        peak = measure_matmul_peak(dev, peak_dtype, seconds=min(1.0, seconds))
+        step_row.update({"flops_per_image": flops, "peak_flops": peak, "peak_dtype": str(peak_dtype).split(".")[-1],
+                         "mfu": flops * step_row["images_per_sec"] / peak, "accum_note": accum_note})
+        memory = (probe_cuda_batch(cfg, dev, num_classes, batch_limit) if dev.type == "cuda"
+                  else estimate_cpu_batch(step_row, cfg.data.batch_size))
+        del step
+        gc.collect()
+
+        log("[doctor] read throughput of the dataset's files")
+        reads: dict[str, Any] = {}
+        for kind in kinds:
+            names, why = files[kind]
+            reads[kind] = measure_read(names, min(seconds, 5.0)) if names else {"reason": why}
+            if names:
+                reads[kind]["images_per_sec"] = (reads[kind]["mb_per_sec"] * 1e6 /
+                                                 (reads[kind]["dataset_bytes"] / max(count, 1)))
+    finally:
+        torch.set_num_threads(threads)
+
+    v = verdict(loaders, step_row["images_per_sec"])
+    rec = v["recommendation"]["pipeline"]
+    size = reads.get(rec, {}).get("dataset_bytes")
+    fits = size is not None and size < 0.8 * machine["memory_available_bytes"]
+    cache = {"dataset_bytes": size, "pipeline": rec, "fits_page_cache": fits if size is not None else None,
+             "recipe_os_cache": cfg.data.os_cache,
+             "advice": (("os_cache on: the files fit in memory, so FFCV maps them once and later epochs read RAM"
+                         if fits else "os_cache off: the files exceed the available memory, so mapping them whole "
+                         "would thrash; FFCV's own quasi-random reading with its page pool is the better path")
+                        if size is not None else "n/a")}
+    epochs = cfg.train.planned_epochs or cfg.train.epochs
+    per_epoch = num_images if num_images is not None else (count // (cfg.data.batch_size * devices)) * \
+        cfg.data.batch_size * devices
+    proj = projection(epochs, per_epoch, v["rate"], devices, machines, price_per_gpu_hour)
+    result = {
+        "data": os.path.abspath(data),
+        "recipe": recipe,
+        "overrides": list(overrides or []),
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "devices": devices,
+        "machine": machine,
+        "workers_tried": worker_counts,
+        "seconds_per_measurement": seconds,
+        "dataset": {"images": count, "classes": num_classes, "split": cfg.data.train_split},
+        "loaders": loaders,
+        "read": reads,
+        "page_cache": cache,
+        "step": step_row,
+        "memory": memory,
+        "bound": v["bound"],
+        "factor": v["factor"],
+        "best_loader": v["best"],
+        "recommendation": v["recommendation"],
+        "projection": proj,
+        "price_per_gpu_hour": price_per_gpu_hour,
+        "doctor_seconds": time.perf_counter() - t_all,
+    }
+    if out:
+        os.makedirs(out, exist_ok=True)
+        result["doctor_md"] = os.path.join(out, "doctor.md")
+        result["doctor_json"] = os.path.join(out, "doctor.json")
+        with open(result["doctor_md"], "w", encoding="utf-8") as fh:
+            fh.write(render_markdown(result))
+        with open(result["doctor_json"], "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _hours(h: float) -> str:
+    """Hours, with seconds beside them when they are few (a tiny recipe's projection)."""
+    return f"{h:.3f} h" if h >= 0.1 else f"{h:.4f} h ({h * 3600:.1f} s)"
+
+
+def _f(x: Any, spec: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    m, s, p, v = r["machine"], r["step"], r["projection"], r["recommendation"]
+    step_ips = s["images_per_sec"]
+    if r["bound"] == "data":
+        verdict_line = (f"**Data-bound**: the best loader ({r['best_loader']['pipeline']}, "
+                        f"{r['best_loader']['workers']} workers) delivers {r['best_loader']['images_per_sec']:,.0f} "
+                        f"images/s, the step could consume {step_ips:,.0f}: {r['factor']:.2f}x more.")
+    else:
+        verdict_line = (f"**Compute-bound**: the step consumes {step_ips:,.0f} images/s and the best loader "
+                        f"({r['best_loader']['pipeline']}, {r['best_loader']['workers']} workers) delivers "
+                        f"{r['best_loader']['images_per_sec']:,.0f}: {r['factor']:.2f}x headroom.")
+    lines = [
+        f"# supmae doctor: `{r['recipe']}` on {r['device']} x {r['devices']}",
+        "",
+        verdict_line,
+        "",
+        f"- use: `--data.pipeline {v['pipeline']} --data.num_workers {v['workers']}` ({v['why']})",
+        (f"- batch that fits memory: {_f(r['memory'].get('max_batch'), ',')} per device ({r['memory']['method']}); "
+        f"the recipe uses {s['batch_size']}"),
+        (f"- FFCV os_cache: {r['page_cache']['advice']} (dataset {_f(r['page_cache']['dataset_bytes'], ',')} bytes, "
+        f"{m['memory_available_bytes'] / 2**30:.1f} GiB available; the recipe says {r['page_cache']['recipe_os_cache']})"),
+        (f"- projected {p['epochs']} epochs of {p['images_per_epoch']:,} images at {p['images_per_sec_per_device']:,.0f}"
+         f" images/s per device: {_hours(p['wall_hours'])} wall-clock, {p['device_hours']:.4f} device-hours"
+         + (f", {p['cost']:,.2f} at {r['price_per_gpu_hour']:g} per device-hour" if p["cost"] is not None else "")
+         + " on this machine"),
+        (f"- on {p['machines']} such machines: {_hours(p['wall_hours_on_machines'])} wall-clock, "
+         f"{p['device_hours_on_machines']:.4f} device-hours"
+         + (f", {p['cost_on_machines']:,.2f}" if p["cost_on_machines"] is not None else "")
+         + " (ideal scaling: the all-reduce between machines is not measured)"
+         if p["machines"] > 1 else "- on N such machines: pass --machines N"),
+        ("- not in the projection: evaluation, checkpointing, start-up and the first epoch's compilation "
+        "(`supmae report` of a real run measures them)"),
+    ]
+    if r["device_type"] == "cpu":
+        lines.append("- on the CPU the loader's workers and the step share the same cores; measured apart, so a "
+                     "training run gets somewhat less of both")
+    lines += [
+        "",
+        "## Machine",
+        "",
+        (f"{m['physical_cores']} physical cores ({m['logical_cores']} logical, {m['usable_cores']} usable by this "
+         f"process), {m['memory_total_bytes'] / 2**30:.1f} GiB memory ({m['memory_available_bytes'] / 2**30:.1f} GiB "
+         f"available), load average {_f(m['load_average'][0] if m['load_average'] else None, '.2f')}; dataset "
+         f"{r['dataset']['images']:,} images in {r['dataset']['classes']} classes."),
+        "",
+        "## Loaders (images/s delivered, training augmentation, nothing consuming)",
+        "",
+        "| pipeline | workers | images/s | vs the step | build s | warm-up s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r["loaders"]:
+        if not row["available"]:
+            lines.append(f"| {row['pipeline']} | {_f(row['workers'], 'd')} | cannot run here: {row['reason']} | | | |")
+            continue
+        lines.append(f"| {row['pipeline']} | {row['workers']} | {row['images_per_sec']:,.1f} | "
+                     f"{row['images_per_sec'] / step_ips:.2f}x | {row['build_seconds']:.1f} | "
+                     f"{row['warmup_seconds']:.1f} |")
+    lines += [
+        "",
+        "## Training step",
+        "",
+        (f"{step_ips:,.1f} images/s at batch {s['batch_size']} x {s['accum']} accumulation "
+         f"({s['micro_seconds'] * 1e3:.1f} ms per micro-batch, {s['update_seconds'] * 1e3:.1f} ms per update); "
+         f"precision {s['precision']}, compiled {'yes' if s['compiled'] else 'no (' + s['compile_reason'] + ')'}; "
+         f"{s['flops_per_image'] / 1e9:.3f} GFLOPs per image; matmul peak {s['peak_flops'] / 1e12:.3f} TFLOP/s "
+         f"({s['peak_dtype']}); MFU {s['mfu']:.1%}."),
+    ]
+    if s.get("accum_note"):
+        lines.append(f"Note: {s['accum_note']}")
+    lines += ["", "## Read throughput of the dataset's files", "", "| pipeline's files | MB/s | images/s | bytes |",
+              "|---|---|---|---|"]
+    for kind, rd in r["read"].items():
+        if "reason" in rd:
+            lines.append(f"| {kind} | n/a: {rd['reason']} | | |")
+        else:
+            lines.append(f"| {kind} | {rd['mb_per_sec']:,.1f} | {rd['images_per_sec']:,.0f} | {rd['dataset_bytes']:,}"
+                         f"{'' if rd['cache_dropped_first'] else ' (page cache not dropped: may be a warm read)'} |")
+    lines += ["", f"Measured in {r['doctor_seconds']:.0f} s, {r['seconds_per_measurement']:g} s per window.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="supmae doctor", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--data", required=True, help="a directory written by 'supmae convert' (or an ImageFolder root)")
+    p.add_argument("--recipe", default="supmae_vit_b16_400ep", help="pretraining recipe (default: the paper's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", default="doctor", help="where doctor.md and doctor.json go (default: ./doctor)")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one device-hour")
+    p.add_argument("--machines", type=int, default=1, help="project also on N such machines")
+    p.add_argument("--workers", default=None, help="worker counts to try, e.g. 1,2,4 (default: 1, 2, 4 ... cores)")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each measuring window")
+    p.add_argument("--pipelines", default=None, help="comma-separated subset of ffcv,dali,torchvision")
+    p.add_argument("--num-images", type=int, default=None, help="images per epoch to project (default: the dataset's)")
+    a, rest = p.parse_known_args(argv)
+    bad = [x for x in rest if x.startswith("-") and not x.startswith("--")]
+    if bad:
+        raise UserError(f"unknown option(s): {' '.join(bad)}")
+    result = run_doctor(a.data, a.recipe, a.device, a.out, a.price_per_gpu_hour, a.machines,
+                        parse_workers(a.workers) if a.workers else None, a.seconds,
+                        [k.strip() for k in a.pipelines.split(",") if k.strip()] if a.pipelines else None,
+                        a.num_images, rest)
+    print(render_markdown(result))
+    print(f"written: {result['doctor_md']}, {result['doctor_json']}")
+    return 0
