@@ -2,24 +2,31 @@
 
 One pipeline definition, `define_graph(placement, ...)`, serves both placements:
   placement "gpu": JPEG decode + random crop on the GPU (nvJPEG, `device="mixed"`, hardware
-                   decoder share `hw_decoder_load`), resize and crop_mirror_normalize on the GPU;
-                   torch receives the output through DLPack, with no host copy.
+                   decoder share `hw_decoder_load`), resize, RandAugment and crop_mirror_normalize
+                   on the GPU; each batch is copied into torch-owned memory on torch's stream.
   placement "cpu": the same operators with `device_id=None` and the decoder on "cpu", so CI runs
                    the very graph the GPU runs.
 
 Per batch (B images, output side S):
   <key>.jpg bytes --decode + random crop (area `scale`, ratio 3/4..4/3)--> uint8 [h, w, 3] each
-  --resize to S x S--> --crop_mirror_normalize (flip, mean/std, HWC->CHW)--> float [B, 3, S, S]
+  --resize to S x S--> [--flip, RandAugment (pipelines/dali_randaugment.py)-->]
+  --crop_mirror_normalize (flip unless done before RandAugment, mean/std, HWC->CHW)--> float [B, 3, S, S]
   <key>.label (little-endian int64) --> int64 [B, 1] --> [B]
 
-Epochs and order. DALI's reader shuffles inside its buffer (`random_shuffle`, `initial_fill`) and
-with `shuffle_after_epoch` visits the tar shards in a new order each epoch, cut between ranks by
-`shard_id`/`num_shards`. The buffer and that shard order carry over from one epoch to the next,
-so a running reader cannot jump to "epoch e". We therefore build a fresh DALI pipeline at the
-start of each epoch, seeded from (seed, epoch): the shard order (same seed on every rank, so the
-ranks' pieces stay disjoint), the buffer shuffle and the augmentation seeds (per rank). The same
-seed and epoch give the same order; a new epoch gives a new one. The rebuild costs well under a
-second, once per epoch. Each rank then reads exactly `len(self)` batches (the plan in
+Epochs, order and augmentation seeds. DALI's reader shuffles inside its buffer (`random_shuffle`,
+`initial_fill`) and with `shuffle_after_epoch` visits the tar shards in an order drawn from
+`shuffle_after_epoch_seed`, cut between ranks by `shard_id`/`num_shards`. The buffer and that
+order carry over from one epoch to the next, so a running reader cannot jump to "epoch e". We
+therefore build a fresh DALI pipeline at the start of each epoch, seeded from (seed, epoch): the
+shard order (same seed on every rank, so the ranks' pieces stay disjoint), the buffer shuffle and
+the augmentation seeds (per rank). DALI's random operators (crop window, flip, colour jitter,
+RandAugment's op / magnitude / sign draws) keep one generator per batch slot, seeded from the
+pipeline seed, and the reader's order is a function of its seeds; so a sample's augmentation is a
+function of (seed, epoch, rank, its place in the epoch), not of `num_threads` or of what ran
+before: epoch e is the same reached directly or after a resume. (Unlike the ffcv and torchvision
+pipelines it changes with the rank count: DALI cuts the shards between ranks itself.) Measured
+rebuild cost on 2 CPU cores: see README ("DALI per-epoch rebuild"); `bench loaders
+--dali-rebuild` prints it. Each rank then reads exactly `len(self)` batches (the plan in
 pipelines/base.py), so `__len__` agrees between ranks even when the reader's shards differ by one
 sample; with drop_last=False the last batch is cut to the plan's remainder.
 """
@@ -28,7 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.metadata
 import os
+import re
+import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +47,7 @@ import torch
 
 from pipelines.base import Normalizer, Pipeline, derive_seed, reject_unknown
 from pipelines.constants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, WDS_IMAGE_EXT, WDS_LABEL_EXT, wds_dir
+from pipelines.dali_randaugment import RandAugmentPolicy, parse_policy, rand_augment
 from pipelines.errors import DataError
 
 BACKEND_OPTIONS = ("hw_decoder_load", "initial_fill", "preallocate_hint")
@@ -52,6 +64,31 @@ def _import_dali() -> Any:
     import nvidia.dali
 
     return nvidia.dali
+
+
+def dali_cuda_flavours() -> list[int]:
+    """CUDA major versions of the installed DALI wheels (`nvidia-dali-cuda130` -> 13)."""
+    majors = set()
+    for dist in importlib.metadata.distributions():
+        match = re.fullmatch(r"nvidia[-_]dali[-_]cuda(\d+?)0", str(dist.metadata.get("Name", "")).lower())
+        if match:
+            majors.add(int(match.group(1)))
+    return sorted(majors)
+
+
+def cuda_flavour_mismatch(dali_majors: list[int], torch_cuda: str | None) -> str | None:
+    """One line when the DALI wheel's CUDA flavour differs from torch's CUDA, else None. Nothing to
+    compare when torch has no CUDA or no flavoured DALI wheel is found (a source build)."""
+    if not torch_cuda or not dali_majors:
+        return None
+    torch_major = int(torch_cuda.split(".")[0])
+    if torch_major in dali_majors:
+        return None
+    wheels = ", ".join(f"nvidia-dali-cuda{m}0" for m in dali_majors)
+    return (
+        f"DALI is installed for CUDA {'/'.join(map(str, dali_majors))} ({wheels}) but torch uses CUDA {torch_cuda}: "
+        f"install nvidia-dali-cuda{torch_major}0 (scripts/setup.sh picks it)"
+    )
 
 
 def find_shards(root: str, split: str) -> tuple[list[str], list[str]]:
@@ -82,6 +119,7 @@ def define_graph(
     img_size: int,
     scale: tuple[float, float],
     color_jitter: float,
+    randaugment: RandAugmentPolicy | None,
     out_dtype: torch.dtype,
     shard_id: int,
     num_shards: int,
@@ -93,8 +131,9 @@ def define_graph(
     hw_decoder_load: float,
     preallocate_hint: int,
 ) -> tuple[Any, Any]:
-    """The DALI graph, to be called inside a `Pipeline` context. Only `placement` ("cpu" or "gpu")
-    decides where operators run; everything else is the same for both.
+    """The DALI graph, to be called inside a `Pipeline` context (one with `enable_conditionals`
+    when `randaugment` is set: RandAugment splits the batch between its ops). Only `placement`
+    ("cpu" or "gpu") decides where operators run; everything else is the same for both.
 
     Returns (images, labels): images [B, 3, S, S] normalised in `out_dtype` (float32/float16), or
     uint8 unnormalised when `out_dtype` is bfloat16 (DALI has no bfloat16; torch normalises then);
@@ -157,6 +196,12 @@ def define_graph(
                 saturation=fn.random.uniform(range=[lo, hi]),
             )
         mirror = fn.random.coin_flip(probability=0.5)
+        if randaugment is not None:
+            # timm flips before RandAugment (its shears and translations are not mirror-symmetric
+            # for one draw), so the flip moves out of crop_mirror_normalize here.
+            images = fn.flip(images, horizontal=mirror)
+            images = rand_augment(images, randaugment, img_size)
+            mirror = 0
     else:
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **gpu_decoder_args)
         images = fn.resize(
@@ -180,6 +225,27 @@ def define_graph(
     if gpu:
         labels = labels.gpu()
     return images, labels
+
+
+def to_torch(output: Any, device: torch.device) -> torch.Tensor:
+    """Copy one DALI output (a TensorList of equal-shaped samples) into a fresh torch tensor.
+
+    Why a copy and not DLPack: `pipe.run()` outputs are valid only until a later `run()` (DALI's
+    legacy executor recycles them after `prefetch_queue_depth` runs; the dynamic one frees them on
+    DALI's stream), and on the GPU they are written on DALI's stream while the training step runs
+    asynchronously on torch's. Mixup and random erasing write into the batch in place. So torch
+    gets memory it owns from its caching allocator, and the copy is issued on torch's current
+    stream (`feed_ndarray`, as DALI's own PyTorch iterator does): kernels that read the batch are
+    ordered after it, and DALI may reuse its buffer as soon as `run()` is called again. Cost: one
+    device-memory copy per batch (on the CPU, one memcpy: about 1 % of a 224 px decode)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.plugin.pytorch.torch_utils import to_torch_type
+
+    dense = output.as_tensor()
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dense, out, cuda_stream=stream)
+    return out
 
 
 class DaliPipeline(Pipeline):
@@ -210,10 +276,11 @@ class DaliPipeline(Pipeline):
         **backend_kw: Any,
     ) -> None:
         reject_unknown(self.kind, backend_kw, BACKEND_OPTIONS)
-        if randaugment:
+        policy = parse_policy(randaugment) if randaugment else None
+        if policy is not None and color_jitter > 0:
             raise DataError(
-                "randaugment is supported by the torchvision pipeline only (DALI pipeline: use "
-                "color_jitter or the torchvision pipeline)"
+                "color_jitter and randaugment cannot be combined (timm skips colour jitter under RandAugment); "
+                "set one of them"
             )
         _import_dali()
         self.files, self.index_files = find_shards(path, split)
@@ -229,7 +296,14 @@ class DaliPipeline(Pipeline):
             dtype=dtype,
         )
         self.placement = "gpu" if device.type == "cuda" else "cpu"
+        if self.placement == "gpu":
+            mismatch = cuda_flavour_mismatch(dali_cuda_flavours(), torch.version.cuda)
+            if mismatch:
+                warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
         self.train = train
+        # RandAugment is a training augmentation: evaluation reads plain centre crops, as timm does.
+        self.randaugment = policy if train else None
+        self.augmentation = self._describe(train, img_size, scale, color_jitter)
         self.num_threads = max(1, num_workers)
         self.prefetch = batches_ahead
         self.graph_args: dict[str, Any] = {
@@ -239,6 +313,7 @@ class DaliPipeline(Pipeline):
             "img_size": img_size,
             "scale": tuple(scale),
             "color_jitter": color_jitter,
+            "randaugment": self.randaugment,
             "out_dtype": dtype,
             "shard_id": rank,
             "num_shards": world_size,
@@ -249,6 +324,7 @@ class DaliPipeline(Pipeline):
             "preallocate_hint": int(backend_kw.get("preallocate_hint", 0)),
         }
         self._normalize = Normalizer(device, dtype) if dtype == torch.bfloat16 else None
+        self.build_seconds: list[float] = []  # wall time of each (per-epoch) pipeline build
         # Build epoch 0 now so that unreadable shards fail here, not in the training loop.
         self._pipe: Any = None
         self._pipe_epoch = -1
@@ -261,31 +337,55 @@ class DaliPipeline(Pipeline):
                 f"{num_total}; re-run the conversion"
             )
 
-    def _build(self, epoch: int) -> Any:
-        from nvidia.dali import Pipeline as DaliGraph
+    def _describe(self, train: bool, img_size: int, scale: tuple[float, float], color_jitter: float) -> str:
+        if not train:
+            return f"resize shorter side to {int(img_size / CROP_PCT)} + centre crop {img_size} (dali)"
+        parts = [f"RandomResizedCrop({img_size}, scale {scale[0]:g}-{scale[1]:g}) + flip"]
+        if color_jitter > 0:
+            parts.append(f"colour jitter {color_jitter:g}")
+        if self.randaugment is not None:
+            parts.append(self.randaugment.describe())
+        return " + ".join(parts) + " (dali)"
 
-        pipe = DaliGraph(
+    def describe(self) -> str:
+        """The augmentation this pipeline applies, for the run's log."""
+        return self.augmentation
+
+    def _build(self, epoch: int) -> Any:
+        pipe = self.build_graph(epoch)
+        self._pipe_epoch = epoch
+        self._pipe_fresh = True
+        return pipe
+
+    def build_graph(self, epoch: int) -> Any:
+        """A built DALI pipeline seeded for `epoch` (what iterating that epoch runs); its wall time is
+        appended to `build_seconds`. Iterate the pipeline itself in training; this is for benchmarks."""
+        from nvidia.dali import pipeline_def
+
+        t0 = time.perf_counter()
+        graph_args = self.graph_args
+
+        def graph() -> tuple[Any, Any]:
+            return define_graph(
+                self.placement,
+                reader_seed=derive_seed(self.seed, epoch, self.rank, 2),
+                shard_order_seed=derive_seed(self.seed, epoch, 3),
+                **graph_args,
+            )
+
+        pipe = pipeline_def(graph, enable_conditionals=self.randaugment is not None)(
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=self.device.index if self.placement == "gpu" else None,
             seed=derive_seed(self.seed, epoch, self.rank, 1),
             prefetch_queue_depth=self.prefetch,
         )
-        with pipe:
-            images, labels = define_graph(
-                self.placement,
-                reader_seed=derive_seed(self.seed, epoch, self.rank, 2),
-                shard_order_seed=derive_seed(self.seed, epoch, 3),
-                **self.graph_args,
-            )
-            pipe.set_outputs(images, labels)
         try:
             pipe.build()
         except RuntimeError as exc:
             first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             raise DataError(f"DALI cannot read the shards in {os.path.dirname(self.files[0])}: {first}") from None
-        self._pipe_epoch = epoch
-        self._pipe_fresh = True
+        self.build_seconds.append(time.perf_counter() - t0)
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -300,8 +400,9 @@ class DaliPipeline(Pipeline):
             take = min(self.batch_size, remaining)
             remaining -= take
             with torch.cuda.device(self.device) if self.placement == "gpu" else contextlib.nullcontext():
-                images = torch.from_dlpack(images_tl.as_tensor())  # [B, 3, S, S], DALI's buffer, no copy
-                labels = torch.from_dlpack(labels_tl.as_tensor()).view(-1)  # [B]
+                images = to_torch(images_tl, self.device)  # [B, 3, S, S], torch-owned
+                labels = to_torch(labels_tl, self.device).view(-1)  # [B]
+            del images_tl, labels_tl  # DALI may reuse its buffers from here on
             if take < self.batch_size:
                 images, labels = images[:take], labels[:take]
             if self._normalize is not None:
