@@ -15,6 +15,7 @@ with N samples in the split, S ranks and batch B,
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import math
 import os
@@ -108,6 +109,64 @@ def epoch_plan(num_total: int, world_size: int, batch_size: int, drop_last: bool
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed mixing `parts` (seed, epoch, rank, ...), stable across runs and platforms."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# Counter-based random draws: a uniform is a pure function of (seed, epoch, sample index, stream), so
+# a sample's augmentation does not depend on which worker, thread or rank decodes it, nor on how many
+# draws came before it (a resume replays it exactly). The hash chains splitmix64's finaliser over the
+# four words; `stream` numbers the independent draws one sample needs (crop tries, flip, jitter, ...).
+# Written twice: `counter_hash` / `counter_uniform` below are the pure-Python reference, and
+# `counter_uniform_jit()` is the same arithmetic in numba for FFCV's compiled decoder (tested equal).
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_TWO_POW_MINUS_53 = 1.0 / 9007199254740992.0
+
+
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def counter_hash(seed: int, epoch: int, index: int, stream: int) -> int:
+    """A 64-bit hash of the four words (each taken modulo 2**64)."""
+    h = 0
+    for word in (seed, epoch, index, stream):
+        h = _mix64(((h ^ (int(word) & _MASK64)) + _GOLDEN) & _MASK64)
+    return h
+
+
+def counter_uniform(seed: int, epoch: int, index: int, stream: int) -> float:
+    """A uniform draw in [0, 1) (53 bits) from `counter_hash`."""
+    return (counter_hash(seed, epoch, index, stream) >> 11) * _TWO_POW_MINUS_53
+
+
+@functools.cache
+def counter_uniform_jit() -> Any:
+    """`counter_uniform` compiled with numba (uint64 arithmetic wraps like the masked reference);
+    callable from other numba functions. numba is imported here, only by the backends that compile."""
+    from numba import njit
+
+    golden, mix1, mix2 = np.uint64(_GOLDEN), np.uint64(_MIX1), np.uint64(_MIX2)
+    s30, s27, s31, s11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+
+    @njit(nogil=True, inline="always")
+    def mix64(z):  # pragma: no cover - runs compiled
+        z = (z ^ (z >> s30)) * mix1
+        z = (z ^ (z >> s27)) * mix2
+        return z ^ (z >> s31)
+
+    @njit(nogil=True)
+    def uniform(seed, epoch, index, stream):  # pragma: no cover - runs compiled
+        h = mix64((np.uint64(0) ^ np.uint64(seed)) + golden)
+        h = mix64((h ^ np.uint64(epoch)) + golden)
+        h = mix64((h ^ np.uint64(index)) + golden)
+        h = mix64((h ^ np.uint64(stream)) + golden)
+        return np.float64(h >> s11) * _TWO_POW_MINUS_53
+
+    return uniform
 
 
 def rank_order(

@@ -1,11 +1,19 @@
 """FFCV backend: reads the converter's `.beton` with the crop fused into the JPEG decode.
 
 Per batch (B images, output side S; legend: H/W decoded height/width):
-  JPEG bytes --decode + RandomResizedCrop (or centre crop) + resize--> uint8 [B, S, S, 3]
-  --flip (+ colour jitter)-->
+  JPEG bytes --our decoder: decode + RandomResizedCrop (or centre crop) + resize + flip
+  (+ colour jitter), one compiled pass per image in FFCV's worker threads--> uint8 [B, S, S, 3]
     CPU:  --normalise + HWC->CHW, one JIT pass in FFCV's worker threads--> float32 [B, 3, S, S]
-    CUDA: --ToTensor, ToDevice(non_blocking), ToTorchImage--> uint8 [B, 3, S, S] (channels-last view)
-          --one fused addcmul on the device--> dtype [B, 3, S, S]
+    CUDA: --copy on our own stream (host waits for it before FFCV may reuse the pinned slot)-->
+          uint8 [B, S, S, 3] on the device --one fused addcmul--> dtype [B, 3, S, S]
+
+Determinism: every random number of a training sample (crop window, flip, jitter factors and
+order) is a counter draw of (seed, epoch, dataset index) (`pipelines.base.counter_uniform`),
+computed inside the decoder; FFCV's stock random decoder and transforms draw from numba's global
+RNG, per thread, so they are not used. The same seed gives the same batches with any worker
+count, after a resume (`set_epoch(e)` on a fresh pipeline), and on any rank count (a sample keeps
+its augmentation wherever the order puts it). The order itself is `rank_order`'s permutation per
+(seed, epoch); FFCV's QUASI_RANDOM page order is not used.
 
 Order and sharding: FFCV 1.0.2's `distributed=True` builds torch's `DistributedSampler` without
 `num_replicas`/`rank`, so it needs an initialised process group, and it pads the ranks with
@@ -26,6 +34,7 @@ almost never applies. Other k/8 factors were measured slower than a full decode 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -102,43 +111,215 @@ def _traversal_order_factory(rank: int, world_size: int, seed: int, shuffle: boo
     return RankedOrder()
 
 
-def _scaled_crop_decoder(base: Any, dct_scale: bool) -> Any:
-    """`base` (FFCV's random or centre resized-crop decoder class) with the JPEG decoded at the
-    smallest k/8 DCT scale that keeps the crop at least as large as the output."""
-    from ffcv.fields.rgb_image import IMAGE_MODES
+# Streams of the counter draw (pipelines.base.counter_uniform) of one training sample: two per
+# RandomResizedCrop try (area, log aspect ratio), the window's top and left, the flip, the three
+# colour-jitter factors and their order. Changing these changes every augmentation: keep them fixed.
+_CROP_TRIES = 10
+_STREAM_TOP = 2 * _CROP_TRIES
+_STREAM_LEFT = _STREAM_TOP + 1
+_STREAM_FLIP = _STREAM_TOP + 2
+_STREAM_BRIGHTNESS = _STREAM_TOP + 3
+_STREAM_CONTRAST = _STREAM_TOP + 4
+_STREAM_SATURATION = _STREAM_TOP + 5
+_STREAM_JITTER_ORDER = _STREAM_TOP + 6
+# The six orders of (0 brightness, 1 contrast, 2 saturation); torchvision's ColorJitter permutes its
+# operations per sample, so one of these is drawn per sample too.
+_JITTER_ORDERS = np.array([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]], dtype=np.int64)
+
+
+def make_random_crop(uniform: Any) -> Any:
+    """torchvision's RandomResizedCrop window (10 tries of area and log-uniform aspect ratio, then
+    the centre crop clamped to the ratio range) with every uniform taken from
+    `uniform(seed, epoch, index, stream)`. Plain Python that numba compiles: with
+    `pipelines.base.counter_uniform` it is the reference, with `counter_uniform_jit()` the decoder's.
+    Rounding is floor(x + 0.5) (torchvision's round() differs only on exact halves)."""
+
+    def random_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, seed, epoch, index):
+        full_h = int(height)
+        full_w = int(width)
+        area = float(full_h) * float(full_w)
+        for attempt in range(_CROP_TRIES):
+            u_area = uniform(seed, epoch, index, 2 * attempt)
+            u_ratio = uniform(seed, epoch, index, 2 * attempt + 1)
+            target = area * (scale_lo + (scale_hi - scale_lo) * u_area)
+            aspect = math.exp(log_ratio_lo + (log_ratio_hi - log_ratio_lo) * u_ratio)
+            w = math.floor(math.sqrt(target * aspect) + 0.5)
+            h = math.floor(math.sqrt(target / aspect) + 0.5)
+            if 0 < w <= full_w and 0 < h <= full_h:
+                i = int(uniform(seed, epoch, index, _STREAM_TOP) * (full_h - h + 1))
+                j = int(uniform(seed, epoch, index, _STREAM_LEFT) * (full_w - w + 1))
+                return i, j, h, w
+        in_ratio = float(full_w) / float(full_h)
+        ratio_lo = math.exp(log_ratio_lo)
+        ratio_hi = math.exp(log_ratio_hi)
+        if in_ratio < ratio_lo:
+            w = full_w
+            h = math.floor(w / ratio_lo + 0.5)
+        elif in_ratio > ratio_hi:
+            h = full_h
+            w = math.floor(h * ratio_hi + 0.5)
+        else:
+            w = full_w
+            h = full_h
+        return (full_h - h) // 2, (full_w - w) // 2, h, w
+
+    return random_crop
+
+
+def make_flip_and_jitter(uniform: Any) -> Any:
+    """In place on one uint8 image [S, S, 3]: the horizontal flip (probability 1/2) and, when
+    `strength` > 0, colour jitter as torchvision's ColorJitter(s, s, s): brightness, contrast and
+    saturation factors each uniform in [max(0, 1 - s), 1 + s], applied in an order drawn per sample
+    from the six, each result rounded to uint8 as PIL does between operations. Contrast blends
+    with the mean of the ITU-R 601 grey image, saturation with each pixel's grey (PIL's "L")."""
+
+    def flip_and_jitter(img, strength, seed, epoch, index):
+        rows, cols, _c = img.shape
+        if uniform(seed, epoch, index, _STREAM_FLIP) < 0.5:
+            for y in range(rows):
+                for x in range(cols // 2):
+                    for c in range(3):
+                        tmp = img[y, x, c]
+                        img[y, x, c] = img[y, cols - 1 - x, c]
+                        img[y, cols - 1 - x, c] = tmp
+        if strength <= 0.0:
+            return
+        lo = max(0.0, 1.0 - strength)
+        span = 1.0 + strength - lo
+        f_bright = lo + span * uniform(seed, epoch, index, _STREAM_BRIGHTNESS)
+        f_contrast = lo + span * uniform(seed, epoch, index, _STREAM_CONTRAST)
+        f_saturation = lo + span * uniform(seed, epoch, index, _STREAM_SATURATION)
+        order = min(5, int(uniform(seed, epoch, index, _STREAM_JITTER_ORDER) * 6.0))
+        for k in range(3):
+            op = _JITTER_ORDERS[order, k]
+            mean = 0.0
+            if op == 1:  # contrast blends towards the rounded mean grey of the image as it is now
+                for y in range(rows):
+                    for x in range(cols):
+                        r, g, b = float(img[y, x, 0]), float(img[y, x, 1]), float(img[y, x, 2])
+                        mean += 0.299 * r + 0.587 * g + 0.114 * b
+                mean = math.floor(mean / (rows * cols) + 0.5)
+            for y in range(rows):
+                for x in range(cols):
+                    r, g, b = float(img[y, x, 0]), float(img[y, x, 1]), float(img[y, x, 2])
+                    if op == 0:  # brightness: blend with black
+                        base, factor = 0.0, f_bright
+                    elif op == 1:
+                        base, factor = mean, f_contrast
+                    else:  # saturation: blend with the pixel's own grey
+                        base, factor = math.floor(0.299 * r + 0.587 * g + 0.114 * b + 0.5), f_saturation
+                    img[y, x, 0] = min(max(math.floor(base + factor * (r - base) + 0.5), 0), 255)
+                    img[y, x, 1] = min(max(math.floor(base + factor * (g - base) + 0.5), 0), 255)
+                    img[y, x, 2] = min(max(math.floor(base + factor * (b - base) + 0.5), 0), 255)
+
+    return flip_and_jitter
+
+
+@functools.cache
+def _compiled_kernels() -> tuple[Any, Any, Any]:
+    """(random crop, flip + jitter, read_int64) compiled once per process: the per-loader decode
+    closure calls them, so a second loader compiles only its own small body."""
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from pipelines.base import counter_uniform_jit
+
+    uniform = counter_uniform_jit()
+
+    @intrinsic
+    def read_int64(typingctx, address):  # pragma: no cover - runs compiled
+        """The int64 stored at `address` (an integer), read at run time. numba freezes a global or
+        closure numpy array into the compiled code as a constant, so a value the host changes
+        between epochs (the epoch) has to be read through its address instead."""
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+            return builder.load_atomic(ptr, "monotonic", 8)
+
+        return types.int64(address), codegen
+
+    crop = njit(nogil=True)(make_random_crop(uniform))
+    augment = njit(nogil=True)(make_flip_and_jitter(uniform))
+    return crop, augment, read_int64
+
+
+def _crop_decoder(
+    output_size: tuple[int, int],
+    *,
+    train: bool,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    crop_pct: float,
+    color_jitter: float,
+    seed: int,
+    dct_scale: bool,
+) -> Any:
+    """Our decoder for the image field: JPEG decode (at a reduced DCT scale when the crop still
+    covers the output, `dct_scale`) fused with the crop + resize and, in training, the flip and
+    colour jitter. Training draws every random number from the counter of (seed, epoch, dataset
+    index): FFCV's own RandomResizedCrop decoder, RandomHorizontalFlip and RandomBrightness/...
+    draw from numba's global RNG, whose state depends on the thread that runs a sample and on every
+    draw before it, so neither the worker count nor a resume would replay the same batches.
+
+    The epoch reaches the compiled code through `epoch_cell` (int64[1]), which FfcvPipeline writes
+    before starting each epoch; the sample index is the dataset index FFCV passes in
+    `batch_indices`, whatever the batch position, worker or rank."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_center_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.compiler import Compiler
 
-    if not dct_scale:
-        return base
+    class SeededCropDecoder(ResizedCropRGBImageDecoder):
+        def __init__(self) -> None:
+            super().__init__(output_size)
+            self.epoch_cell = np.zeros(1, dtype=np.int64)
 
-    class Scaled(base):
+        @property
+        def get_crop_generator(self) -> Any:  # FFCV's abstract hook; our decode draws its own windows
+            return get_center_crop
+
         def generate_code(self) -> Any:
             jpg = IMAGE_MODES["jpg"]
             mem_read = self.memory_read
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
             resize_crop_c = Compiler.compile(resize_crop)
-            get_crop_c = Compiler.compile(self.get_crop_generator)
-            scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
-            ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
-            out_h, out_w = int(self.output_size[0]), int(self.output_size[1])
+            center_crop_c = Compiler.compile(get_center_crop)
+            random_crop_c, augment_c, read_int64 = _compiled_kernels()
+            # The array lives as long as this decoder (the loader's pipeline holds it); its address
+            # is a constant of the compiled code.
+            epoch_address = self.epoch_cell.ctypes.data
+            out_h, out_w = int(output_size[0]), int(output_size[1])
+            scale_lo, scale_hi = float(scale[0]), float(scale[1])
+            log_ratio_lo, log_ratio_hi = math.log(ratio[0]), math.log(ratio[1])
+            strength = float(color_jitter)
+            sample_seed = np.int64(seed)
+            is_train = bool(train)
+            use_dct = bool(dct_scale)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
+                epoch = read_int64(epoch_address)
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
                     field = metadata[source_ix]
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height = np.uint32(field["height"])
                     width = np.uint32(field["width"])
-                    i, j, h, w = get_crop_c(height, width, scale, ratio)
+                    if is_train:
+                        i, j, h, w = random_crop_c(
+                            height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, sample_seed, epoch, source_ix
+                        )
+                    else:
+                        i, j, h, w = center_crop_c(height, width, 0.0, crop_pct)
                     if field["mode"] == jpg:
                         # Smallest k in (8, 4, 2, 1) with the scaled crop still covering the output:
                         # libjpeg-turbo has fast reduced IDCTs for these; 7/8..5/8 measured slower
                         # than a full decode.
                         k = 8
-                        while k > 1 and (h * (k // 2)) // 8 >= out_h and (w * (k // 2)) // 8 >= out_w:
+                        while use_dct and k > 1 and (h * (k // 2)) // 8 >= out_h and (w * (k // 2)) // 8 >= out_w:
                             k //= 2
                         sh = (height * k + 7) // 8  # libjpeg-turbo's TJSCALED
                         sw = (width * k + 7) // 8
@@ -153,13 +334,14 @@ def _scaled_crop_decoder(base: Any, dct_scale: bool) -> Any:
                         temp_buffer = image_data.reshape(height, width, 3)
                         i0, i1, j0, j1 = i, i + h, j, j + w
                     resize_crop_c(temp_buffer, i0, i1, j0, j1, destination[dst_ix])
+                    if is_train:
+                        augment_c(destination[dst_ix], strength, sample_seed, epoch, source_ix)
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True
             return decode
 
-    Scaled.__name__ = f"Scaled{base.__name__}"
-    return Scaled
+    return SeededCropDecoder()
 
 
 @functools.cache
@@ -282,46 +464,40 @@ class FfcvPipeline(Pipeline):
         self.path = fname
         self.train = train
 
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.fields.decoders import IntDecoder
         from ffcv.loader import Loader
-        from ffcv.transforms import (
-            RandomBrightness,
-            RandomContrast,
-            RandomHorizontalFlip,
-            RandomSaturation,
-            ToDevice,
-            ToTensor,
-            ToTorchImage,
-        )
+        from ffcv.transforms import ToTensor
 
-        dct_scale = bool(backend_kw.get("dct_scale", True))
-        size = (img_size, img_size)
-        if train:
-            decoder = _scaled_crop_decoder(RandomResizedCropRGBImageDecoder, dct_scale)(
-                size, scale=tuple(scale), ratio=RRC_RATIO
-            )
-            image_ops: list[Any] = [decoder, RandomHorizontalFlip()]
-            if color_jitter > 0:
-                # torchvision's ColorJitter(b, c, s) applies all three every time; so do we (p=1).
-                image_ops += [
-                    RandomBrightness(color_jitter, p=1.0),
-                    RandomContrast(color_jitter, p=1.0),
-                    RandomSaturation(color_jitter, p=1.0),
-                ]
-        else:
-            # A centre square of side CROP_PCT * shorter side, resized to img_size: the same pixels as
-            # "resize the shorter side to img_size / CROP_PCT, centre-crop img_size".
-            image_ops = [_scaled_crop_decoder(CenterCropRGBImageDecoder, dct_scale)(size, ratio=CROP_PCT)]
+        # Validation: a centre square of side CROP_PCT * shorter side, resized to img_size: the same
+        # pixels as "resize the shorter side to img_size / CROP_PCT, centre-crop img_size".
+        self._decoder = _crop_decoder(
+            (img_size, img_size),
+            train=train,
+            scale=tuple(scale),
+            ratio=RRC_RATIO,
+            crop_pct=CROP_PCT,
+            color_jitter=color_jitter if train else 0.0,
+            seed=seed,
+            dct_scale=bool(backend_kw.get("dct_scale", True)),
+        )
+        image_ops: list[Any] = [self._decoder]
         label_ops: list[Any] = [IntDecoder(), ToTensor()]
         self._normalize: Normalizer | None = None
+        self._copy_stream: Any = None
         if device.type == "cuda":
-            image_ops += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-            label_ops += [ToDevice(device, non_blocking=True)]
+            # The batch leaves FFCV as uint8 in its pinned host slot; __iter__ copies it to the device
+            # itself (see there why not FFCV's ToDevice).
+            image_ops += [ToTensor()]
             self._normalize = Normalizer(device, dtype)
+            self._copy_stream = torch.cuda.Stream(device)
         else:
             image_ops += [_normalize_chw_op(), ToTensor()]
 
         order = _traversal_order_factory(rank, world_size, seed, shuffle=train, drop_last=drop_last)
+        # FFCV's Loader sets torch's intra-op thread count to its worker count (Compiler.set_num_threads,
+        # at construction and at every epoch start); the training process keeps its own setting
+        # (--train.cpu_threads).
+        torch_threads = torch.get_num_threads()
         try:
             self.loader = Loader(
                 fname,
@@ -337,24 +513,68 @@ class FfcvPipeline(Pipeline):
             )
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot open FFCV file {fname}: {exc}") from None
+        finally:
+            torch.set_num_threads(torch_threads)
         assert len(self.loader) == len(self), (len(self.loader), len(self))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.loader.next_epoch = self._start_epoch()
-        # FFCV sets torch's intra-op thread count to its worker count at every epoch start; the
-        # training process keeps its own setting.
+        epoch = self._start_epoch()
+        self.loader.next_epoch = epoch
+        # Read by the compiled decoder (through its address) for every batch of this epoch. Written
+        # before iter() starts FFCV's epoch thread, so that thread's first batch already sees it.
+        self._decoder.epoch_cell[0] = epoch
         torch_threads = torch.get_num_threads()
         batches = iter(self.loader)
         try:
-            for n, (images, labels) in enumerate(batches):
-                if n == 0:
-                    torch.set_num_threads(torch_threads)
-                if self._normalize is not None:
-                    images = self._normalize(images)  # [B, 3, S, S] fresh tensor on the device
-                elif images.dtype != self.dtype:
-                    images = images.to(self.dtype)
-                # FFCV recycles its label buffers batches later: hand out a copy.
-                yield images, labels.view(-1).clone()
+            if self._copy_stream is None:
+                for n, (images, labels) in enumerate(batches):
+                    if n == 0:
+                        # FFCV's epoch thread set torch's thread count before producing this batch.
+                        torch.set_num_threads(torch_threads)
+                    # Images: a pooled array only this batch's tensors reference (BufferPool), or a
+                    # fresh tensor after the dtype cast. Labels: FFCV recycles its buffers batches
+                    # later, so hand out a copy.
+                    if images.dtype != self.dtype:
+                        images = images.to(self.dtype)
+                    yield images, labels.view(-1).clone()
+            else:
+                yield from self._cuda_batches(batches, torch_threads)
         finally:
             batches.close()  # stop FFCV's prefetch thread when the consumer stops early
             torch.set_num_threads(torch_threads)
+
+    def _cuda_batches(self, batches: Any, torch_threads: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Host -> device hand-off. FFCV's ToDevice(non_blocking=True) copies from a pinned host slot
+        that its epoch thread rewrites batches_ahead + 2 batches later without waiting for that copy
+        (its CUDA events only order device work), so with a training loop that never syncs the host
+        can run ahead of the GPU and overwrite pixels the copy has not read yet. Here the copy runs on
+        a stream of our own (it waits for nothing but itself), and the host waits for it to finish
+        before asking FFCV for the next batch, which is the earliest FFCV may rewrite that slot. The
+        device tensors come from torch's allocator, are ordered on the consumer's stream
+        (wait_stream) and marked used there (record_stream), and the normaliser writes a fresh
+        tensor on that stream: torch owns everything the consumer receives."""
+        copy_stream = self._copy_stream
+        normalize = self._normalize
+        assert normalize is not None
+        pending = None
+        first = True
+        while True:
+            if pending is not None:
+                pending.synchronize()  # the previous batch's host slot has been read
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                return
+            if first:
+                torch.set_num_threads(torch_threads)
+                first = False
+            with torch.cuda.stream(copy_stream):
+                images_dev = images.to(self.device, non_blocking=True)  # [B, S, S, 3] uint8
+                labels_dev = labels.view(-1).to(self.device, non_blocking=True)
+                pending = torch.cuda.Event()
+                pending.record(copy_stream)
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_stream(copy_stream)
+            images_dev.record_stream(consumer)
+            labels_dev.record_stream(consumer)
+            yield normalize(images_dev.permute(0, 3, 1, 2)), labels_dev  # [B, 3, S, S] fresh, on `consumer`

@@ -1,9 +1,16 @@
 """torchvision backend: the reference loader, as MAE / SupMAE pretraining runs it.
 
 `ImageFolder` on the raw JPEG tree, PIL decode, RandomResizedCrop(bicubic) + horizontal flip
-(+ ColorJitter, or timm's RandAugment via `create_transform`), ToTensor, Normalize in the worker
-processes; torch's `DistributedSampler` (`set_epoch`) splits and shuffles; pinned memory when the
-device is CUDA. Validation: Resize(int(img_size / 0.875), bicubic) + CenterCrop(img_size).
+(+ ColorJitter, or timm's RandAugment), ToTensor, Normalize in the worker processes; torch's
+`DistributedSampler` (`set_epoch`) splits and shuffles; pinned memory when the device is CUDA.
+Validation: Resize(int(img_size / 0.875), bicubic) + CenterCrop(img_size).
+
+Determinism: a training sample's augmentation is drawn from a torch.Generator seeded by
+(seed, epoch, dataset index) alone (`sample_seed`), not from the worker processes' RNG state; the
+sampler hands each index to the workers together with its epoch. So the same seed gives the same
+batches with any worker count, after a resume (`set_epoch(e)` on a fresh pipeline), and on every
+rank (DistributedSampler's permutation depends on (seed, epoch) only; rank r reads positions
+r, r + S, ... of it).
 
 It is the baseline every loader benchmark compares against, so it stays plain on purpose.
 
@@ -15,13 +22,17 @@ list must match the tree's) or an ImageFolder root: `path/<split>/<class>/...` o
 from __future__ import annotations
 
 import inspect
+import math
 import os
+import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from pipelines.base import ConvertedDataset, Pipeline, derive_seed, is_converted, reject_unknown
+from pipelines.base import ConvertedDataset, Pipeline, counter_hash, derive_seed, is_converted, reject_unknown
 from pipelines.constants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, SKIPPED_FILE
 from pipelines.errors import DataError
 
@@ -72,49 +83,169 @@ def _skipped_files(root: str, source_root: str) -> set[str]:
     return skipped
 
 
+# Stream of the counter draw (pipelines.base.counter_hash) that seeds a training sample's generator.
+_STREAM_SAMPLE_SEED = 0
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The 64-bit seed of sample `index`'s augmentation in `epoch`: a function of these alone."""
+    return counter_hash(seed, epoch, index, _STREAM_SAMPLE_SEED)
+
+
+def random_resized_crop_params(
+    generator: torch.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from `generator` instead of torch's
+    global RNG (get_params takes no generator): (top, left, height, width) of the window."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect_ratio = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        w = round(math.sqrt(target_area * aspect_ratio))
+        h = round(math.sqrt(target_area / aspect_ratio))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            j = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = round(w / min(ratio))
+    elif in_ratio > max(ratio):
+        h = height
+        w = round(h * max(ratio))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class SeededTrainTransform:
+    """The training transform of a PIL image given its sample seed: RandomResizedCrop(bicubic) +
+    horizontal flip + (ColorJitter(s, s, s), or timm's RandAugment) + ToTensor + Normalize, with
+    every random number drawn from a torch.Generator seeded by the sample seed, so a sample's
+    augmentation is the same in any worker process, with any worker count, after any resume.
+
+    Colour jitter: brightness, contrast and saturation factors uniform in [max(0, 1 - s), 1 + s],
+    applied in a random order (drawn from the generator), as torchvision's ColorJitter does.
+    RandAugment: timm's operations draw from Python's `random` and numpy's global RNG; both are seeded
+    from the sample seed around the call and restored afterwards, so the caller's streams are
+    untouched (the DataLoader runs one sample at a time per process: no thread shares them)."""
+
+    def __init__(self, img_size: int, scale: tuple[float, float], color_jitter: float, randaugment: Any | None) -> None:
+        from torchvision import transforms as T
+
+        self.img_size = img_size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.color_jitter = float(color_jitter)
+        self.randaugment = randaugment
+        self.finish = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __call__(self, img: Any, seed: int) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        i, j, h, w = random_resized_crop_params(generator, img.height, img.width, self.scale, RRC_RATIO)
+        img = F.resized_crop(img, i, j, h, w, [self.img_size, self.img_size], InterpolationMode.BICUBIC)
+        if torch.rand(1, generator=generator).item() < 0.5:
+            img = F.hflip(img)
+        if self.color_jitter > 0:
+            s = self.color_jitter
+            factors = torch.empty(3).uniform_(max(0.0, 1.0 - s), 1.0 + s, generator=generator).tolist()
+            adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+            for k in torch.randperm(3, generator=generator).tolist():
+                img = adjust[k](img, factors[k])
+        if self.randaugment is not None:
+            py_state, np_state = random.getstate(), np.random.get_state()
+            draw = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+            random.seed(draw)
+            np.random.seed(draw & 0xFFFFFFFF)
+            try:
+                img = self.randaugment(img)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+        return self.finish(img)
+
+
 def build_transform(
     train: bool, img_size: int, scale: tuple[float, float], color_jitter: float, randaugment: str | None
 ) -> Any:
-    """The reference transform: PIL image -> normalised float32 [3, S, S]."""
+    """Validation: PIL image -> normalised float32 [3, S, S] (no randomness). Training: a
+    SeededTrainTransform, called with (image, sample seed)."""
     from torchvision import transforms as T
 
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    bicubic = T.InterpolationMode.BICUBIC
     if not train:
+        bicubic = T.InterpolationMode.BICUBIC
         return T.Compose(
-            [T.Resize(int(img_size / CROP_PCT), interpolation=bicubic), T.CenterCrop(img_size), T.ToTensor(), normalize]
+            [
+                T.Resize(int(img_size / CROP_PCT), interpolation=bicubic),
+                T.CenterCrop(img_size),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
         )
+    augment = None
     if randaugment:
         if color_jitter > 0:
             raise DataError(
                 "color_jitter and randaugment cannot be combined (timm skips colour jitter under "
                 "RandAugment); set one of them"
             )
-        from timm.data import create_transform
+        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.transforms import str_to_pil_interp
 
+        if not randaugment.startswith("rand"):
+            raise DataError(f"not a timm RandAugment spec: {randaugment!r} (it starts with 'rand')")
+        # The hyper-parameters timm's create_transform gives RandAugment for this image size.
+        hparams = {
+            "translate_const": int(img_size * 0.45),
+            "img_mean": tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN),
+            "interpolation": str_to_pil_interp("bicubic"),
+        }
         try:
-            return create_transform(
-                img_size,
-                is_training=True,
-                scale=tuple(scale),
-                ratio=RRC_RATIO,
-                hflip=0.5,
-                color_jitter=0.0,
-                auto_augment=randaugment,
-                interpolation="bicubic",
-                mean=IMAGENET_MEAN,
-                std=IMAGENET_STD,
-                re_prob=0.0,
-            )
+            augment = rand_augment_transform(randaugment, hparams)
         except (AssertionError, ValueError, KeyError, IndexError) as exc:
             raise DataError(f"not a timm RandAugment spec: {randaugment!r} ({exc})") from None
-    steps = [
-        T.RandomResizedCrop(img_size, scale=tuple(scale), ratio=RRC_RATIO, interpolation=bicubic),
-        T.RandomHorizontalFlip(),
-    ]
-    if color_jitter > 0:
-        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
-    return T.Compose([*steps, T.ToTensor(), normalize])
+    return SeededTrainTransform(img_size, scale, color_jitter, augment)
+
+
+class _SeededSamples(Dataset):
+    """An ImageFolder read by (index, epoch) keys: the epoch rides with each index from the sampler,
+    so every worker process (persistent or not) knows it without any state of its own."""
+
+    def __init__(self, folder: Any, transform: Any, seed: int, train: bool) -> None:
+        self.folder = folder
+        self.transform = transform
+        self.seed = seed
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key
+        path, target = self.folder.samples[index]
+        img = self.folder.loader(path)
+        if self.train:
+            return self.transform(img, sample_seed(self.seed, epoch, index)), target
+        return self.transform(img), target
+
+
+class _EpochTaggedSampler(Sampler):
+    """DistributedSampler's indices of the epoch set on it, each paired with that epoch."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = int(self.sampler.epoch)
+        return ((int(i), epoch) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class TorchvisionPipeline(Pipeline):
@@ -148,7 +279,7 @@ class TorchvisionPipeline(Pipeline):
                 "os_cache=False applies to the ffcv and dali pipelines; torchvision always reads the "
                 "JPEG files through the OS page cache"
             )
-        from torch.utils.data import DataLoader, DistributedSampler
+        from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
 
         skipped: set[str] = set()
@@ -195,7 +326,7 @@ class TorchvisionPipeline(Pipeline):
 
             dataset_cls = _ConvertedClasses
         try:
-            dataset = dataset_cls(folder, transform=transform, is_valid_file=valid, **extra)
+            dataset = dataset_cls(folder, is_valid_file=valid, **extra)
         except (FileNotFoundError, OSError) as exc:
             raise DataError(f"no images in {folder}: {exc}") from None
         if expected_count is not None and len(dataset) != expected_count:
@@ -220,14 +351,16 @@ class TorchvisionPipeline(Pipeline):
         self.sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=drop_last
         )
-        # Seeds the workers' augmentation RNGs; re-seeded per epoch so an epoch replays exactly.
+        # Augmentation draws from per-sample generators (SeededTrainTransform); this generator only
+        # gives the DataLoader its workers' base seed, so that it never draws from torch's global
+        # RNG (which would shift the training's own random stream with the worker count).
         self._generator = torch.Generator()
         pin = bool(backend_kw.get("pin_memory", device.type == "cuda"))
         extra: dict[str, Any] = {"prefetch_factor": batches_ahead} if num_workers > 0 else {}
         self.loader = DataLoader(
-            dataset,
+            _SeededSamples(dataset, transform, seed, train),
             batch_size=batch_size,
-            sampler=self.sampler,
+            sampler=_EpochTaggedSampler(self.sampler),
             num_workers=num_workers,
             pin_memory=pin,
             drop_last=drop_last,
@@ -240,6 +373,9 @@ class TorchvisionPipeline(Pipeline):
         epoch = self._start_epoch()
         self.sampler.set_epoch(epoch)
         self._generator.manual_seed(derive_seed(self.seed, epoch, self.rank))
+        # With CUDA: each batch is a fresh pinned tensor (pin_memory) that torch's host allocator
+        # keeps until the non_blocking copy has read it; the copy lands in torch-owned device memory
+        # on the consumer's current stream. Nothing handed out is reused by the loader.
         non_blocking = self.device.type == "cuda"
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=non_blocking)  # [B, 3, S, S] float32, normalised
