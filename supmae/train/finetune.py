@@ -313,9 +313,11 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
         ck = st["ckpt"]
         log(f"nothing to do: {run_dir.path} already completed {st['start_epoch']} of {cfg.train.epochs} epochs")
         best = float(ck.get("best_acc1", -1.0))
+        last_row = ck.get("log_row") or {}  # the finished epoch's log line, kept in its checkpoint
         return {"task": cfg.task, "output_dir": run_dir.path, "epochs": cfg.train.epochs,
-                "last_epoch": st["start_epoch"] - 1, "train_loss": None, "final_acc1": ck.get("test_acc1"),
-                "final_acc5": ck.get("test_acc5"), "test_loss": None, "best_acc1": best if best >= 0 else None,
+                "last_epoch": st["start_epoch"] - 1, "train_loss": last_row.get("train_loss"),
+                "final_acc1": last_row.get("test_acc1"), "final_acc5": last_row.get("test_acc5"),
+                "test_loss": last_row.get("test_loss"), "best_acc1": best if best >= 0 else None,
                 "elapsed_seconds": float(ck.get("elapsed_seconds", 0.0)), "ranks_in_sync": None}
     return _train(cfg, info, run_dir, log, st, t_start)
 
