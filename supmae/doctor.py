@@ -473,6 +473,7 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
     from supmae.config import apply_overrides
     from supmae.models.flops import training_flops_per_image
     from supmae.recipes import get_recipe, list_recipes
+    from supmae.train.engine import resolve_precision
     from supmae.train.metrics import device_name, measure_matmul_peak
     from supmae.train.pretrain import resolve_accumulation
 
@@ -517,10 +518,14 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
             accum_note = ""
         except UserError as exc:
             accum, accum_note = cfg.optim.accum_iter, f"accumulation {cfg.optim.accum_iter} used: {exc}"
+        peak_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            resolve_precision(cfg.train.precision, dev), torch.float32)
+        # The peak is the best of a window before and one after the step: one window alone can meet a
+        # busy moment of a shared machine, and MFU's denominator should be what the device can reach.
+        peak_before = measure_matmul_peak(dev, peak_dtype, seconds=min(0.5, seconds))
         step_row, step = measure_step(cfg, dev, num_classes, accum, seconds)
         flops = training_flops_per_image(step.core, mask_ratio=cfg.model.mask_ratio)["total"]
-        peak_dtype = step.amp_dtype or torch.float32
-        peak = measure_matmul_peak(dev, peak_dtype, seconds=min(1.0, seconds))
+        peak = max(peak_before, measure_matmul_peak(dev, peak_dtype, seconds=min(0.5, seconds)))
         step_row.update({"flops_per_image": flops, "peak_flops": peak, "peak_dtype": str(peak_dtype).split(".")[-1],
                          "mfu": flops * step_row["images_per_sec"] / peak, "accum_note": accum_note})
         memory = (probe_cuda_batch(cfg, dev, num_classes, batch_limit) if dev.type == "cuda"
