@@ -318,3 +318,11 @@ def test_kill_9_during_an_archive_conversion_then_resume_is_byte_identical(tmp_p
     for rel in fa:
         if rel != "manifest.json":
             assert filecmp.cmp(fa[rel], fb[rel], shallow=False), f"{rel} differs"
+
+
+def test_beton_jpeg_mode_is_ffcvs():
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    from tools.beton import JPEG_MODE
+
+    assert IMAGE_MODES["jpg"] == JPEG_MODE
