@@ -5,16 +5,17 @@
 
 FLOPs: `supmae.models.flops.training_flops_per_image` (forward + loss + backward per image, at the
 given mask ratio). Speed: one training step (forward, loss, backward, AdamW) at a fixed batch, fp32,
-of our configuration (SDPA attention, no host sync) next to a paper-faithful one (eager attention,
-`.item()` of the three losses every step, AdamW's per-parameter loop), the two interleaved round by
-round in one process so that load from other work on the machine hits both alike.
+of `supmae pretrain`'s own step (`supmae.train.steps.build_pretrain_step`: SDPA attention, no host
+sync, the trainer's AdamW) next to the paper-faithful one (eager attention, `.item()` of the three
+losses every step, AdamW's per-parameter loop), the two interleaved round by round in one process so
+that load from other work on the machine hits both alike. `supmae bench step` breaks the difference
+down factor by factor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from typing import Any
@@ -40,33 +41,27 @@ def flops_table(names: tuple[str, ...], mask_ratio: float) -> dict[str, dict[str
 
 
 def _build_step(name: str, config: str, batch_size: int, mask_ratio: float) -> Any:
-    """A zero-argument training step of model `name` in `config` ("ours" or "paper")."""
-    from timm.optim import param_groups_weight_decay
+    """A zero-argument training step of model `name` in `config`: "ours" is `supmae pretrain`'s own step
+    (`build_pretrain_step` with the recipe's auto settings), "paper" the reference's loop body on a step
+    built with its settings (eager attention, fp32 on the CPU, AdamW's per-parameter loop); both as
+    `benchmarks.step` builds its first and last rows."""
+    from benchmarks.step import Settings, reference_loop_body, step_config
+    from supmae.models import model_defaults
+    from supmae.train.steps import build_pretrain_step
 
-    from supmae.losses import supmae_loss
-    from supmae.models import create_model
-
-    model = create_model(name, attn_impl="sdpa" if config == "ours" else "eager").train()
-    groups = param_groups_weight_decay(model, weight_decay=0.05)
-    lr = 1.5e-4 * batch_size / 256
-    # foreach=False is the per-parameter loop of the torch releases the reference ran on.
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), foreach=config == "ours")
-    size = model.grid_size * model.patch_size
+    device = torch.device("cpu")
+    defaults = model_defaults(name)
+    settings = None if config == "ours" else Settings()
+    ps = build_pretrain_step(step_config(name, batch_size, None, mask_ratio, settings), device,
+                             int(defaults["num_classes"]))
+    fn = ps if settings is None else reference_loop_body(ps, device)
+    size = int(defaults["img_size"])
     g = torch.Generator().manual_seed(0)
     imgs = torch.randn(batch_size, 3, size, size, generator=g)
-    labels = torch.randint(0, model.num_classes, (batch_size,), generator=g)
+    labels = torch.randint(0, int(defaults["num_classes"]), (batch_size,), generator=g)
 
     def step() -> None:
-        out = model(imgs, mask_ratio=mask_ratio)
-        total, rec, cls = supmae_loss(out, labels)
-        if config == "paper":
-            # The reference reads every loss back each step (and stops on a non-finite one).
-            value, _, _ = total.item(), rec.item(), cls.item()
-            if not math.isfinite(value):
-                raise RuntimeError(f"loss is {value}")
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        fn(imgs, labels)
 
     return step
 
@@ -123,7 +118,7 @@ def main(argv: list[str]) -> int:
               f"median of {args.rounds} interleaved steps:")
         speed = step_speed(args.model, args.batch_size, args.mask_ratio, args.rounds, args.warmup)
         figures["speed"] = {"model": args.model, "batch_size": args.batch_size, **speed}
-        labels = {"ours": "ours (SDPA, no host sync, AdamW foreach)",
+        labels = {"ours": "supmae pretrain's step (SDPA, no host sync, AdamW foreach)",
                   "paper": "paper-faithful (eager attention, .item() x3 per step, AdamW loop)"}
         for config, r in speed.items():
             print(f"  {labels[config]:<66} {r['seconds_per_step']:7.2f} s/step  {r['images_per_sec']:7.2f} img/s")
