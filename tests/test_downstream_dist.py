@@ -9,9 +9,11 @@ and continued with `--resume auto` ends with the weights of an uninterrupted run
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -128,3 +130,26 @@ def test_one_process_resume_is_exact(odd_root, tiny_ckpt, tmp_path, job):
     assert cli_main(job_args(job, odd_root, tiny_ckpt, chunked, "--train.epochs_per_run", "1")) == 0
     assert cli_main(job_args(job, odd_root, tiny_ckpt, chunked, "--resume", "auto")) == 0
     assert_same_weights(os.path.join(whole, "checkpoint-last.pth"), os.path.join(chunked, "checkpoint-last.pth"))
+
+
+@pytest.mark.slow
+def test_finetune_killed_mid_epoch_then_resumed_is_exact(odd_root, tiny_ckpt, tmp_path):
+    args = ["--train.epochs", "3", "--train.max_steps_per_epoch", "6"]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    assert cli_main(job_args("finetune", odd_root, tiny_ckpt, whole, *args)) == 0
+    cmd = [sys.executable, "-m", "supmae.cli", *job_args("finetune", odd_root, tiny_ckpt, killed, *args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
+    steps = os.path.join(killed, "steps.jsonl")
+    deadline = time.time() + 120
+    try:
+        # kill -9 inside epoch 1 (its first steps logged, its checkpoint not yet written)
+        while not any(r["epoch"] == 1 for r in read_jsonl(steps)):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert load_checkpoint(os.path.join(killed, "checkpoint-last.pth"))["epoch"] == 0
+    assert cli_main(job_args("finetune", odd_root, tiny_ckpt, killed, *args, "--resume", "auto")) == 0
+    assert_same_weights(os.path.join(whole, "checkpoint-last.pth"), os.path.join(killed, "checkpoint-last.pth"))
+    assert [r["epoch"] for r in read_jsonl(os.path.join(killed, "log.jsonl"))] == [0, 1, 2]
