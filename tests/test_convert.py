@@ -651,14 +651,19 @@ def test_bench_convert_runs_every_tool_on_the_same_images(tmp_path, capsys):
     src = str(tmp_path / "src")
     make_dataset(src, train_per_class=4, val_per_class=0, size=48, num_classes=5, seed=2)
     report = str(tmp_path / "bench.json")
-    assert bench_main(["--src", src, "--max-res", "32", "--workers", "1", "--json", report]) == 0
+    assert bench_main(["--src", src, "--max-res", "32", "--workers", "1", "--archives", "--json", report]) == 0
     with open(report) as f:
-        rows = json.load(f)["rows"]
+        result = json.load(f)
+    rows = result["rows"]
     assert [r["tool"] for r in rows] == [
         "supmae convert",
         "ffcv DatasetWriter (jpg)",
         "ffcv DatasetWriter (raw)",
+        "supmae convert (train archive)",
     ]
     assert all(r["images"] == 20 and r["seconds"] > 0 and r["bytes"]["ffcv"] > 0 for r in rows)
-    assert rows[0]["bytes"]["wds"] > 0
-    assert "| supmae convert | ffcv + wds | 32 | 20 |" in capsys.readouterr().out
+    assert rows[0]["bytes"]["wds"] > 0 and rows[0]["bytes"] == rows[3]["bytes"]
+    assert len(result["projections"]) == 2 * 4 and all(p["minutes"] > 0 for p in result["projections"])
+    assert result["ours_over_ffcv_jpg"][0]["workers"] == 1
+    out = capsys.readouterr().out
+    assert "| supmae convert | ffcv + wds | 32 | 1 | 20 |" in out and "Projected wall time" in out
