@@ -37,5 +37,29 @@ echo "setup: installing the project and its dependencies into $VENV (first time:
 "$VENV/bin/python" -m pip install -q torch torchvision
 "$VENV/bin/python" -m pip install -q --no-build-isolation ffcv
 "$VENV/bin/python" -m pip install -q -e '.[dev]'
+
+# DALI ships one wheel per CUDA major version (nvidia-dali-cuda110/120/130) and must match the CUDA
+# that torch was built with, so it is chosen here from the torch just installed, not pinned. A
+# CPU-only torch gets the newest flavour: DALI's CPU operators (device_id=None) need no CUDA.
+cuda_major=$("$VENV/bin/python" -c "import torch; print((torch.version.cuda or '').split('.')[0])")
+case "$cuda_major" in
+  13 | "") dali=nvidia-dali-cuda130 ;;
+  12) dali=nvidia-dali-cuda120 ;;
+  11) dali=nvidia-dali-cuda110 ;;
+  *) dali="" ;;
+esac
+if [ -z "$dali" ]; then
+  echo "setup: torch uses CUDA $cuda_major, for which there is no DALI wheel: the dali pipeline will be unavailable"
+else
+  # Another flavour (an older install, or one a dependency list pulled in) would shadow this one.
+  others=$("$VENV/bin/python" -m pip list --format=freeze 2>/dev/null | grep -io '^nvidia-dali-cuda[0-9]*' \
+    | grep -vix "$dali" || true)
+  if [ -n "$others" ]; then
+    echo "setup: removing DALI built for another CUDA: $others"
+    "$VENV/bin/python" -m pip uninstall -q -y $others
+  fi
+  echo "setup: torch uses CUDA ${cuda_major:-none}: installing $dali"
+  "$VENV/bin/python" -m pip install -q "$dali"
+fi
 echo "$want" > "$stamp"
 echo "setup: done"
