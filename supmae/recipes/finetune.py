@@ -6,9 +6,10 @@ keep its effective batch (1024 / 8192) on any number of devices by deriving grad
 (`optim.effective_batch`); the lr follows the linear scaling rule on the batch actually used.
 
 Where each augmentation runs: RandomResizedCrop, flip and RandAugment in the data pipeline
-(RandAugment exists only in the torchvision pipeline, so the fine-tuning recipes use it; set
-`--data.randaugment ''` to fine-tune from FFCV or DALI without it); random erasing, mixup and
-cutmix on the device inside the loop, with any pipeline.
+(RandAugment runs in the dali pipeline, as graph operators on the GPU, and in the torchvision one
+with timm's PIL policy; ffcv refuses it, so `--data.randaugment ''` fine-tunes from FFCV without
+it); random erasing, mixup and cutmix on the device inside the step, with any pipeline. Each
+recipe reads with the fastest pipeline that implements its augmentation.
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ def vit_b16_ft100() -> DownstreamConfig:
 
     5 warmup epochs then cosine per iteration to 1e-6; RandAugment rand-m9-mstd0.5-inc1, label
     smoothing 0.1, random erasing 0.25 (pixel), mixup 0.8, cutmix 1.0 (switch 0.5, per batch),
-    drop path 0.1; global pool + fc_norm; RandomResizedCrop(224, scale 0.08-1) + flip.
+    drop path 0.1; global pool + fc_norm; RandomResizedCrop(224, scale 0.08-1) + flip. Reads with the
+    dali pipeline, the fastest that implements RandAugment (nvJPEG decode and the policy as GPU graph
+    operators; its differences from timm's policy are listed in `pipelines/dali_randaugment.py`);
+    `--data.pipeline torchvision` runs timm's own policy on the CPU.
     """
     return DownstreamConfig(
         task="finetune",
         recipe="vit_b16_ft100",
         model=DownstreamModelConfig(feature="avg", drop_path=0.1),
-        data=DataConfig(pipeline="torchvision", batch_size=128, num_workers=10, img_size=224, scale_min=0.08,
+        data=DataConfig(pipeline="dali", batch_size=128, num_workers=10, img_size=224, scale_min=0.08,
                         randaugment=RANDAUGMENT_T4),
         optim=DownstreamOptimConfig(name="adamw", blr=1e-3, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
                                     betas=(0.9, 0.999), warmup_epochs=5.0, effective_batch=1024),
