@@ -156,9 +156,9 @@ def assert_same_weights(dir_a: str, dir_b: str, name: str) -> None:
     assert [r["val_cls_acc1"] for r in rows] == [r["val_cls_acc1"] for r in ref_rows]
 
 
-# Exact resume needs a pipeline whose epoch e is a function of (seed, e) only. torchvision and DALI
-# are; FFCV 1.0.2's random crop and flip draw from numba's per-thread RNG, which nothing seeds, so
-# an FFCV run resumes correctly but not bit for bit.
+# Exact resume needs a pipeline whose epoch e is a function of (seed, e) only: all three are
+# (augmentation drawn from (seed, epoch, sample index)). The chunked resume runs on the two quick
+# ones; ffcv's kill -9 resume, on one and two ranks, is in test_production_matrix.py.
 DETERMINISTIC_PIPELINES = ["torchvision", "dali"]
 
 

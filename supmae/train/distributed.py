@@ -99,6 +99,12 @@ def distributed(device_preference: str = "auto", timeout_s: float = 600.0) -> It
     info = init_distributed(device_preference, timeout_s)
     try:
         yield info
+        # On a normal exit every rank waits for the others before the group is torn down: a rank
+        # that finishes early (a finished run resumed, say) and destroys its gloo group while a
+        # peer still talks to it aborts the process ("terminate called without an active exception").
+        # Not on an error: a peer that failed would never arrive.
+        if info.world_size > 1 and dist.is_initialized():
+            dist.barrier()
     finally:
         shutdown()
 
