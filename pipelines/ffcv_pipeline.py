@@ -447,7 +447,8 @@ class FfcvPipeline(Pipeline):
     ) -> None:
         reject_unknown(self.kind, backend_kw, BACKEND_OPTIONS)
         if randaugment:
-            raise DataError("randaugment is supported by the torchvision pipeline only (FFCV has no RandAugment)")
+            raise DataError(f"randaugment ({randaugment}) runs in the dali and torchvision pipelines, not ffcv: use "
+                            f"--data.pipeline dali, or --data.randaugment '' to read with ffcv without it")
         fname = beton_path(path, split)
         reader = check_beton(fname)
         super().__init__(

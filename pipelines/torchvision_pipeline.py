@@ -209,7 +209,24 @@ def build_transform(
             augment = rand_augment_transform(randaugment, hparams)
         except (AssertionError, ValueError, KeyError, IndexError) as exc:
             raise DataError(f"not a timm RandAugment spec: {randaugment!r} ({exc})") from None
+        for op in augment.ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
     return SeededTrainTransform(img_size, scale, color_jitter, augment)
+
+
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, defined at 0 bits too. `PosterizeIncreasing` at magnitude ~10 asks for
+    0 bits, which current Pillow refuses (ValueError), killing the worker a few thousand images
+    into a `rand-m9-mstd0.5` run; keeping 0 bits makes the image black, as older Pillow did and as
+    the dali pipeline's RandAugment does."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 class _SeededSamples(Dataset):

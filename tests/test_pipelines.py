@@ -361,7 +361,7 @@ def test_randaugment_torchvision_and_dali_not_ffcv(kind, coded):
     assert images.shape == (BATCH, 3, SIZE, SIZE) and labels.shape == (BATCH,)
     with pytest.raises(DataError, match="RandAugment spec"):
         build_pipeline(kind, coded, randaugment="not-a-spec", num_workers=0)
-    with pytest.raises(DataError, match="(?i)randaugment"):
+    with pytest.raises(DataError, match="--data.pipeline dali"):
         build_pipeline("ffcv", coded, randaugment="rand-m9-mstd0.5-inc1")
 
 

@@ -198,3 +198,18 @@ def test_ffcv_keeps_the_callers_thread_count(tiny):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
+    """rand-m9-mstd0.5-inc1 draws PosterizeIncreasing magnitudes that keep 0 bits (about 8 in 5,000
+    images); Pillow refuses 0 bits, so the op must handle it instead of killing a worker."""
+    from PIL import Image
+
+    from pipelines.torchvision_pipeline import build_transform
+
+    transform = build_transform(True, 32, (0.35, 1.0), 0.0, "rand-m9-mstd0.5-inc1")
+    posterize = [op for op in transform.randaugment.ops if op.name == "PosterizeIncreasing"]
+    assert posterize, [op.name for op in transform.randaugment.ops]
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert list(posterize[0].aug_fn(img, 0).getdata()) == [(0, 0, 0)] * 64
+    assert posterize[0].aug_fn(img, 4).getpixel((0, 0)) == (192, 96, 48)
