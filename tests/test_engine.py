@@ -165,3 +165,16 @@ def test_cpu_threads_survive_the_ffcv_loader(converted, tmp_path, monkeypatch):
     argv[argv.index("--train.cpu_threads") + 1] = "2"  # the loader's 1 worker would make it 1
     assert cli_main(argv) == 0
     assert seen == [2, 2]
+
+
+def test_only_the_first_job_of_a_process_counts_the_process_start_as_its_start_up():
+    """The demo runs pretraining and then a probe in one process: the probe's start-up begins at its
+    own run call, not at the interpreter's start (which would bill it the whole pretraining)."""
+    import subprocess
+    import sys
+
+    code = ("from supmae.train.engine import process_start_time as p; import time; "
+            "a = p(time.time()); b = p(123.0); print(a[1], b[0], b[1], time.time() - a[0] < 120)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()
+    assert out == ["process", "123.0", "run_call", "True"], out
