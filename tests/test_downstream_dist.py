@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from procs import REPO, subprocess_env, torchrun_command
 
 from supmae.cli import main as cli_main
 from supmae.models import create_model
 from supmae.train.checkpoint import atomic_save, load_checkpoint
 from supmae.train.run_dir import read_jsonl
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"embed_dim": 64, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2,
          "cls_hidden_dim": 64}
 RECIPES = {"finetune": "tiny_cpu_ft", "linprobe": "tiny_cpu_lin"}
@@ -47,20 +46,10 @@ def tiny_ckpt(tmp_path_factory) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-
-
 def torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "supmae.cli", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, env=_env(), cwd=REPO)
+    cmd = torchrun_command(2, ["-m", "supmae.cli", *args])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, env=subprocess_env(),
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -138,7 +127,7 @@ def test_finetune_killed_mid_epoch_then_resumed_is_exact(odd_root, tiny_ckpt, tm
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     assert cli_main(job_args("finetune", odd_root, tiny_ckpt, whole, *args)) == 0
     cmd = [sys.executable, "-m", "supmae.cli", *job_args("finetune", odd_root, tiny_ckpt, killed, *args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env(), cwd=REPO)
     steps = os.path.join(killed, "steps.jsonl")
     deadline = time.time() + 120
     try:

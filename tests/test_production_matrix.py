@@ -15,18 +15,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from procs import REPO, subprocess_env, torchrun_command
 
 from supmae.train.checkpoint import load_checkpoint
 from supmae.train.run_dir import read_jsonl
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PRETRAIN = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32,
                             "decoder_num_heads": 2, "cls_hidden_dim": 32})
 TINY_ENCODER = {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2,
@@ -57,16 +56,6 @@ def encoder_ckpt(tmp_path_factory) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-
-
 def _job_args(job: str, pipeline: str, data: str, out: str, ckpt: str) -> list[str]:
     common = ["--output-dir", out, "--data.path", data, "--data.pipeline", pipeline, "--data.num_workers", "1",
               "--data.batch_size", str(BATCH), "--train.epochs", str(EPOCHS),
@@ -83,13 +72,12 @@ def _job_args(job: str, pipeline: str, data: str, out: str, ckpt: str) -> list[s
 def _command(ranks: int, args: list[str]) -> list[str]:
     if ranks == 1:
         return [sys.executable, "-m", "supmae.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-            "127.0.0.1", "--master_port", str(_free_port()), "-m", "supmae.cli", *args]
+    return torchrun_command(ranks, ["-m", "supmae.cli", *args])
 
 
 def _run(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(_command(ranks, args), capture_output=True, text=True, check=False, timeout=600,
-                          env=_env(), cwd=REPO)
+                          env=subprocess_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -99,7 +87,7 @@ def _kill_mid_run(ranks: int, args: list[str], run_dir: str) -> int:
     returns how many step lines had been written (some of them after the last checkpoint)."""
     steps_path = os.path.join(run_dir, "steps.jsonl")
     proc = subprocess.Popen(_command(ranks, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd=REPO, start_new_session=True)
+                            env=subprocess_env(), cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
