@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("supmae.train.finetune:main_finetune", "fine-tune a pretrained encoder (Table 4)"),
     "linprobe": ("supmae.train.finetune:main_linprobe", "linear probing of a frozen encoder (Table 5)"),
     "eval": ("supmae.train.finetune:main_eval", "top-1/top-5 of a fine-tuned or probed checkpoint"),
+    "export": ("supmae.export:main", "write a pretrained encoder for timm (safetensors) or the MAE fine-tuning code"),
     "visualize": ("supmae.visualize:main", "PNG grid of masked inputs and reconstructions"),
     "bench": ("benchmarks.cli:main", "benchmarks: loaders, step, table1"),
     "report": ("supmae.report:main", "cost report of a pretrain / finetune / linprobe run directory"),

@@ -86,6 +86,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     """Load a checkpoint safely; `UserError` naming the file when it is missing, corrupt or unsafe."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):  # an encoder alone, as timm stores it (`supmae export --to timm`)
+        from supmae.export import read_safetensors
+
+        return read_safetensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
