@@ -42,7 +42,7 @@ def test_timm_export_loads_strictly_and_gives_our_features(tmp_path):
     out = tmp_path / "encoder.safetensors"
     assert cli_main(["export", "--checkpoint", ck, "--to", "timm", str(out)]) == 0
     with safe_open(str(out), framework="pt") as f:
-        keys = set(f.keys())  # noqa: SIM118 - safe_open is no mapping
+        keys = set(f.keys())
     assert keys and not any(k.startswith(PRETEXT) for k in keys)
     assert {"norm.weight", "pos_embed", "cls_token", "patch_embed.proj.weight"} <= keys
     a = ours.model_args
@@ -50,7 +50,7 @@ def test_timm_export_loads_strictly_and_gives_our_features(tmp_path):
     vit = timm.create_model(
         "vit_base_patch16_224",
         pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(out)),
+        pretrained_cfg_overlay={"file": str(out)},
         num_classes=0,
         img_size=a["img_size"],
         patch_size=a["patch_size"],
@@ -76,8 +76,7 @@ def test_mae_export_leaves_exactly_the_head_keys_missing(tmp_path):
     state = exported["model"]
     assert not any(k.startswith(PRETEXT) for k in state)
     a = ours.model_args
-    vit_args = dict(img_size=a["img_size"], patch_size=a["patch_size"], embed_dim=a["embed_dim"], depth=a["depth"],
-                    num_heads=a["num_heads"], num_classes=100)
+    vit_args = {k: a[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")} | {"num_classes": 100}
     # The MAE fine-tuning code: strict=False, then an assertion on the missing keys.
     pooled = build_vit(**vit_args, feature="avg")
     msg = pooled.load_state_dict(state, strict=False)
@@ -100,10 +99,13 @@ def test_finetune_pretrained_reads_a_timm_safetensors_file(tmp_path):
     cfg.pretrained = str(out)
     model, vit_args = build_downstream_model(cfg, num_classes=10, log=silent)
     assert (vit_args["embed_dim"], vit_args["depth"], vit_args["num_heads"]) == (
-        ours.model_args["embed_dim"], ours.model_args["depth"], ours.model_args["num_heads"])
+        ours.model_args["embed_dim"],
+        ours.model_args["depth"],
+        ours.model_args["num_heads"],
+    )
     own, ref = model.state_dict(), ours.state_dict()
-    for key in ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight", f"blocks.{vit_args['depth'] - 1}"
-                ".mlp.fc2.bias"):
+    last = vit_args["depth"] - 1
+    for key in ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight", f"blocks.{last}.mlp.fc2.bias"):
         assert torch.equal(own[key], ref[key]), key
 
 
