@@ -175,12 +175,20 @@ def plan(device: torch.device, compile_row: bool) -> list[dict[str, Any]]:
 def run_step_bench(
     device: str = "auto", model_name: str = "supmae_vit_base_patch16", batch_size: int = 256, iters: int = 20,
     warmup: int = 5, compile_row: bool = True, mask_ratio: float = 0.75, rounds: int = 4, depth: int | None = None,
-    out: str | None = None, seed: int = 0, log: Any = print,
+    out: str | None = None, seed: int = 0, compile_backend: str = "auto", trainer_compile: str = "auto",
+    log: Any = print,
 ) -> dict[str, Any]:
-    """Time every factor row, `iters` iterations each spread over `rounds` interleaved rounds, and return
-    the result (also written to `out`/step.json and step.md)."""
+    """Time every factor row and return the result (also written to `out`/step.json and step.md after
+    every row, so a run cut short keeps the rows it finished).
+
+    Rows run one after another, each alone on the device: built, warmed up (compilation happens here),
+    timed in `rounds` windows of its `iters` iterations (the row's figure is the median window, so one
+    window that meets a busy moment of a shared machine does not set it), then freed before the next
+    row is built, so each row's peak memory is its own. A row that fails (a compiler error, running
+    out of memory) records why, and the rows after it still run."""
     from supmae.models import model_defaults
     from supmae.models.flops import training_flops_per_image
+    from supmae.train.engine import resolve_compile
     from supmae.train.steps import build_pretrain_step
 
     start = time.perf_counter()
@@ -189,6 +197,7 @@ def run_step_bench(
         raise UserError(f"--batch-size must be at least 2 (the head's BatchNorm), got {batch_size}")
     if iters < 1 or rounds < 1 or warmup < 0:
         raise UserError(f"need --iters >= 1, --rounds >= 1 and --warmup >= 0 (got {iters}, {rounds}, {warmup})")
+    resolve_compile(trainer_compile, dev)  # a bad value is a one-line error before anything is measured
     args = model_defaults(model_name)
     img_size, num_classes = int(args["img_size"]), int(args["num_classes"])
     log(f"[step] {device_name(dev)}: {model_name}, batch {batch_size}, {warmup} warm-up + {iters} timed iterations")
@@ -197,91 +206,122 @@ def run_step_bench(
     log(f"[step] measured {precision_name(peak_dtype)} matmul peak: {peak / 1e12:.3g} TFLOP/s")
     images, labels = synthetic_batch(batch_size, img_size, num_classes, dev, seed)
     batches = constant_batches(images, labels)
+    rounds = max(1, min(rounds, iters))
 
     def build(s: Settings | None) -> tuple[Any, Callable[[torch.Tensor, torch.Tensor], Any]]:
         torch.manual_seed(seed)
-        ps = build_pretrain_step(step_config(model_name, batch_size, depth, mask_ratio, s), dev, num_classes)
+        cfg = step_config(model_name, batch_size, depth, mask_ratio, s)
+        cfg.train.compile_backend = compile_backend
+        if s is None:
+            cfg.train.compile = trainer_compile
+        ps = build_pretrain_step(cfg, dev, num_classes)
         return ps, (reference_loop_body(ps, dev) if s is not None and s.host_sync else ps)
 
-    def warm(fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> float | None:
-        """Run the warm-up (compilation happens here); the peak memory it reached, on GPU."""
+    def free() -> None:
+        gc.collect()
         if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        for _ in range(warmup):
-            fn(images, labels)
-        synchronize(dev)
-        return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
 
     rows = plan(dev, compile_row)
-    flops_per_image: float | None = None
-    live: dict[str, dict[str, Any]] = {}
+    flops: list[float] = []
+    measured: dict[str, dict[str, Any]] = {}
+
+    def result_so_far(final: bool) -> dict[str, Any]:
+        result = {
+            "device": str(dev), "device_name": device_name(dev), "model": model_name, "recipe": RECIPE,
+            "depth": depth if depth is not None else int(args["depth"]), "batch_size": batch_size, "iters": iters,
+            "warmup": warmup, "rounds": rounds, "mask_ratio": mask_ratio, "compile_backend": compile_backend,
+            "trainer_compile": trainer_compile, "flops_per_image": flops[0] if flops else None,
+            "peak_tflops": peak / 1e12, "peak_dtype": precision_name(peak_dtype),
+            "rows": _entries(rows, measured, flops[0] if flops else 0.0, peak, batch_size),
+            "complete": final, "environment": environment(), "elapsed_seconds": time.perf_counter() - start,
+        }
+        result["speedup"] = _speedup(result["rows"])
+        return result
+
     for row in rows:
         if row["skipped"]:
             log(f"[step] {row['name']}: {row['skipped']}")
             continue
         t0 = time.perf_counter()
+        ps = fn = None
+        free()
         try:
             ps, fn = build(row["settings"])
-            peak_mem = warm(fn)
-        except Exception as exc:  # a compiler failure must not hide the other rows' figures
-            if not (row["settings"] is not None and row["settings"].compile):
-                raise
-            row["skipped"] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+            for _ in range(warmup):
+                fn(images, labels)
+            synchronize(dev)
+            warm_s = time.perf_counter() - t0
+            windows: list[float] = []
+            iter_seconds: list[float] = []
+            for r in range(rounds):
+                chunk = iters // rounds + (1 if r < iters % rounds else 0)
+                t = time_steps(fn, batches, dev, 0, chunk)
+                windows.append(t.total_seconds / t.iters)
+                iter_seconds += t.iter_seconds
+            peak_mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+            if not flops:
+                flops.append(float(training_flops_per_image(ps.core, mask_ratio=mask_ratio)["total"]))
+            if row["settings"] is None:
+                desc = {"attention": ps.core.attn_impl,
+                        "precision": ps.precision + (" + GradScaler" if ps.scaler is not None else ""),
+                        "compile": ps.compiled, "host_sync": "none"}
+            else:
+                desc = row["settings"].describe()
+            desc["optimizer"] = "AdamW " + _adamw_kind(ps.optimizer)
+            measured[row["name"]] = {"desc": desc, "seconds_per_iter": statistics.median(windows),
+                                     "iter_seconds": iter_seconds, "peak_mem_mb": peak_mem, "warmup_seconds": warm_s}
+            log(f"[step] {row['name']:<8} {measured[row['name']]['seconds_per_iter'] * 1e3:9.1f} ms/iter "
+                f"(warm-up {warm_s:.1f} s)")
+        except Exception as exc:  # noqa: BLE001 (a compiler error or an OOM must not hide the other rows' figures)
+            row["skipped"] = f"failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
             row["carried"] = False
             log(f"[step] {row['name']}: {row['skipped']}")
-            gc.collect()
-            continue
-        if flops_per_image is None:
-            flops_per_image = float(training_flops_per_image(ps.core, mask_ratio=mask_ratio)["total"])
-        if row["settings"] is None:
-            row["settings_desc"] = {"attention": ps.core.attn_impl,
-                                    "precision": ps.precision + (" + GradScaler" if ps.scaler is not None else ""),
-                                    "compile": ps.compiled, "host_sync": "none",
-                                    "optimizer": "AdamW " + _adamw_kind(ps.optimizer)}
-        else:
-            row["settings_desc"] = row["settings"].describe()
-            row["settings_desc"]["optimizer"] = "AdamW " + _adamw_kind(ps.optimizer)
-        live[row["name"]] = {"ps": ps, "fn": fn, "peak_mem_mb": peak_mem, "warmup_seconds": time.perf_counter() - t0,
-                             "seconds": 0.0, "iters": 0, "iter_seconds": []}
-        log(f"[step] {row['name']}: warmed up in {live[row['name']]['warmup_seconds']:.1f} s")
-
-    # Interleave the rows in rounds (alternating which goes first), so that a change of load from other
-    # work on a shared machine, or GPU clock drift, hits all of them alike.
-    rounds = max(1, min(rounds, iters))
-    names = list(live)
-    for r in range(rounds):
-        chunk = iters // rounds + (1 if r < iters % rounds else 0)
-        for name in (names if r % 2 == 0 else list(reversed(names))):
-            t = time_steps(live[name]["fn"], batches, dev, 0, chunk)
-            live[name]["seconds"] += t.total_seconds
-            live[name]["iters"] += t.iters
-            live[name]["iter_seconds"] += t.iter_seconds
+        finally:
+            del ps, fn
+            free()
+        if out:
+            _write(result_so_far(final=False), out)
 
     # Measured again after the timing, the best of the two: one short window can fall on a busy
     # moment of a shared machine (or a GPU still ramping its clocks).
     peak = max(peak, measure_matmul_peak(dev, peak_dtype))
+    result = result_so_far(final=True)
+    for entry in result["rows"]:
+        if "images_per_sec" in entry:
+            log(f"[step] {entry['name']:<8} {entry['ms_per_iter']:9.1f} ms/iter  {entry['images_per_sec']:9.1f} img/s"
+                f"  MFU {entry['mfu']:6.1%}")
+    if out:
+        result["files"] = _write(result, out)
+    return result
+
+
+def _entries(rows: list[dict[str, Any]], measured: dict[str, dict[str, Any]], flops_per_image: float, peak: float,
+             batch_size: int) -> list[dict[str, Any]]:
+    """One table entry per row: its settings and figures, or why it has none."""
     results: list[dict[str, Any]] = []
-    base_ips = None
+    base_ips = batch_size / measured["paper"]["seconds_per_iter"] if "paper" in measured else None
     prev_ips = None
     for row in rows:
         entry = {k: row[k] for k in ("name", "label", "carried", "why_not_carried", "skipped")}
-        b = live.get(row["name"])
+        b = measured.get(row["name"])
         if b is None:
             results.append(entry)
             continue
-        spi = b["seconds"] / b["iters"]
+        spi = b["seconds_per_iter"]
         ips = batch_size / spi
-        base_ips = base_ips or ips
-        spread = (statistics.stdev(b["iter_seconds"]) / statistics.fmean(b["iter_seconds"])
-                  if len(b["iter_seconds"]) > 1 else 0.0)
+        its = b["iter_seconds"]
+        spread = statistics.stdev(its) / statistics.fmean(its) if len(its) > 1 else 0.0
         entry.update({
-            **row["settings_desc"],
+            **b["desc"],
             "ms_per_iter": spi * 1e3,
             "images_per_sec": ips,
             "vs_previous": ips / prev_ips if prev_ips else None,
-            "vs_paper": ips / base_ips,
-            "achieved_tflops": (flops_per_image or 0.0) * ips / 1e12,
-            "mfu": (flops_per_image or 0.0) * ips / peak,
+            "vs_paper": ips / base_ips if base_ips else None,
+            "achieved_tflops": flops_per_image * ips / 1e12,
+            "mfu": flops_per_image * ips / peak,
             "spread": spread,
             "peak_mem_mb": b["peak_mem_mb"],
             "warmup_seconds": b["warmup_seconds"],
@@ -290,37 +330,20 @@ def run_step_bench(
         if row["carried"] or row["name"] == "paper":
             prev_ips = ips
         results.append(entry)
-        log(f"[step] {row['name']:<8} {spi * 1e3:9.1f} ms/iter  {ips:9.1f} img/s  MFU {entry['mfu']:6.1%}")
-    live.clear()
-    gc.collect()
-    result: dict[str, Any] = {
-        "device": str(dev),
-        "device_name": device_name(dev),
-        "model": model_name,
-        "recipe": RECIPE,
-        "depth": depth if depth is not None else int(args["depth"]),
-        "batch_size": batch_size,
-        "iters": iters,
-        "warmup": warmup,
-        "rounds": rounds,
-        "mask_ratio": mask_ratio,
-        "flops_per_image": flops_per_image,
-        "peak_tflops": peak / 1e12,
-        "peak_dtype": precision_name(peak_dtype),
-        "rows": results,
-        "speedup": _speedup(results),
-        "environment": environment(),
-    }
-    result["elapsed_seconds"] = time.perf_counter() - start
-    if out:
-        os.makedirs(out, exist_ok=True)
-        paths = {"json": os.path.join(out, "step.json"), "md": os.path.join(out, "step.md")}
-        with open(paths["md"], "w") as fh:
-            fh.write(render_markdown(result))
-        result["files"] = paths
-        with open(paths["json"], "w") as fh:
-            json.dump(result, fh, indent=2)
-    return result
+    return results
+
+
+def _write(result: dict[str, Any], out: str) -> dict[str, str]:
+    """step.md and step.json, each replaced atomically (a reader never sees half a file)."""
+    os.makedirs(out, exist_ok=True)
+    paths = {"json": os.path.join(out, "step.json"), "md": os.path.join(out, "step.md")}
+    for path, text in ((paths["md"], render_markdown(result)),
+                       (paths["json"], json.dumps({**result, "files": paths}, indent=2))):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    return paths
 
 
 def _adamw_kind(opt: torch.optim.Optimizer) -> str:
@@ -344,7 +367,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         (f"{result['device_name']}; {result['model']} (depth {result['depth']}, recipe {result['recipe']}), batch "
          f"{result['batch_size']}, mask ratio {result['mask_ratio']}; {result['warmup']} warm-up + {result['iters']} "
-         f"timed iterations per row in {result['rounds']} interleaved rounds; "
+         f"timed iterations per row in {result['rounds']} windows (the median window counts), each row alone "
+         f"on the device; "
          f"{(result['flops_per_image'] or 0) / 1e9:.2f} GFLOP per image per step (fwd + bwd, counted); "
          f"measured {result['peak_dtype']} matmul peak {result['peak_tflops']:.3g} TFLOP/s."),
         "",
@@ -360,7 +384,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             carried = "-"
         cells = [r["label"], r["attention"], r["precision"], "yes" if r["compile"] else "no", r["host_sync"],
                  r["optimizer"], f"{r['ms_per_iter']:.1f}", f"{r['images_per_sec']:.1f}",
-                 f"{r['vs_previous']:.2f}" if r["vs_previous"] else "-", f"{r['vs_paper']:.2f}", f"{r['mfu']:.1%}",
+                 f"{r['vs_previous']:.2f}" if r["vs_previous"] else "-",
+                 f"{r['vs_paper']:.2f}" if r["vs_paper"] else "-", f"{r['mfu']:.1%}",
                  carried]
         lines.append("| " + " | ".join(cells) + " |")
     if result["speedup"] is not None:
@@ -383,8 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", dest="compile_row", action="store_false",
                    help="do not measure the torch.compile row (compiling takes tens of seconds on a CPU)")
     p.add_argument("--rounds", type=int, default=4,
-                   help="interleaved timing rounds (at most --iters): each row's iterations are split over them")
+                   help="timing windows per row (at most --iters): its iterations are split over them and the "
+                   "median window is the row's figure")
     p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--compile-backend", default="auto",
+                   help="torch.compile backend of the compiled rows, as --train.compile_backend (auto: inductor)")
+    p.add_argument("--trainer-compile", default="auto", choices=("auto", "on", "off"),
+                   help="the trainer row's --train.compile (auto: on CUDA only, as supmae pretrain resolves it)")
     add_run_options(p, default_out="runs/bench/step")
     return p
 
@@ -395,7 +425,7 @@ def main(argv: list[str]) -> int:
     result = run_step_bench(
         device=a.device, model_name=a.model, batch_size=a.batch_size, iters=a.iters, warmup=a.warmup,
         compile_row=a.compile_row, mask_ratio=a.mask_ratio, rounds=a.rounds, depth=a.depth, out=a.out or None,
-        seed=a.seed,
+        seed=a.seed, compile_backend=a.compile_backend, trainer_compile=a.trainer_compile,
     )
     print()
     print(render_markdown(result))

@@ -395,6 +395,54 @@ def test_step_command_factor_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_step_command_a_failing_row_says_why_and_the_others_finish(tmp_path):
+    """The trainer row compiled with a backend that does not exist (through the real options): before, its
+    error was re-raised and no step.json was written; now it records why and every other row is there,
+    the rows before it written to step.json as they finished."""
+    from supmae.cli import main
+
+    rc = main(["bench", "step", "--device", "cpu", "--model", "supmae_vit_tiny_patch4", "--depth", "1",
+               "--batch-size", "4", "--iters", "1", "--warmup", "1", "--rounds", "1", "--threads", "1",
+               "--no-compile", "--trainer-compile", "on", "--compile-backend", "no_such_backend",
+               "--out", str(tmp_path)])
+    torch.set_num_threads(1)
+    assert rc == 0
+    data = json.loads((tmp_path / "step.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert data["complete"] is True and data["trainer_compile"] == "on"
+    assert rows["trainer"]["skipped"].startswith("failed: ") and "no_such_backend" in rows["trainer"]["skipped"]
+    assert "images_per_sec" not in rows["trainer"] and data["speedup"] is None
+    for name in ("paper", "sdpa", "bf16", "no_sync", "fused"):
+        assert rows[name]["images_per_sec"] > 0, name
+    assert "failed: " in (tmp_path / "step.md").read_text()
+
+
+@pytest.mark.slow
+def test_step_bench_writes_each_row_as_it_finishes(tmp_path):
+    """A run cut short (here: the log raising after the third row) leaves step.json with the rows done."""
+    from benchmarks import step as B
+
+    class Cut(BaseException):  # as a timeout's signal would: not a row's own failure
+        pass
+
+    finished: list[str] = []
+
+    def log(line: str) -> None:
+        if "ms/iter (warm-up" in line:
+            finished.append(line.split()[1])
+            if len(finished) == 3:
+                raise Cut
+
+    with pytest.raises(Cut):
+        B.run_step_bench(device="cpu", model_name="supmae_vit_tiny_patch4", depth=1, batch_size=4, iters=1, warmup=0,
+                         rounds=1, compile_row=False, out=str(tmp_path), log=log)
+    data = json.loads((tmp_path / "step.json").read_text())
+    assert data["complete"] is False
+    done = [r["name"] for r in data["rows"] if "images_per_sec" in r]
+    assert done == finished[:2]  # the third was cut before its write
+
+
+@pytest.mark.slow
 def test_harness_runs_without_ffcv_dali_or_matplotlib(tmp_path):
     """The GPU image has only torch, timm and torchvision: gpu_check.sh's commands must run there."""
     import subprocess
