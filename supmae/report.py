@@ -25,7 +25,7 @@ import itertools
 import json
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from supmae.errors import UserError
@@ -92,6 +92,7 @@ class Run:
     epochs: list[dict[str, Any]]
     steps: list[dict[str, Any]]
     starts: list[dict[str, Any]]
+    processes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def job(self) -> str:
@@ -123,7 +124,9 @@ def load_run(run_dir: str) -> Run:
     epochs.sort(key=lambda r: int(r["epoch"]))
     steps = _read_jsonl(os.path.join(run_dir, "steps.jsonl"))
     starts = sorted(_read_jsonl(os.path.join(run_dir, "starts.jsonl")), key=lambda s: float(s.get("time", 0.0)))
-    return Run(os.path.abspath(run_dir), config, epochs, steps, starts)
+    from supmae.train.process import read_process_records
+
+    return Run(os.path.abspath(run_dir), config, epochs, steps, starts, read_process_records(run_dir))
 
 
 def _num(row: dict[str, Any], key: str) -> float | None:
@@ -176,6 +179,52 @@ def epoch_mfu(run: Run, row: dict[str, Any]) -> float | None:
     if fpi is None or ips is None or not peak:
         return None
     return fpi * ips / (peak * world)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def process_costs(run: Run) -> list[dict[str, Any]]:
+    """Each process of the run from its record: wall seconds from its start to its last heartbeat, device
+    seconds at its *own* world size, and the part lost to the interruption that followed it.
+
+    Lost: the work after the checkpoint the next process resumed from, which that process redid: from
+    the moment that checkpoint was complete (or, when the next process did not resume from one of this
+    process's checkpoints, from this process's first step: all of its training was redone) to its last
+    heartbeat. A process that ended by itself right after the checkpoint the next one resumed from
+    (`--train.epochs_per_run`) lost nothing. The last process has no successor: nothing of it is redone
+    yet. A heartbeat is written every few seconds of training, so a kill hides at most that much.
+    """
+    from supmae.train.process import process_span
+
+    out = []
+    records = run.processes
+    for i, rec in enumerate(records):
+        span = process_span(rec)
+        world = int(rec.get("world_size") or 1)
+        beat = float(rec.get("heartbeat", rec["start"]))
+        saves = [(int(e), float(t)) for e, t in rec.get("saves") or []]
+        lost = 0.0
+        nxt = records[i + 1] if i + 1 < len(records) else None
+        if nxt is not None:
+            resumed_from = int(nxt.get("start_epoch") or 0) - 1
+            kept = [t for e, t in saves if e == resumed_from]
+            if kept and rec.get("ended") and saves[-1][0] == resumed_from:
+                lost = 0.0  # stopped by itself after that checkpoint: the tail is the process's own end
+            else:
+                begin = kept[-1] if kept else float(rec.get("first_step") or rec["start"])
+                lost = max(0.0, beat - begin)
+        if rec.get("ended"):
+            how = "ended"
+        elif nxt is not None:
+            how = "killed (no end recorded)"
+        else:
+            how = "running, or killed (no end recorded yet)"
+        out.append({"start_epoch": int(rec.get("start_epoch") or 0), "world_size": world, "wall_seconds": span,
+                    "device_seconds": span * world, "lost_seconds": lost, "lost_device_seconds": lost * world,
+                    "energy_kwh": _num(rec, "energy_kwh"), "how_it_ended": how, "start": float(rec["start"]),
+                    "device": rec.get("device")})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -242,6 +291,13 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
     startups = [float(s["startup_seconds"]) for s in run.starts if _num(s, "startup_seconds") is not None]
     split["startup"] = sum(startups)
     wall = _num(last, "elapsed_seconds")
+    procs = process_costs(run)
+    if procs:
+        # Every process from its start to its last heartbeat: a killed process's last minutes count.
+        split["lost_to_interruptions"] = sum(p["lost_seconds"] for p in procs)
+        process_wall: float | None = sum(p["wall_seconds"] for p in procs)
+    else:
+        process_wall = None
     parts = sum(split.values())
     split_out: dict[str, Any] = {k: (v if have.get(k, True) else None) for k, v in split.items()}
     if not startups:
@@ -252,8 +308,13 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
     # starts at the run call, after the imports: the two overlap by the set-up inside the run call. The
     # wall is therefore start-up + everything after the first step; "other" is what elapsed_seconds
     # holds beyond the measured parts (gaps, logging; with start-up known, only what exceeds it).
-    split_out["other"] = max(0.0, wall - parts) if wall is not None else None
-    split_out["wall"] = parts + split_out["other"] if wall is not None else None
+    if process_wall is not None:
+        split_out["other"] = max(0.0, process_wall - parts)
+        split_out["wall"] = parts + split_out["other"]
+    else:
+        split_out["lost_to_interruptions"] = None  # a run written before per-process records: unknown
+        split_out["other"] = max(0.0, wall - parts) if wall is not None else None
+        split_out["wall"] = parts + split_out["other"] if wall is not None else None
     split_out["elapsed_seconds"] = wall
 
     # ---- the projection from the steady epochs.
@@ -307,6 +368,15 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
                      "server": PAPER_SERVER, "device_hours": paper.hours * PAPER_GPUS,
                      "device_hours_for_total_epochs": paper.hours * PAPER_GPUS * scale,
                      "ours_over_paper_device_hours": device_hours / (paper.hours * PAPER_GPUS * scale)}
+    if procs:
+        so_far: float | None = sum(p["device_seconds"] for p in procs) / 3600.0
+        so_far_source = "every process's span (start to last heartbeat) x its own world size"
+        lost_dh: float | None = sum(p["lost_device_seconds"] for p in procs) / 3600.0
+        energies = [p["energy_kwh"] for p in procs]
+        process_energy = sum(energies) if all(e is not None for e in energies) else None
+    else:
+        so_far, lost_dh, process_energy = _num(last, "device_hours"), None, None
+        so_far_source = "device_hours of the last log line (a run written before per-process records)"
     mfus = {int(r["epoch"]): epoch_mfu(run, r) for r in epochs}
     steady_mfu = [mfus[int(r["epoch"])] for r in used if mfus[int(r["epoch"])] is not None]
     return {
@@ -343,9 +413,13 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
         "projected_cost_range": [low * world * price_per_gpu_hour, high * world * price_per_gpu_hour]
         if price_per_gpu_hour is not None else None,
         "elapsed_seconds": wall,
-        "device_hours_so_far": _num(last, "device_hours"),
-        "cost_so_far": _num(last, "device_hours") * price_per_gpu_hour
-        if price_per_gpu_hour is not None and _num(last, "device_hours") is not None else None,
+        "device_hours_so_far": so_far,
+        "device_hours_source": so_far_source,
+        "cost_so_far": so_far * price_per_gpu_hour if price_per_gpu_hour is not None and so_far is not None else None,
+        "lost_device_hours": lost_dh,
+        "lost_cost": lost_dh * price_per_gpu_hour if price_per_gpu_hour is not None and lost_dh is not None else None,
+        "process_costs": procs,
+        "process_energy_kwh": process_energy,
         "data_wait_frac": _mean([float(r["data_wait_frac"]) for r in used if _num(r, "data_wait_frac") is not None]),
         "images_per_sec": _mean([float(r["images_per_sec"]) for r in used if _num(r, "images_per_sec") is not None]),
         "mfu_per_epoch": mfus,
@@ -404,6 +478,7 @@ _SPLIT_LABELS = (
     ("checkpointing", "checkpointing"),
     ("compile_warmup", "compilation and warm-up"),
     ("startup", "start-up"),
+    ("lost_to_interruptions", "lost to interruptions (work redone after a resume)"),
     ("other", "other (wall minus the parts)"),
 )
 
@@ -479,9 +554,17 @@ def render_markdown(run: Run, fig: dict[str, Any], png_name: str | None) -> str:
         f"- projected cost: {money}",
         f"- projected energy: {_fmt(fig['projected_energy_kwh'], '.3f')} kWh",
         (f"- measured so far: {_fmt(fig['elapsed_seconds'], '.1f')} s elapsed, "
-         f"{_fmt(fig['device_hours_so_far'], '.4f')} device-hours"
+         f"{_fmt(fig['device_hours_so_far'], '.4f')} device-hours ({fig['device_hours_source']})"
          + (f", cost {fig['cost_so_far']:,.2f}" if fig["cost_so_far"] is not None else "")
-         + f", energy {_fmt(fig['energy_kwh'], '.4f')} kWh at {_fmt(fig['avg_watts'], '.0f')} W average"),
+         + f", energy {_fmt(fig['energy_kwh'], '.4f')} kWh at {_fmt(fig['avg_watts'], '.0f')} W average "
+         "in the training loops"
+         + (f", {fig['process_energy_kwh']:.4f} kWh over the whole processes"
+            if fig["process_energy_kwh"] is not None else ", whole processes: not measured")),
+        (f"- lost to interruptions: {_fmt(fig['lost_device_hours'], '.4f')} device-hours"
+         + (f", cost {fig['lost_cost']:,.2f}" if fig["lost_cost"] is not None else "")
+         + (" (included in the figures above; work after the checkpoint a resume started from, redone by the "
+            "next process; at least this much: a kill hides the seconds after its process's last heartbeat)"
+            if fig["lost_device_hours"] is not None else " (n/a: the run has no per-process records)")),
         (f"- steady epochs: data-wait {_fmt(fig['data_wait_frac'], '.1%')} of step time, "
          f"{_fmt(fig['images_per_sec'], '.1f')} images/s, MFU {_fmt(fig['mfu'], '.1%')}"),
     ]
@@ -510,6 +593,17 @@ def render_markdown(run: Run, fig: dict[str, Any], png_name: str | None) -> str:
             (f"Ours / paper device-hours (paper scaled to {fig['total_epochs']} epochs): "
             f"{p['ours_over_paper_device_hours']:.2f}x."),
         ]
+    if fig["process_costs"]:
+        lines += [
+            "",
+            "## Processes",
+            "",
+            "| process | started at epoch | devices | wall s | device-hours | lost s | how it ended |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for i, pc in enumerate(fig["process_costs"]):
+            lines.append(f"| {i} | {pc['start_epoch']} | {pc['world_size']} | {pc['wall_seconds']:.2f} | "
+                         f"{pc['device_seconds'] / 3600:.4f} | {pc['lost_seconds']:.2f} | {pc['how_it_ended']} |")
     lines += [
         "",
         "## Measured epochs",

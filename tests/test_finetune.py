@@ -25,6 +25,7 @@ from supmae.models.vit import build_vit
 from supmae.recipes import get_recipe
 from supmae.train.checkpoint import atomic_save, load_checkpoint
 from supmae.train.finetune import finetune_param_groups, probe_param_groups, run_finetune, run_linprobe
+from supmae.train.process import read_process_records
 from supmae.train.run_dir import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,8 +135,13 @@ def test_linprobe_trains_only_the_head_and_writes_the_run_dir(synthetic_root, ra
     cfg = quick(get_recipe("tiny_cpu_lin"), synthetic_root, out, random_ckpt, epochs=2, steps=3)
     result = run_linprobe(cfg)
     assert "final top-1" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["checkpoint-best.pth", "checkpoint-last.pth", "config.json", "log.jsonl",
-                                       "starts.jsonl", "steps.jsonl"]
+    # (run.lock: the run directory's lock, held for the job's life)
+    assert sorted(set(os.listdir(out)) - {"run.lock"}) == [
+        "checkpoint-best.pth", "checkpoint-last.pth", "config.json", "log.jsonl", "processes", "starts.jsonl",
+        "steps.jsonl"]
+    (record,) = read_process_records(out)  # this process's device time, at its own world size
+    assert record["ended"] and record["world_size"] == 1 and [e for e, _ in record["saves"]] == [0, 1]
+    assert record["energy_kwh"] is None and record["energy_note"].startswith("not measured")  # no GPU: no guess
     before = load_checkpoint(random_ckpt)["model"]
     after = load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
     assert after["task"] == "linprobe" and after["epoch"] == 1 and after["step"] == 6

@@ -281,3 +281,63 @@ def test_report_of_real_resumed_pretrain_and_finetune_runs(tmp_path, synthetic_r
     assert out["job"] == "finetune" and out["process_first_epochs"] == [0] and out["epochs_used"] == [1]
     assert out["split_seconds"]["evaluation"] > 0 and out["mfu"] is not None and out["paper"] is None
     assert "train_loss" in json.loads((ft / "log.jsonl").read_text().splitlines()[-1])
+
+
+def _record(run, start, world, start_epoch, first_step, saves, heartbeat, ended, energy=None):
+    """A process record as the engine keeps it in <run>/processes/."""
+    folder = Path(run) / "processes"
+    folder.mkdir(exist_ok=True)
+    row = {"job": "pretrain", "pid": int(start), "host": "h", "start": start, "start_from": "process",
+           "world_size": world, "device": "cpu", "start_epoch": start_epoch, "first_step": first_step,
+           "heartbeat": heartbeat, "saves": saves, "ended": ended, "energy_kwh": energy}
+    (folder / f"{int(start * 1000)}-h-{int(start)}.json").write_text(json.dumps(row))
+
+
+def test_device_hours_count_every_process_at_its_own_world_size_and_the_lost_part_apart(tmp_path):
+    """One rank, killed 12 s after its epoch-1 checkpoint; resumed on two ranks from that checkpoint."""
+    rows = [_book_row(0, 0, 30.0, 5.0, 40.0), _book_row(1, 1, 10.0, 1.0, 52.0),
+            _book_row(2, 0, 25.0, 4.0, 85.0), _book_row(3, 1, 12.0, 1.0, 100.0)]
+    starts = [_start(0, 4.0, 1e12, 1.0), _start(2, 6.0, 2e12, 2.0)]
+    run = _write_run(tmp_path / "run", rows, starts=starts)
+    _record(run, 1000.0, 1, 0, 1004.0, [[0, 1045.0], [1, 1058.0]], 1070.0, False, energy=0.02)
+    _record(run, 1100.0, 2, 2, 1106.0, [[2, 1140.0], [3, 1155.0]], 1156.0, True, energy=0.05)
+    out = write_report(run, price_per_gpu_hour=3.0)
+    # 70 s on one device, then 56 s on two: 182 device-seconds, not (elapsed of the last row) x 2.
+    assert out["device_hours_so_far"] == pytest.approx(182.0 / 3600)
+    assert out["lost_device_hours"] == pytest.approx(12.0 / 3600)
+    assert out["cost_so_far"] == pytest.approx(3.0 * 182.0 / 3600)
+    assert out["lost_cost"] == pytest.approx(3.0 * 12.0 / 3600)
+    assert out["process_energy_kwh"] == pytest.approx(0.07)
+    assert [p["lost_seconds"] for p in out["process_costs"]] == pytest.approx([12.0, 0.0])
+    assert [p["device_seconds"] for p in out["process_costs"]] == pytest.approx([70.0, 112.0])
+    split = out["split_seconds"]
+    # The parts of the logged epochs and start-ups add to 93 s (as in the test above); the two processes
+    # lasted 126 s, 12 of them redone after the resume.
+    assert split["lost_to_interruptions"] == pytest.approx(12.0)
+    assert split["wall"] == pytest.approx(126.0) and split["other"] == pytest.approx(126.0 - 93.0 - 12.0)
+    md = Path(out["report_md"]).read_text()
+    assert "| lost to interruptions (work redone after a resume) | 12.00 |" in md
+    assert f"- lost to interruptions: {12.0 / 3600:.4f} device-hours, cost {3.0 * 12.0 / 3600:,.2f}" in md
+    assert "| 0 | 0 | 1 | 70.00 |" in md and "killed (no end recorded)" in md and "| 1 | 2 | 2 | 56.00 |" in md
+
+
+def test_a_process_killed_before_its_first_checkpoint_is_lost_whole_and_a_chunk_end_is_not(tmp_path):
+    rows = [_book_row(0, 0, 30.0, 5.0, 40.0), _book_row(1, 1, 10.0, 1.0, 52.0), _book_row(2, 0, 25.0, 4.0, 85.0)]
+    run = _write_run(tmp_path / "run", rows, starts=[_start(0, 4.0, 1e12, 1.0)])
+    # Killed in epoch 0 (no checkpoint): started over at epoch 0, which stopped by itself after epoch 1
+    # (--train.epochs_per_run 2); the third resumed from that checkpoint.
+    _record(run, 1000.0, 1, 0, 1005.0, [], 1030.0, False)
+    _record(run, 1040.0, 1, 0, 1044.0, [[0, 1080.0], [1, 1095.0]], 1096.0, True)
+    _record(run, 1100.0, 1, 2, 1106.0, [[2, 1140.0]], 1141.0, True)
+    out = write_report(run)
+    assert [p["lost_seconds"] for p in out["process_costs"]] == pytest.approx([25.0, 0.0, 0.0])
+    assert out["lost_device_hours"] == pytest.approx(25.0 / 3600)
+    assert out["process_energy_kwh"] is None and "whole processes: not measured" in Path(out["report_md"]).read_text()
+
+
+def test_a_run_without_process_records_reports_the_lost_part_as_unknown(tmp_path):
+    run = _write_run(tmp_path / "run", [_book_row(0, 0, 30.0, 5.0, 40.0), _book_row(1, 1, 10.0, 1.0, 52.0)])
+    out = write_report(run)
+    assert out["lost_device_hours"] is None and out["split_seconds"]["lost_to_interruptions"] is None
+    assert out["device_hours_so_far"] == pytest.approx(52.0 / 3600)
+    assert "(n/a: the run has no per-process records)" in Path(out["report_md"]).read_text()

@@ -212,7 +212,7 @@ def encoder_args_from_checkpoint(ckpt: dict[str, Any], model_name: str = "", log
             f"cannot tell the number of attention heads of a width-{out['embed_dim']} encoder from its weights: "
             "pass --model NAME (a supmae model name) or use a checkpoint with 'model_args'"
         )
-    else:
+    if declared is None:  # only then was the shape read off the weights
         log(
             f"note: no model_args in the checkpoint; encoder inferred from its weights: width {out['embed_dim']}, "
             f"depth {out['depth']}, {out['num_heads']} heads, patch {out['patch_size']} (--model NAME overrides)"

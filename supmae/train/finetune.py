@@ -36,10 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.data import Mixup
-from timm.data.random_erasing import RandomErasing
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import Lars, param_groups_layer_decay
 from torch import nn
 
 from supmae.config import apply_overrides, from_dict, to_dict
@@ -52,28 +48,30 @@ from supmae.models.vit import (
     registry_encoder_args,
 )
 from supmae.recipes import get_recipe, list_recipes
+from supmae.train.augment import mixup_and_loss  # noqa: F401  (re-exported: the downstream step's augmentation)
 from supmae.train.checkpoint import atomic_save, load_checkpoint, model_state
+from supmae.train.compiling import resolve_compile
 from supmae.train.data import DataConfig
 from supmae.train.distributed import agree, all_reduce_sum, distributed
+from supmae.train.energy import EnergyMeter
 from supmae.train.engine import (
     Engine,
     Job,
     Log,
-    RealBatches,
-    amp_dtype_of,
-    autocast,
-    configure_determinism,
     decide_resume,
     describe_augmentation,
     load_on_main,
-    process_settings,
-    resolve_compile,
-    resolve_precision,
-    set_cpu_threads,
 )
+from supmae.train.evaluation import RealBatches
 from supmae.train.finetune_config import TASKS, DownstreamConfig
-from supmae.train.optim import build_adamw
-from supmae.train.pretrain import config_differences, has_split, resolve_accumulation
+from supmae.train.job_setup import config_differences, has_split, resolve_accumulation
+from supmae.train.optim import (  # noqa: F401  (re-exported: the recipes' optimisers)
+    build_optimizer,
+    finetune_param_groups,
+    probe_param_groups,
+)
+from supmae.train.precision import amp_dtype_of, autocast, configure_determinism, resolve_precision
+from supmae.train.process import process_settings, set_cpu_threads
 from supmae.train.run_dir import RunDir
 from supmae.train.schedule import CosineSchedule, peak_lr
 
@@ -82,52 +80,6 @@ BEST_NAME = "checkpoint-best.pth"
 
 def _print(*args: Any) -> None:
     print(*args, flush=True)
-
-
-# --------------------------------------------------------------------------- optimiser
-
-
-def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups with layer-wise lr decay (timm's `param_groups_layer_decay`).
-
-    Layer ids: 0 for the embeddings (`patch_embed`, `cls_token`, `pos_embed`), i + 1 for block i,
-    depth + 1 for `fc_norm` / `head`; each group's `lr_scale` is layer_decay^(depth + 1 - id). No
-    weight decay on 1-D parameters (biases, norms) nor on the model's `no_weight_decay()` names
-    (`pos_embed`, `cls_token`).
-    """
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
-                                    layer_decay=layer_decay)
-
-
-def probe_param_groups(model: nn.Module, weight_decay: float, adapt_1d: bool = False) -> list[dict[str, Any]]:
-    """LARS groups of the trainable (head) parameters.
-
-    Matrices: trust ratio always adapted, `weight_decay` applied. 1-D parameters (biases): by the
-    reference's rule (`adapt_1d` False) a group of their own that is never adapted and never decayed
-    (timm's Lars adapts whenever a group's weight decay is non-zero, so that group's decay is 0 and
-    `always_adapt` False: plain momentum SGD at the full lr); with `adapt_1d` they join the matrices.
-    """
-    adapt, plain = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (adapt if p.ndim > 1 or adapt_1d else plain).append(p)
-    groups = [{"params": adapt, "weight_decay": weight_decay, "always_adapt": True}]
-    if plain:
-        groups.append({"params": plain, "weight_decay": 0.0, "always_adapt": False})
-    return groups
-
-
-def build_optimizer(cfg: DownstreamConfig, model: nn.Module, lr: float, device: torch.device
-                    ) -> torch.optim.Optimizer:
-    """AdamW with layer-wise decay (fine-tuning) or timm's LARS (probing), per `cfg.optim.name`."""
-    o = cfg.optim
-    if o.name == "adamw":
-        groups = finetune_param_groups(model, o.weight_decay, o.layer_decay)
-        return build_adamw(groups, lr=lr, betas=tuple(o.betas), device=device, impl=o.impl)
-    if o.name == "lars":
-        return Lars(probe_param_groups(model, o.weight_decay, o.lars_adapt_1d), lr=lr, momentum=o.momentum)
-    raise UserError(f"unknown optimiser --optim.name {o.name!r} (expected adamw or lars)")
 
 
 # --------------------------------------------------------------------------- model
@@ -188,24 +140,27 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp_dtype
     give what one rank gives. Returns {"acc1", "acc5", "loss", "samples"}."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct@1, correct@5, samples
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct@1, correct@5
+    # The sample count is known on the host (batch shapes): adding it to a device tensor batch by batch
+    # would copy a host value to the device each time, and that copy waits for the queued work.
+    count = 0
     try:
         for images, labels in RealBatches(loader, max_steps):
             with autocast(device, amp_dtype):
                 logits = model(images)
             logits = logits.float()
-            n = labels.shape[0]
             k = min(5, logits.shape[1])
             # Integer counts of correct predictions (not per-batch percentages), so that the sum over
             # ranks equals a one-process evaluation exactly.
             hits = logits.topk(k, dim=1).indices.eq(labels[:, None])  # [N, k]
             loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-            sums += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+            sums += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+            count += labels.shape[0]
     finally:
         model.train(was_training)
-    all_reduce_sum(sums)
-    loss_sum, c1, c5, count = sums.tolist()
+    packed = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64).to(device)])  # the one copy
+    all_reduce_sum(packed)
+    loss_sum, c1, c5, count = packed.tolist()
     if count == 0:
         raise UserError("the evaluation split yielded no batches (is it smaller than one batch per rank?)")
     return {"acc1": 100.0 * c1 / count, "acc5": 100.0 * c5 / count, "loss": loss_sum / count, "samples": count}
@@ -245,28 +200,6 @@ def _check_config(cfg: DownstreamConfig) -> None:
             raise UserError(message)
 
 
-def mixup_and_loss(cfg: DownstreamConfig, num_classes: int, device: torch.device) -> tuple[Any, Any, nn.Module]:
-    """(random eraser or None, mixup or None, criterion): the on-device batch augmentation and its loss."""
-    a = cfg.aug
-    eraser = None
-    if a.reprob > 0:
-        eraser = RandomErasing(probability=a.reprob, mode=a.remode, max_count=a.recount, num_splits=0,
-                               device=str(device))
-    mixup = None
-    if a.mixup > 0 or a.cutmix > 0:
-        if cfg.data.batch_size % 2:
-            raise UserError(f"mixup / cutmix pair each batch with its mirror: --data.batch_size must be even, "
-                            f"got {cfg.data.batch_size}")
-        mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.switch_prob,
-                      mode=a.mixup_mode, label_smoothing=a.smoothing, num_classes=num_classes)
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    elif a.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=a.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-    return eraser, mixup, criterion
-
-
 def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
     """Fine-tune or linearly probe (per `cfg.task`); returns the final / best top-1 and where the run is.
     Every rank of a torchrun job calls this."""
@@ -296,6 +229,9 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
     from pipelines.errors import DataError
 
     t_start = time.perf_counter()
+    # Energy over the whole process from here on (set-up, evaluation and checkpoints included).
+    energy = EnergyMeter(info.device)
+    energy.start()
     log = Log(info.is_main)
     run_dir = RunDir(cfg.output_dir, writer=info.is_main)
     # A user error on one rank is shared with all, so every rank stops with a message instead of the
@@ -319,7 +255,7 @@ def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
                 "final_acc1": last_row.get("test_acc1"), "final_acc5": last_row.get("test_acc5"),
                 "test_loss": last_row.get("test_loss"), "best_acc1": best if best >= 0 else None,
                 "elapsed_seconds": float(ck.get("elapsed_seconds", 0.0)), "ranks_in_sync": None}
-    return _train(cfg, info, run_dir, log, st, t_start)
+    return _train(cfg, info, run_dir, log, st, t_start, energy)
 
 
 def _setup(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str], None]) -> dict[str, Any]:
@@ -481,7 +417,7 @@ def downstream_flops(vit_args: dict[str, Any]) -> int | None:
 
 
 def _train(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str], None], st: dict[str, Any],
-           t_start: float) -> dict[str, Any]:
+           t_start: float, energy: EnergyMeter) -> dict[str, Any]:
     from supmae.train.steps import build_downstream_step
 
     tc = cfg.train
@@ -499,7 +435,7 @@ def _train(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str
                     schedule=st["schedule"], micro_steps=st["micro_steps"], accum=st["accum"],
                     start_epoch=st["start_epoch"], global_step=st["global_step"], prev_elapsed=st["prev_elapsed"],
                     t_start=t_start, total_epochs=tc.epochs, flops_per_image=downstream_flops(st["vit_args"]),
-                    last_ckpt=st["ckpt_path"] or None)
+                    last_ckpt=st["ckpt_path"] or None, energy=energy)
     engine.open_books(ckpt)
     engine.restore_rng(ckpt)
     start_epoch = st["start_epoch"]

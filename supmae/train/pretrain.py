@@ -34,26 +34,20 @@ import torch
 from supmae.config import apply_overrides, to_dict
 from supmae.errors import UserError
 from supmae.train import distributed as dist_utils
-from supmae.train.engine import (  # noqa: F401  (capture_rng, restore_rng, real_samples: re-exported)
-    Engine,
-    Job,
-    Log,
-    NonFiniteLossError,
-    RealBatches,
-    autocast,
-    capture_rng,
-    configure_determinism,
-    decide_resume,
-    describe_augmentation,
-    process_settings,
-    real_samples,
-    resolve_compile,
-    resolve_precision,
-    restore_rng,
-    set_cpu_threads,
+from supmae.train.compiling import resolve_compile
+from supmae.train.energy import EnergyMeter
+from supmae.train.engine import Engine, Job, Log, NonFiniteLossError, decide_resume, describe_augmentation
+from supmae.train.evaluation import RealBatches, real_samples  # noqa: F401  (real_samples: re-exported)
+from supmae.train.job_setup import (
+    config_differences,
+    has_split,
+    resolve_accumulation,
 )
 from supmae.train.metrics import device_name
+from supmae.train.precision import autocast, configure_determinism, resolve_precision
 from supmae.train.pretrain_config import LossConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+from supmae.train.process import process_settings, set_cpu_threads
+from supmae.train.rng import capture_rng, restore_rng  # noqa: F401  (re-exported)
 from supmae.train.run_dir import RunDir, tensorboard_available
 from supmae.train.schedule import CosineSchedule, peak_lr
 
@@ -111,59 +105,6 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError(f"dataset not found: --data.path {cfg.data.path} is not a directory")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ("resume",)) -> list[str]:
-    """`key: old -> new` for every leaf that differs between two `to_dict` configs."""
-    a, b = _flatten(old), _flatten(new)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key in ignore:
-            continue
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return diffs
-
-
-def has_split(path: str, split: str) -> bool:
-    """Whether dataset `path` (a converted dir, or an ImageFolder root) has the split `split`."""
-    from pipelines.constants import MANIFEST_FILE
-
-    manifest = os.path.join(path, MANIFEST_FILE)
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as fh:
-            return split in (json.load(fh).get("splits") or {})
-    return os.path.isdir(os.path.join(path, split))
-
-
-def resolve_accumulation(optim: OptimConfig, batch_size: int, world_size: int) -> int:
-    """Micro-batches per optimiser step: `optim.accum_iter`, or derived from `optim.effective_batch`."""
-    if optim.effective_batch <= 0:
-        return optim.accum_iter
-    per_step = batch_size * world_size
-    if optim.effective_batch % per_step:
-        raise UserError(
-            f"--optim.effective_batch {optim.effective_batch} is not a multiple of batch_size x world_size = "
-            f"{batch_size} x {world_size} = {per_step}; change --data.batch_size, or set --optim.effective_batch 0 "
-            f"and choose --optim.accum_iter"
-        )
-    derived = optim.effective_batch // per_step
-    if optim.accum_iter not in (1, derived):
-        raise UserError(
-            f"--optim.accum_iter {optim.accum_iter} contradicts --optim.effective_batch {optim.effective_batch} "
-            f"(which needs {derived} at batch_size {batch_size} x world_size {world_size}); set only one of them"
-        )
-    return derived
-
-
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A well-mixed 63-bit seed for the masking-noise generator of (seed, epoch, rank)."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
@@ -191,6 +132,9 @@ def _run(cfg: PretrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     device = info.device
+    # Energy over the whole process from here on (set-up, evaluation and checkpoints included).
+    energy = EnergyMeter(device)
+    energy.start()
     log = Log(info.is_main)
     run_dir = RunDir(cfg.output_dir, writer=info.is_main)
 
@@ -210,7 +154,7 @@ def _run(cfg: PretrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
         return {"run_dir": run_dir.path, "final_log": None, "start_epoch": state["start_epoch"], "epochs_run": 0,
                 "checkpoint": state["ckpt_path"], "world_size": info.world_size, "rank": info.rank,
                 "ranks_in_sync": None}
-    return _train(cfg, info, run_dir, log, state, t_start)
+    return _train(cfg, info, run_dir, log, state, t_start, energy)
 
 
 def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: Log) -> dict[str, Any]:
@@ -383,7 +327,7 @@ def _pretrain_flops(core: torch.nn.Module, mask_ratio: float) -> int | None:
 
 
 def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: Log, st: dict[str, Any],
-           t_start: float) -> dict[str, Any]:
+           t_start: float, energy: EnergyMeter) -> dict[str, Any]:
     from supmae.train.steps import build_pretrain_step
 
     device = info.device
@@ -406,7 +350,8 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
                     schedule=st["schedule"], micro_steps=st["micro_steps"], accum=st["accum"],
                     start_epoch=st["start_epoch"], global_step=st["step"], prev_elapsed=st["prev_elapsed"],
                     t_start=t_start, total_epochs=tc.planned_epochs or tc.epochs,
-                    flops_per_image=_pretrain_flops(core, cfg.model.mask_ratio), last_ckpt=st["ckpt_path"] or None)
+                    flops_per_image=_pretrain_flops(core, cfg.model.mask_ratio), last_ckpt=st["ckpt_path"] or None,
+                    energy=energy)
     engine.open_books(ckpt)
     engine.restore_rng(ckpt)
     start_epoch = st["start_epoch"]

@@ -17,16 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from supmae.train.engine import (
-    amp_dtype_of,
-    autocast,
-    grad_scaler,
-    maybe_compile,
-    resolve_compile,
-    resolve_precision,
-    set_matmul_precision,
-    wrap_ddp,
-)
+from supmae.train.augment import mixup_and_loss
+from supmae.train.compiling import maybe_compile, resolve_compile, wrap_ddp
+from supmae.train.optim import build_adamw, build_optimizer, freeze_fixed_pos_embed, param_groups
+from supmae.train.precision import amp_dtype_of, autocast, grad_scaler, resolve_precision, set_matmul_precision
+from supmae.train.schedule import peak_lr
 
 __all__ = ["DownstreamStep", "PretrainStep", "build_downstream_step", "build_pretrain_step"]
 
@@ -125,8 +120,6 @@ def build_pretrain_step(cfg: Any, device: torch.device, num_classes: int, *, wor
     DistributedDataParallel (a process group must exist).
     """
     from supmae.models import create_model
-    from supmae.train.optim import build_adamw, freeze_fixed_pos_embed, param_groups
-    from supmae.train.schedule import peak_lr
 
     tc = cfg.train
     precision = resolve_precision(tc.precision, device)
@@ -197,9 +190,6 @@ def build_downstream_step(cfg: Any, model: nn.Module, device: torch.device, num_
     """The step of `cfg` (a DownstreamConfig) for `model` (the downstream ViT) on `device`: the optimiser
     of the recipe (AdamW with layer decay, or LARS), its peak lr for the effective batch, the
     on-device augmentation and criterion, precision / TF32 / compile as the trainer resolves them."""
-    from supmae.train.finetune import build_optimizer, mixup_and_loss
-    from supmae.train.schedule import peak_lr
-
     tc = cfg.train
     precision = resolve_precision(tc.precision, device)
     set_matmul_precision(device, getattr(tc, "deterministic", False))
