@@ -443,6 +443,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         notes.append("- synthetic data: a device-resident random batch per row, so no decode/augmentation cost is "
                      "timed (RandAugment and the crops run in the loader and are absent here); pass --data DIR to "
                      "feed every row from a real pipeline.")
+    if result.get("pending"):
+        notes.append(f"- not measured yet (the run is still going, or was cut short): {', '.join(result['pending'])}; "
+                     "rows that need them are left out.")
     notes.append(f"- measured in {result['elapsed_seconds']:.0f} s; timings on a shared or busy machine are indicative.")
     out += ["Notes:", "", *notes, ""]
     return "\n".join(out)
@@ -455,12 +458,12 @@ CSV_KEYS = ["key", "label", "pt_epochs", "ft_epochs", "gpus", "pt_iters_per_epoc
             "compute_norm_cost", "paper_top1", "data_wait_frac", "pt_bound", "ft_bound"]
 
 
-def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_KEYS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_KEYS})
+def write_csv(fh: Any, rows: list[dict[str, Any]]) -> None:
+    """The projected rows as CSV into the open text file `fh`."""
+    w = csv.DictWriter(fh, fieldnames=CSV_KEYS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_KEYS})
 
 
 def write_chart(path: str, result: dict[str, Any]) -> None:
@@ -562,58 +565,87 @@ def run_table1(
     peak = measure_matmul_peak(dev, peak_dtype)
     log(f"[table1] measured {precision_name(peak_dtype)} matmul peak: {peak / 1e12:.3g} TFLOP/s")
 
-    needed = [r.pt_method for r in rows] + (["finetune"] if any(r.ft_epochs for r in rows) else [])
+    needed = measuring_order(rows)
     steps: dict[str, StepResult] = {}
+
+    def assemble(final: bool) -> dict[str, Any]:
+        """The result from the steps measured so far: the rows whose steps are all in, normalised to
+        SupMAE's once it is (it is measured first)."""
+        ready = [r for r in rows if r.pt_method in steps and (not r.ft_epochs or "finetune" in steps)]
+        projected = [project_row(r, steps[r.pt_method], steps.get("finetune"), n_images, gpus) for r in ready]
+        normalise(projected)
+        return {
+            "config": {
+                "device": str(dev), "precision": run_precision, "precision_config": precision, "compile_config": compile,
+                "gpus": gpus, "data": data, "data_desc": data_desc, "pipeline": pipeline if loader is not None else None,
+                "model_scale": model_scale, "img_size": arch.img_size, "patch_size": arch.patch_size,
+                "embed_dim": arch.embed_dim, "depth": arch.depth, "num_classes": arch.num_classes,
+                "batch_size": batch_size, "num_images": n_images, "iters": iters, "warmup": warmup,
+                "drain": drain if loader is not None else None, "seed": seed,
+            },
+            "device_name": device_name(dev),
+            "environment": environment(),
+            "peak_tflops": peak / 1e12,
+            "peak_dtype": precision_name(peak_dtype),
+            "steps": {k: asdict(v) for k, v in steps.items()},
+            "complete": final,
+            "pending": [m for m in needed if m not in steps],
+            "compute_bound": compute_boundness(steps, peak),
+            "rows": projected,
+            "elapsed_seconds": time.perf_counter() - start,
+            "paper": {"hardware": PAPER_HARDWARE, "gpus": PAPER_GPUS, "rows": {k: asdict(v) for k, v in PAPER.items()}},
+            "paper_note": PAPER_NOTE,
+            "assumptions": "ideal data-parallel scaling; iterations/epoch = floor(images / global batch); "
+            "the fine-tuning step is shared by MoCo v3, MAE and SupMAE; with real data the fed rate is projected",
+        }
+
     for name in needed:
         steps[name] = measure_step(name, arch, dev, batch_size, source, warmup, iters, precision, compile, seed, log)
+        if out:
+            # Each row as it finishes: a run cut short (a device session's time limit) keeps what it measured.
+            write_outputs(assemble(final=False), out, log, chart=False)
     # Measured again at the end, the best of the two: one short window can fall on a busy moment
     # of a shared machine (or a GPU still ramping its clocks).
     peak = max(peak, measure_matmul_peak(dev, peak_dtype))
-
-    projected = [project_row(r, steps[r.pt_method], steps.get("finetune"), n_images, gpus) for r in rows]
-    normalise(projected)
-    result = {
-        "config": {
-            "device": str(dev), "precision": run_precision, "precision_config": precision, "compile_config": compile,
-            "gpus": gpus, "data": data, "data_desc": data_desc, "pipeline": pipeline if loader is not None else None,
-            "model_scale": model_scale, "img_size": arch.img_size, "patch_size": arch.patch_size,
-            "embed_dim": arch.embed_dim, "depth": arch.depth, "num_classes": arch.num_classes,
-            "batch_size": batch_size, "num_images": n_images, "iters": iters, "warmup": warmup,
-            "drain": drain if loader is not None else None, "seed": seed,
-        },
-        "device_name": device_name(dev),
-        "environment": environment(),
-        "peak_tflops": peak / 1e12,
-        "peak_dtype": precision_name(peak_dtype),
-        "steps": {k: asdict(v) for k, v in steps.items()},
-        "compute_bound": compute_boundness(steps, peak),
-        "rows": projected,
-        "paper": {"hardware": PAPER_HARDWARE, "gpus": PAPER_GPUS, "rows": {k: asdict(v) for k, v in PAPER.items()}},
-        "paper_note": PAPER_NOTE,
-        "assumptions": "ideal data-parallel scaling; iterations/epoch = floor(images / global batch); "
-        "the fine-tuning step is shared by MoCo v3, MAE and SupMAE; with real data the fed rate is projected",
-    }
-    result["elapsed_seconds"] = time.perf_counter() - start
+    result = assemble(final=True)
     if out:
         result["files"] = write_outputs(result, out, log)
     return result
 
 
-def write_outputs(result: dict[str, Any], out: str, log: Any = print) -> dict[str, str]:
-    """table1.md/.csv/.json and, where matplotlib is installed, table1.png; returns the written paths."""
+def measuring_order(rows: list[Row] | tuple[Row, ...]) -> list[str]:
+    """The steps to time, SupMAE's first (every row is normalised to it) and the fine-tuning step next
+    (SupMAE's row needs it): a run cut short after two steps already has a normalised row."""
+    needed = [r.pt_method for r in rows] + (["finetune"] if any(r.ft_epochs for r in rows) else [])
+    first = [m for m in (REFERENCE_ROW, "finetune") if m in needed]
+    return first + [m for m in needed if m not in first]
+
+
+def _replace(path: str, write: Any) -> None:
+    """Write through `write(fh)` into a temporary file, then rename it over `path` (atomic on POSIX)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        write(fh)
+    os.replace(tmp, path)
+
+
+def write_outputs(result: dict[str, Any], out: str, log: Any = print, chart: bool = True) -> dict[str, str]:
+    """table1.md/.csv/.json (each replaced atomically) and, with `chart` where matplotlib is installed,
+    table1.png; returns the written paths."""
     os.makedirs(out, exist_ok=True)
     paths = {ext: os.path.join(out, f"table1.{ext}") for ext in ("md", "csv", "json", "png")}
-    # The GPU image runs this harness with torch, timm and torchvision only: no chart there.
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        log("[table1] matplotlib is not installed: table1.png not written")
+    if not chart:
         del paths["png"]
-    with open(paths["md"], "w") as fh:
-        fh.write(render_markdown(result))
-    write_csv(paths["csv"], result["rows"])
-    with open(paths["json"], "w") as fh:
-        json.dump({**result, "files": paths}, fh, indent=2)
+    else:
+        # The GPU image runs this harness with torch, timm and torchvision only: no chart there.
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            log("[table1] matplotlib is not installed: table1.png not written")
+            del paths["png"]
+    _replace(paths["md"], lambda fh: fh.write(render_markdown(result)))
+    _replace(paths["csv"], lambda fh: write_csv(fh, result["rows"]))
+    _replace(paths["json"], lambda fh: json.dump({**result, "files": paths}, fh, indent=2))
     if "png" in paths:
         write_chart(paths["png"], result)
     return paths

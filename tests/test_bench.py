@@ -443,6 +443,37 @@ def test_step_bench_writes_each_row_as_it_finishes(tmp_path):
 
 
 @pytest.mark.slow
+def test_table1_writes_each_row_as_it_finishes(tmp_path):
+    """A run cut short after its second step (the log raising, as a timeout's signal would) leaves
+    table1.md/csv/json with what it measured: SupMAE (measured first, the reference) and the
+    fine-tuning step, so SupMAE's row, normalised, and the rest pending."""
+    class Cut(BaseException):
+        pass
+
+    measured: list[str] = []
+
+    def log(line: str) -> None:
+        if "ms/iter" in line:
+            measured.append(line.split()[1])
+            if len(measured) == 3:
+                raise Cut
+
+    assert T.measuring_order(T.ROWS)[:2] == ["supmae", "finetune"]
+    with pytest.raises(Cut):
+        T.run_table1(device="cpu", model_scale="tiny", depth=1, iters=1, warmup=0, batch_size=4,
+                     methods=["deit", "supmae", "mae"], out=str(tmp_path), log=log)
+    assert measured[:2] == ["supmae", "finetune"]
+    data = json.loads((tmp_path / "table1.json").read_text())
+    assert data["complete"] is False and set(data["steps"]) == {"supmae", "finetune"}
+    assert data["pending"] == ["mae", "deit"]  # Table 1's order
+    assert [r["key"] for r in data["rows"]] == ["supmae"] and data["rows"][0]["norm_cost"] == pytest.approx(1.0)
+    with open(tmp_path / "table1.csv") as fh:
+        assert [r["key"] for r in csv.DictReader(fh)] == ["supmae"]
+    assert "not measured yet" in (tmp_path / "table1.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
 def test_harness_runs_without_ffcv_dali_or_matplotlib(tmp_path):
     """The GPU image has only torch, timm and torchvision: gpu_check.sh's commands must run there."""
     import subprocess
