@@ -130,6 +130,54 @@ PART_FILE = "part.json"
 
 
 # ----------------------------------------------------------------------------------------------
+# Workers: one image in, JPEG bytes (or a skip reason) out
+
+_WORKER_ARGS: tuple[int, int, int] = (256, 90, DEFAULT_MAX_PIXELS)
+
+
+def _init_worker(max_res: int, quality: int, max_pixels: int, parent_pid: int) -> None:
+    global _WORKER_ARGS
+    _WORKER_ARGS = (max_res, quality, max_pixels)
+    if os.getpid() != parent_pid:
+        # Ctrl-C is the parent's to handle (it stops the pool); workers would only print tracebacks.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        die_with_parent(parent_pid)
+
+
+_ARCHIVE_FDS: dict[str, int] = {}
+
+
+def _read_range(path: str, offset: int, size: int) -> bytes:
+    """The bytes of one archive member: one pread of its range (the archive stays open per worker)."""
+    fd = _ARCHIVE_FDS.get(path)
+    if fd is None:
+        fd = _ARCHIVE_FDS[path] = os.open(path, os.O_RDONLY)
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise SkipImage("truncated", f"archive ended after {len(data)} of the member's {size} bytes")
+    return data
+
+
+def _encode_task(task: tuple[str, int, int]) -> tuple:
+    """("ok", jpeg, width, height, source bytes) or ("skip", code, detail, source bytes).
+
+    `task` is (file path, -1, -1) for a plain file, (archive path, offset, size) for a member."""
+    max_res, quality, max_pixels = _WORKER_ARGS
+    path, offset, size = task
+    try:
+        data = read_source(path) if offset < 0 else _read_range(path, offset, size)
+    except SkipImage as exc:
+        return ("skip", exc.code, exc.detail, 0)
+    except OSError as exc:
+        return ("skip", "unreadable", exc.strerror or str(exc), 0)
+    try:
+        enc = encode_bytes(data, max_res, quality, max_pixels)
+    except SkipImage as exc:
+        return ("skip", exc.code, exc.detail, len(data))
+    return ("ok", enc.jpeg, enc.width, enc.height, len(data))
+
+
+# ----------------------------------------------------------------------------------------------
 # Output directory state
 
 
@@ -205,41 +253,24 @@ def _load_finished(out: str, plan: SplitPlan, keep_wds: bool, chunks: range) -> 
     return done
 
 
-def _pieces(plan: SplitPlan, k: int, src: str, out: str, piece_size: int) -> Iterator[PieceTask]:
-    """Chunk k of a split as encoding tasks: runs of at most `piece_size` consecutive samples."""
+def _write_shard(out: str, plan: SplitPlan, k: int, results: list[tuple], keep_wds: bool) -> dict:
+    """Write chunk k's tar (and index) under final names, then its record (the commit point)."""
     positions = plan.shard_positions(k)
-    base = os.path.join(out, WORK_DIR, plan.name, f"{plan.name}-{k:06d}")
-    for j, lo in enumerate(range(positions.start, positions.stop, piece_size)):
-        items = []
-        for pos in range(lo, min(lo + piece_size, positions.stop)):
-            src_index = int(plan.permutation[pos])
-            s = plan.sources[src_index]
-            if s.archive is None:
-                items.append((os.path.join(src, s.rel), -1, -1, plan.key(pos), s.label))
-            else:
-                items.append((os.path.join(src, s.archive), s.offset, s.size, plan.key(pos), s.label))
-        yield PieceTask(f"{base}.piece-{j:05d}", items)
-
-
-def _stitch_task(out: str, plan: SplitPlan, k: int, pieces: list[PieceResult], keep_wds: bool) -> StitchTask:
-    """What a worker needs to turn chunk k's pieces into its shard, index and record."""
-    positions = plan.shard_positions(k)
-    results = [r for piece in pieces for r in piece.results]
     assert len(results) == len(positions), "results out of step with the plan"
-    meta, skipped, keys, sizes = [], [], [], []
+    samples, skipped, meta = [], [], []
     source_bytes = 0
     for pos, res in zip(positions, results):
         src_index = int(plan.permutation[pos])
+        label = plan.sources[src_index].label
         if res[0] == "ok":
-            _, jpeg_size, width, height, nbytes = res
-            meta.append([pos, src_index, plan.sources[src_index].label, width, height])
-            keys.append(plan.key(pos))
-            sizes.append(jpeg_size)
+            _, jpeg, width, height, nbytes = res
+            samples.append(ShardSample(plan.key(pos), jpeg, label))
+            meta.append([pos, src_index, label, width, height])
         else:
             _, code, detail, nbytes = res
             skipped.append([pos, src_index, code, detail])
         source_bytes += nbytes
-    record = {
+    rec: dict = {
         "split": plan.name,
         "shard": k,
         "tar": None,
@@ -249,67 +280,32 @@ def _stitch_task(out: str, plan: SplitPlan, k: int, pieces: list[PieceResult], k
         "samples": meta,
         "skipped": skipped,
         "source_bytes": source_bytes,
-        "jpeg_bytes": sum(sizes),
+        "jpeg_bytes": sum(len(s.jpeg) for s in samples),
     }
-    tar_path = _shard_tar_path(out, plan.name, k, keep_wds)
-    return StitchTask(
-        out=out,
-        tar_path=tar_path,
-        idx_path=tar_path[: -len(".tar")] + ".idx" if keep_wds else None,
-        record_path=_shard_record_path(out, plan.name, k),
-        pieces=[piece.path for piece in pieces if piece.path is not None],
-        keys=keys,
-        jpeg_sizes=sizes,
-        record=record,
-    )
+    if samples:
+        built = build_shard(samples)
+        tar_path = _shard_tar_path(out, plan.name, k, keep_wds)
+        os.makedirs(os.path.dirname(tar_path), exist_ok=True)
+        atomic_write(tar_path, built.tar, sync_dir=False)
+        rec["tar"] = os.path.relpath(tar_path, out)
+        rec["tar_bytes"] = len(built.tar)
+        if keep_wds:
+            idx_path = tar_path[: -len(".tar")] + ".idx"
+            atomic_write(idx_path, built.index, sync_dir=False)
+            rec["idx"] = os.path.relpath(idx_path, out)
+            rec["idx_bytes"] = len(built.index)
+        fsync_dir(os.path.dirname(tar_path))
+        for m, offset, s in zip(meta, built.jpeg_offsets, samples):
+            m.extend([offset, len(s.jpeg)])
+    record_path = _shard_record_path(out, plan.name, k)
+    os.makedirs(os.path.dirname(record_path), exist_ok=True)
+    atomic_write(record_path, json.dumps(rec).encode())
+    return rec
 
 
-def _convert_chunks(
-    pool: OrderedPool,
-    pending: list[tuple[SplitPlan, int]],
-    src: str,
-    out: str,
-    keep_wds: bool,
-    piece_size: int,
-    on_piece: Callable[[PieceResult], None],
-) -> Iterator[tuple[SplitPlan, int, dict]]:
-    """Encode and write the pending chunks with `pool`; yields (plan, k, record) as each chunk is
-    committed, in order. The main process only routes small records: pieces are written by the
-    workers that encode them, shards and records by the worker that stitches them."""
-    pieces = ((p, k, task) for p, k in pending for task in _pieces(p, k, src, out, piece_size))
-    expected = {(p.name, k): -(-len(p.shard_positions(k)) // piece_size) for p, k in pending}
-    stitches: list[tuple[str, object]] = []
-    collected: dict[tuple[str, int], list[PieceResult]] = {}
-    exhausted = False
-    while True:
-        # Stitches first: they free disk (pieces) and commit chunks; new pieces only within the bound.
-        while pool.has_room() and (stitches or not exhausted):
-            if stitches:
-                tag, task = stitches.pop(0)
-                pool.submit(stitch_chunk, task, tag)
-                continue
-            nxt = next(pieces, None)
-            if nxt is None:
-                exhausted = True
-                break
-            p, k, task = nxt
-            pool.submit(encode_piece, task, ("piece", p, k))
-        if pool.in_flight == 0:
-            return
-        tag, result = pool.next()
-        kind, p, k = tag
-        if kind == "piece":
-            on_piece(result)
-            got = collected.setdefault((p.name, k), [])
-            got.append(result)
-            if len(got) == expected[(p.name, k)]:
-                stitches.append((("stitch", p, k), _stitch_task(out, p, k, collected.pop((p.name, k)), keep_wds)))
-        else:
-            yield p, k, result
+def _assemble_beton(out: str, plan: SplitPlan, records: list[dict], max_res: int, quality: int) -> None:
+    from tools.beton import JpegSlices, write_beton
 
-
-def _beton_sources(out: str, records: list[dict]) -> JpegSlices:
-    """Where each converted sample's JPEG lies in the chunks' shards, in output order."""
     files, file_ids, rows = [], [], []
     for rec in records:
         if rec["tar"] is None:
@@ -319,15 +315,13 @@ def _beton_sources(out: str, records: list[dict]) -> JpegSlices:
             file_ids.append(len(files) - 1)
             rows.append((offset, size, height, width, label))
     arr = np.asarray(rows, dtype=np.int64).reshape(-1, 5)  # [n, (offset, size, height, width, label)]
-    return JpegSlices(
+    dataset = JpegSlices(
         files, np.asarray(file_ids, dtype=np.int64), arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4]
     )
-
-
-def _write_beton(final: str, dataset: JpegSlices, max_res: int, quality: int, pool: OrderedPool) -> None:
+    final = beton_path(out, plan.name)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     with atomic_path(final) as tmp:
-        write_beton_in_place(tmp, dataset, max_res, quality, pool.run_all)
+        write_beton(tmp, dataset, max_resolution=max_res, jpeg_quality=quality)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +500,8 @@ def convert(
     total_pending = sum(len(p.shard_positions(k)) for p, k in pending)
     if resumed:
         _say(progress, f"resuming: {resumed} chunk(s) already done, {len(pending)} to go")
+    if listing.stage is not None:  # rows with no byte range in SRC (HF parquet) are unpacked into .work first
+        listing.stage(os.path.join(out, WORK_DIR), pending, progress)
 
     def tasks() -> Iterator[tuple[str, int, int]]:
         for p, k in pending:

@@ -1,6 +1,6 @@
 """Which layout a source holds, and the list of samples it gives, in `ImageFolder` order.
 
-Three layouts are recognised, in this order:
+Five layouts are recognised, in this order:
 
 - `archives`: ImageNet's official downloads in one folder: `ILSVRC2012_img_train.tar` (one tar
   per class inside), `ILSVRC2012_img_val.tar` (flat `ILSVRC2012_val_NNNNNNNN.JPEG`) and
@@ -8,7 +8,14 @@ Three layouts are recognised, in this order:
 - `kaggle`: the Kaggle ImageNet download: `ILSVRC/Data/CLS-LOC/train/<wnid>/...`, a flat
   `ILSVRC/Data/CLS-LOC/val/`, labelled by `LOC_val_solution.csv` (the first wnid of each
   PredictionString), and `LOC_synset_mapping.txt` (checked against the train folders).
+- `hf-parquet`: the Hugging Face `imagenet-1k` download: `SRC/data/{train,validation,test}-NNNNN-of-
+  NNNNN.parquet`, rows `image` {bytes, path} and `label`. See `tools/hf_parquet.py`.
+- `wds`: webdataset tars such as `imagenet1k-train-0000.tar` / `imagenet1k-validation-00.tar` in
+  SRC, samples `KEY.jpg` + `KEY.cls` (+ `KEY.json`). See `tools/wds_source.py`.
 - `imagefolder`: `SRC/train/<class>/...`, `SRC/val/<class>/...`, or one split folder.
+
+The two hub layouts label each image by an index (`label`, `.cls`) rather than a folder name; how
+their class names (wnids) are known and checked is `index_rows`' business, below.
 
 Whatever the layout, classes are the sorted class names (wnids) of the first split converted, as
 torchvision's `ImageFolder` and `ImageNet` index them, and samples are listed in the order
@@ -23,8 +30,9 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +90,11 @@ class Listing:
     plans: list[SplitPlan]
     warnings: list[str]
     archives: dict[str, dict] = field(default_factory=dict)  # archive name -> facts (members read, truncated)
+    # Layouts whose images have no byte range in SRC (parquet rows: compressed pages) unpack the
+    # rows of the chunks about to be converted into the output's work folder first, and point
+    # those sources there: stage(work_dir, pending [(plan, chunk)], progress). Called by the
+    # converter once OUT is its own, after the fingerprint (which never depends on OUT) is taken.
+    stage: Callable[[str, list, bool], None] | None = None
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -111,10 +124,16 @@ def _folder_order(name: str) -> tuple[str, str]:
 
 
 def detect(src: str) -> str:
+    from tools import hf_parquet, wds_source
+
     if any(os.path.isfile(os.path.join(src, n)) for n in (A.TRAIN_TAR, A.VAL_TAR)):
         return "archives"
     if os.path.isdir(os.path.join(src, KAGGLE_DATA)):
         return "kaggle"
+    if hf_parquet.detect(src):
+        return "hf-parquet"
+    if wds_source.detect(src):
+        return "wds"
     return "imagefolder"
 
 
@@ -125,6 +144,14 @@ def list_source(src: str, splits: Sequence[str] | None, seed: int, shard_size: i
         return _list_archives(src, splits, seed, shard_size)
     if layout == "kaggle":
         return _list_kaggle(src, splits, seed, shard_size)
+    if layout == "hf-parquet":
+        from tools.hf_parquet import list_hf_parquet
+
+        return list_hf_parquet(src, splits, seed, shard_size)
+    if layout == "wds":
+        from tools.wds_source import list_wds
+
+        return list_wds(src, splits, seed, shard_size)
     classes, plans, warnings = _list_imagefolder(src, splits, seed, shard_size)
     return Listing("imagefolder", "ImageFolder tree (class sub-folders)", classes, plans, warnings)
 
@@ -402,3 +429,155 @@ def _list_kaggle(src: str, splits: Sequence[str] | None, seed: int, shard_size: 
     order = {s: i for i, s in enumerate(wanted)}
     plans.sort(key=lambda p: order[p.name])
     return Listing("kaggle", f"Kaggle ImageNet layout ({KAGGLE_DATA}, {KAGGLE_VAL_CSV})", classes, plans, warnings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Labelled rows (hub layouts: HF parquet, webdataset tars): an index per image, not a folder
+
+WNID = re.compile(r"(n\d{8})_")
+LABEL_MISMATCH = "label-mismatch"
+CLASSES_PY = "classes.py"  # the HF imagenet-1k repository's label -> (wnid, names) table
+CLASSES_TXT = "classes.txt"  # one wnid per line, line i naming label i
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One image of a hub layout as its source states it."""
+
+    rel: str  # where it is, for sources.tsv and skipped.tsv
+    name: str  # its file name (ImageFolder's sort key within a class; may start with its wnid)
+    label: int | None  # the stated label (None: none stated or unreadable)
+    archive: str | None
+    offset: int
+    size: int
+    label_problem: str = ""  # why `label` is None, when it is
+
+
+def path_wnid(name: str) -> str | None:
+    """The wnid a training file name starts with (`n01440764_190.JPEG`), else None (val names)."""
+    match = WNID.match(posixpath.basename(name))
+    return match.group(1) if match else None
+
+
+def read_label_table(src: str) -> tuple[list[str], str] | None:
+    """(wnid of each label, the file it came from) from a classes file in `src`, if there is one:
+    `classes.py` (the HF repository's `IMAGENET2012_CLASSES`, wnids in label order) or
+    `classes.txt` (one wnid per line). None when neither exists."""
+    for name in (CLASSES_PY, CLASSES_TXT):
+        path = os.path.join(src, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if name == CLASSES_PY:
+            wnids = re.findall(r"[\"'](n\d{8})[\"']\s*:", text)
+        else:
+            wnids = [line.split()[0] for line in text.splitlines() if line.strip()]
+        if not wnids:
+            raise DataError(f"{path} names no class (expected wnids such as n01440764, in label order)")
+        if len(set(wnids)) != len(wnids):
+            raise DataError(f"{path} names a wnid twice")
+        return wnids, name
+    return None
+
+
+def hub_classes(src: str, train_rows: list[Row] | None, what: str) -> tuple[list[str], list[int] | None, str]:
+    """(classes, remap, how) of a hub layout whose rows carry a label index.
+
+    The index is the position of the class's wnid in the dataset's label table. That table comes
+    from a classes file beside the data when there is one (`read_label_table`); otherwise it is
+    the sorted wnids that the training file names start with (all 1,000 ImageNet classes occur in
+    the train split, and the hubs number them in sorted-wnid order). Our classes are always the
+    sorted wnids, so `remap[label]` is our index of a stated label (None: the identity).
+    With neither a table nor wnids in the names, the classes are the label indices themselves,
+    zero-padded so that their sorted order is the numeric one.
+    """
+    table = read_label_table(src)
+    if table is not None:
+        wnids, name = table
+        classes = sorted(wnids)
+        index = {w: i for i, w in enumerate(classes)}
+        remap = [index[w] for w in wnids]
+        return classes, (None if remap == list(range(len(remap))) else remap), f"labels from {name}"
+    if not train_rows:
+        raise DataError(
+            f"{what}: the class names (wnids) come from the train split's file names or from a "
+            f"{CLASSES_PY} / {CLASSES_TXT} beside the data; there is neither"
+        )
+    wnids = sorted({w for r in train_rows if (w := path_wnid(r.name)) is not None})
+    if wnids:
+        index = {w: i for i, w in enumerate(wnids)}
+        with_wnid = [(r.label, index[w]) for r in train_rows if r.label is not None and (w := path_wnid(r.name))]
+        wrong = sum(1 for stated, expected in with_wnid if stated != expected)
+        if with_wnid and wrong * 2 > len(with_wnid):
+            raise DataError(
+                f"{what}: {wrong} of {len(with_wnid)} train labels are not the index of their file name's wnid "
+                f"among the {len(wnids)} sorted wnids (a subset of the classes?); put the dataset's "
+                f"{CLASSES_TXT} (one wnid per line, in label order) beside the data"
+            )
+        return wnids, None, f"{len(wnids)} wnids from the train file names, sorted"
+    top = max((r.label for r in train_rows if r.label is not None), default=-1)
+    width = len(str(max(top, 0)))
+    return [f"{i:0{width}d}" for i in range(top + 1)], None, "no wnids anywhere: classes named by label index"
+
+
+def index_rows(
+    rows: list[Row], classes: list[str], remap: list[int] | None
+) -> tuple[list[Source], list[tuple[str, str, str]], list[int]]:
+    """Sources of labelled rows in ImageFolder's order (by class, then file name) and the rows
+    that cannot be samples. A row is skipped (`no-label`) without a usable label, and
+    (`label-mismatch`) when its file name starts with a wnid that is not its label's class."""
+    index = {c: i for i, c in enumerate(classes)}
+    keyed, extras = [], []
+    for r in rows:
+        if r.label is None:
+            extras.append((r.rel, A.NO_LABEL, r.label_problem or "no label"))
+            continue
+        if remap is not None:
+            ours = remap[r.label] if 0 <= r.label < len(remap) else None
+        else:
+            ours = r.label if 0 <= r.label < len(classes) else None
+        if ours is None:
+            detail = "unlabelled (-1: the test split)" if r.label == -1 else f"label {r.label} is no class"
+            extras.append((r.rel, A.NO_LABEL, f"{detail}; {len(classes)} classes"))
+            continue
+        wnid = path_wnid(r.name)
+        if wnid is not None and wnid != classes[ours]:
+            where = f"class {index[wnid]}" if wnid in index else "no class"
+            extras.append(
+                (
+                    r.rel,
+                    LABEL_MISMATCH,
+                    f"file name says {wnid} ({where}), label {r.label} says {classes[ours]}",
+                )
+            )
+            continue
+        keyed.append((ours, posixpath.basename(r.name), r))
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    class_seen = [0] * len(classes)
+    sources = []
+    for label, _, r in keyed:
+        class_seen[label] += 1
+        sources.append(Source(r.rel, label, r.archive, r.offset, r.size))
+    return sources, extras, class_seen
+
+
+def hub_listing(
+    layout: str,
+    description: str,
+    src: str,
+    rows_by_split: dict[str, list[Row]],
+    extras_by_split: dict[str, list[tuple[str, str, str]]],
+    wanted: list[str],
+    seed: int,
+    shard_size: int,
+    warnings: list[str],
+    train_rows_for_classes: list[Row] | None,
+) -> Listing:
+    """The listing of a hub layout: classes (see `hub_classes`), then each wanted split's sources."""
+    classes, remap, how = hub_classes(src, train_rows_for_classes, description)
+    plans = []
+    for split in wanted:
+        sources, extras, class_seen = index_rows(rows_by_split[split], classes, remap)
+        plans.append(_plan(split, sources, extras_by_split.get(split, []) + extras, seed, shard_size, class_seen))
+    return Listing(layout, f"{description}; classes: {how}", classes, plans, warnings)
