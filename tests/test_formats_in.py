@@ -18,6 +18,7 @@ import pytest
 from test_convert_layouts import REPO, WNIDS, _files, _jpeg, _same_outputs, _samples, make_layouts
 
 from pipelines.errors import DataError
+from supmae.cli import main as cli_main
 from tools.convert import convert, main, verify
 
 pa = pytest.importorskip("pyarrow")
@@ -232,7 +233,8 @@ def test_parquet_labels_in_another_order_than_the_sorted_wnids_are_refused(hubs,
 def test_parquet_sharded_parts_merge_into_the_unsharded_conversion(hubs, tmp_path):
     src = hubs["hf"]
     whole = str(tmp_path / "whole")
-    convert(src, whole, max_res=32, workers=0, shard_size=3, progress=False)
+    args = ["--max-res", "32", "--workers", "0", "--shard-size", "3", "--no-progress"]
+    assert cli_main(["convert", src, whole, *args]) == 0
     parts = [str(tmp_path / f"part{k}") for k in range(2)]
     for k, part in enumerate(parts):
         convert(src, part, max_res=32, workers=0, shard_size=3, progress=False, shard=(k, 2))
@@ -269,3 +271,10 @@ def test_kill_9_during_a_parquet_conversion_then_resume_is_byte_identical(tmp_pa
     fa, fb = _files(out), _files(reference)
     assert sorted(fa) == sorted(fb)
     _same_outputs(out, reference, skip=("manifest.json",))
+
+
+def test_a_missing_pyarrow_is_a_one_line_error_naming_it(hubs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # what `import pyarrow.parquet` meets without it
+    assert cli_main(["convert", hubs["hf"], str(tmp_path / "out"), "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'pyarrow'" in err and len(err.splitlines()) == 1

@@ -20,7 +20,8 @@ converted. A row group whose label/path columns cannot be decoded is one skipped
 Reading the bytes. Parquet pages are compressed, so an image has no byte range in the file and
 the converter's workers cannot `pread` it as they do for tar members. And the output order is a
 random permutation, so reading a row group per image would read each row group about a hundred
-times. So, before encoding, `stage` streams each file once, a row group at a time, and copies the
+times. So, before encoding, `stage` streams each file once (several files at a time, on threads), a row
+group at a time, and copies the
 image bytes of the rows the pending chunks need into `OUT/.work/hf-parquet/<file>.bin` (plain
 concatenation, fsynced, renamed into place; a small JSON beside it lists the rows it holds, and
 is the commit point). Those rows then are byte ranges of that file, read like archive members.
@@ -37,6 +38,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from pipelines.constants import SPLITS
 from pipelines.errors import DataError
@@ -49,6 +51,7 @@ FILE_NAME = re.compile(r"(train|validation|test)-(\d+)-of-(\d+)\.parquet")
 HUB_SPLITS = {"train": "train", "validation": "val"}  # their split name -> ours
 STAGE_DIR = "hf-parquet"
 CORRUPT = "corrupt"
+STAGE_THREADS = 8
 
 
 def _pyarrow():
@@ -180,7 +183,7 @@ def list_hf_parquet(src: str, splits: Sequence[str] | None, seed: int, shard_siz
 
 def stage(src: str, work_dir: str, pending: list[tuple[SplitPlan, int]], progress: bool = False) -> None:
     """Copy the image bytes of the rows that `pending` chunks need into `work_dir/hf-parquet/` and
-    point their sources at them (see the module docstring). Bounded memory: one row group."""
+    point their sources at them (see the module docstring). Memory: one row group per thread."""
     needed: dict[str, set[int]] = {}
     for plan, k in pending:
         for pos in plan.shard_positions(k):
@@ -191,8 +194,8 @@ def stage(src: str, work_dir: str, pending: list[tuple[SplitPlan, int]], progres
         return
     folder = os.path.join(work_dir, STAGE_DIR)
     os.makedirs(folder, exist_ok=True)
-    where: dict[tuple[str, int], tuple[str, int, int]] = {}
-    for rel in sorted(needed):
+
+    def one(rel: str) -> tuple[str, str, dict]:
         bin_path = os.path.join(folder, os.path.basename(rel)[: -len(".parquet")] + ".bin")
         table = _staged(bin_path, needed[rel])
         if table is None:
@@ -202,8 +205,16 @@ def stage(src: str, work_dir: str, pending: list[tuple[SplitPlan, int]], progres
             if progress:
                 print(f"unpacking {len(needed[rel])} rows of {rel}", file=sys.stderr, flush=True)
             table = _stage_file(os.path.join(src, rel), bin_path, sorted(needed[rel]))
-        for row, offset, size in zip(table["rows"], table["offsets"], table["sizes"]):
-            where[(rel, row)] = (bin_path, offset, size)
+        return rel, bin_path, table
+
+    # Files in parallel: pyarrow decodes and the writes proceed without the GIL, and this pass is
+    # serial work ahead of the encoding. Memory: one row group per thread.
+    threads = max(1, min(len(needed), os.cpu_count() or 1, STAGE_THREADS))
+    where: dict[tuple[str, int], tuple[str, int, int]] = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for rel, bin_path, table in pool.map(one, sorted(needed)):
+            for row, offset, size in zip(table["rows"], table["offsets"], table["sizes"]):
+                where[(rel, row)] = (bin_path, offset, size)
     for plan, k in pending:
         for pos in plan.shard_positions(k):
             i = int(plan.permutation[pos])
