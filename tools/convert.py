@@ -11,7 +11,9 @@ crash, shardable over machines.
 Input. The layout of SRC is detected and named on stderr (`tools/layouts.py`): the official
 archives (`ILSVRC2012_img_train.tar`, `ILSVRC2012_img_val.tar`, `ILSVRC2012_devkit_t12.tar.gz`,
 read in place by byte range, nothing extracted: `tools/archives.py`), the Kaggle layout
-(`ILSVRC/Data/CLS-LOC/{train,val}` + `LOC_val_solution.csv`), or an ImageNet-style tree
+(`ILSVRC/Data/CLS-LOC/{train,val}` + `LOC_val_solution.csv`), the Hugging Face `imagenet-1k`
+parquet files (`SRC/data/{train,validation}-*.parquet`: `tools/hf_parquet.py`), `imagenet-1k-wds`
+tars (`SRC/imagenet1k-{train,validation}-NNNN.tar`: `tools/wds_source.py`), or an ImageNet-style tree
 (`SRC/train/<class>/...`, `SRC/val/<class>/...`) or one split folder (`SRC/<class>/...`, converted
 as split "train"). Classes are the class names (wnids) of the first split (train before val),
 sorted, indexed 0..C-1 exactly as torchvision's `ImageFolder` and `ImageNet` assign them; every
@@ -76,6 +78,9 @@ Bad input never stops the run and is never dropped silently; each file not conve
                                                     everything before the cut converted, members counted
     val image without ground truth / odd name       skipped  no-label
     ground-truth line (or CSV row) without image    skipped  missing-image
+    hub row / sample without a usable label         skipped  no-label (parquet label null or -1, bad .cls)
+    hub file name's wnid is not its label's class   skipped  label-mismatch
+    parquet file without its footer (cut download)  skipped  truncated-archive (its rows cannot be located)
 
 Tests run as root, for whom `chmod 000` does not make a file unreadable: there a symlink loop
 (ELOOP on open) is the unreadable file. With --strict any skipped file makes the exit status 1
@@ -993,7 +998,8 @@ def build_parser() -> argparse.ArgumentParser:
         "paths",
         nargs="*",
         metavar="PATH",
-        help="SRC OUT (SRC: an ImageFolder tree, the official ImageNet archives or the Kaggle layout; OUT: "
+        help="SRC OUT (SRC: an ImageFolder tree, the official ImageNet archives, the Kaggle layout, the Hugging "
+        "Face imagenet-1k parquet files or imagenet-1k-wds tars; OUT: "
         "created, empty or a resumable run); with --verify: OUT; with --merge: PART_DIR... OUT",
     )
     p.add_argument(
