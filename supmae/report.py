@@ -1,15 +1,23 @@
 """`supmae report RUN_DIR`: the cost report of a pretraining, fine-tuning or linear-probing run.
 
 Reads the books a job writes into its run directory: `config.json` (the resolved config),
-`log.jsonl` (one row per epoch), `starts.jsonl` (one row per process start) and `steps.jsonl`, and
-writes `report.md`, `report.json` and `report.png`:
+`log.jsonl` (one row per epoch), `starts.jsonl` (one row per process start), `steps.jsonl` and
+`processes/` (one record per process, heartbeated), and writes `report.md`, `report.json` and
+`report.png`:
+
+- the device-hours spent so far: every process from its start to its last heartbeat, times its own
+  world size (a process killed with SIGKILL counts up to its last heartbeat; a resume on another
+  number of devices does not re-price the earlier processes), and the part of them lost to
+  interruptions (work after the checkpoint a resume started from, redone) as its own line, in the
+  wall split and in the cost;
 
 - the wall time split into compute, data wait, evaluation, checkpointing, compilation and warm-up
   (each process's first epoch minus a steady epoch of the same length) and start-up (once per
   process, from starts.jsonl);
 - MFU per epoch: counted FLOPs per image x images/s / (the matmul peak measured at the process's
   start x world size);
-- energy from the NVML figures in the log when present (kWh, average watts);
+- energy from the NVML figures when present: per training loop in the log (kWh, average watts) and
+  over the whole processes in their records; "not measured" otherwise, never estimated;
 - the projection of the recipe's full length (total_epochs) from the steady epochs, with a range
   from their epoch-to-epoch spread, its device-hours and money at a price;
 - the paper's Table 1 figure for the same recipe, where one exists, beside ours.
@@ -516,8 +524,10 @@ def render_markdown(run: Run, fig: dict[str, Any], png_name: str | None) -> str:
         (f"Compilation and warm-up: the first epoch of each process ({_epoch_list(fig['process_first_epochs'])}, "
          f"from {fig['process_first_epochs_source']}) minus what a steady epoch of the same length spends "
          "computing and waiting for data. Start-up: once per process, from starts.jsonl (process start to "
-         "its first step, imports included). elapsed_seconds of the log, which starts after the imports: "
-         f"{_fmt(split['elapsed_seconds'], '.2f')} s."),
+         "its first step, imports included). Lost to interruptions: what a killed process did after the "
+         "checkpoint the next process resumed from. The wall is every process from its start to its last "
+         "heartbeat (runs written before per-process records: the log's elapsed_seconds). elapsed_seconds "
+         f"of the last log line: {_fmt(split['elapsed_seconds'], '.2f')} s."),
         "",
         "## Projection of the full recipe",
         "",

@@ -288,7 +288,7 @@ def test_torchrun_two_cpu_ranks(converted, tmp_path):
     assert "weights identical on all 2 ranks" in proc.stdout
     assert proc.stdout.count("done: 2 epochs") == 1  # rank 0 alone reports ...
     assert sorted(os.listdir(out)) == ["checkpoint-0001.pth", "checkpoint-last.pth", "config.json", "log.jsonl",
-                                       "starts.jsonl", "steps.jsonl"]  # ... and writes
+                                       "processes", "starts.jsonl", "steps.jsonl"]  # ... and writes
     rows = read_jsonl(os.path.join(out, "log.jsonl"))
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:

@@ -341,3 +341,68 @@ def test_a_run_without_process_records_reports_the_lost_part_as_unknown(tmp_path
     assert out["lost_device_hours"] is None and out["split_seconds"]["lost_to_interruptions"] is None
     assert out["device_hours_so_far"] == pytest.approx(52.0 / 3600)
     assert "(n/a: the run has no per-process records)" in Path(out["report_md"]).read_text()
+
+
+@pytest.mark.slow
+def test_a_run_killed_once_and_resumed_on_two_ranks_counts_both_processes_and_the_lost_part(tmp_path,
+                                                                                          synthetic_root):
+    """One rank, SIGKILLed in its second epoch (after the first checkpoint); resumed under torchrun on two
+    ranks. Each process is priced at its own rank count, the killed one up to its last heartbeat."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from procs import REPO, subprocess_env, torchrun_command
+
+    from supmae.train.process import read_process_records
+    from supmae.train.run_dir import read_jsonl
+
+    run = tmp_path / "pre"
+    args = ["pretrain", "--recipe", "tiny_cpu", "--data.path", synthetic_root, "--data.pipeline", "torchvision",
+            "--data.num_workers", "0", "--data.batch_size", "8", "--train.max_steps_per_epoch", "4",
+            "--train.log_every", "1", "--train.epochs", "3", "--train.val", "false", "--train.progress", "false",
+            "--train.cpu_threads", "1", "--model.kwargs", '{"depth": 1}', "--output-dir", str(run)]
+    killed = subprocess.Popen([sys.executable, "-m", "supmae.cli", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r.get("epoch") == 1 for r in read_jsonl(str(run / "steps.jsonl"))):
+            assert killed.poll() is None, killed.stderr.read()
+            assert time.monotonic() < deadline, "no step of epoch 1 within 240 s"
+            time.sleep(0.01)
+        time.sleep(0.3)  # a little more work after the step line, as a real preemption would find
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    # What the killed process itself last said: its elapsed time at its last step line.
+    seen = float(read_jsonl(str(run / "steps.jsonl"))[-1]["elapsed_seconds"])
+    resumed = subprocess.run(torchrun_command(2, ["-m", "supmae.cli", *args, "--resume", "auto"]),
+                             capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    out = write_report(str(run), price_per_gpu_hour=2.0)
+    first, second = out["process_costs"]
+    assert (first["world_size"], second["world_size"]) == (1, 2)
+    assert first["how_it_ended"] == "killed (no end recorded)" and second["how_it_ended"] == "ended"
+    rows = read_jsonl(str(run / "log.jsonl"))
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and [r["world_size"] for r in rows] == [1, 2, 2]
+    # The resumed process's own time at its last log line: the run's elapsed time less the first process.
+    second_seen = float(rows[-1]["elapsed_seconds"]) - first["wall_seconds"]
+    assert first["wall_seconds"] >= seen and second["wall_seconds"] >= second_seen > 0
+    # Device-hours: each process's wall time x its own ranks, the killed one's time after its checkpoint
+    # included (the checkpoint's elapsed_seconds would have dropped it).
+    assert out["device_hours_so_far"] * 3600 >= seen * 1 + second_seen * 2
+    assert out["device_hours_so_far"] == pytest.approx((first["wall_seconds"] + 2 * second["wall_seconds"]) / 3600)
+    assert rows[-1]["device_hours"] <= out["device_hours_so_far"] + 1e-9
+    # Lost: the killed process's work after its epoch-0 checkpoint (all of epoch 1 up to the kill).
+    epoch0_saved = float(read_process_records(str(run))[0]["saves"][0][1])
+    assert first["lost_seconds"] >= 0.3 and first["lost_seconds"] <= first["wall_seconds"]
+    assert out["lost_device_hours"] == pytest.approx(first["lost_seconds"] / 3600) and second["lost_seconds"] == 0
+    assert epoch0_saved + first["lost_seconds"] == pytest.approx(first["start"] + first["wall_seconds"])
+    md = Path(out["report_md"]).read_text()
+    assert f"| lost to interruptions (work redone after a resume) | {first['lost_seconds']:.2f} |" in md
+    assert f"- lost to interruptions: {out['lost_device_hours']:.4f} device-hours, cost " in md
