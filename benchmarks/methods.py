@@ -216,7 +216,8 @@ class _Runtime:
     resolves them for `device` (on the meta device, used to count FLOPs: plain fp32, no compile)."""
 
     def __init__(self, device: torch.device, precision: str, compile: str):
-        from supmae.train.engine import amp_dtype_of, grad_scaler, resolve_compile, resolve_precision
+        from supmae.train.compiling import resolve_compile
+        from supmae.train.precision import amp_dtype_of, grad_scaler, resolve_precision
 
         self.device = device
         if device.type == "meta":
@@ -228,12 +229,12 @@ class _Runtime:
         self.amp_dtype = amp_dtype_of(self.precision)
 
     def autocast(self) -> Any:
-        from supmae.train.engine import autocast
+        from supmae.train.precision import autocast
 
         return autocast(self.device, self.amp_dtype)
 
     def compile(self, module: nn.Module) -> nn.Module:
-        from supmae.train.engine import maybe_compile
+        from supmae.train.compiling import maybe_compile
 
         return maybe_compile(module, self.compiled, "auto", self.device)
 

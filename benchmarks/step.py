@@ -103,7 +103,7 @@ def reference_loop_body(ps: Any, device: torch.device) -> Callable[[torch.Tensor
     stop on a non-finite one), backward through its loss scaler (unscale + gradient norm when there is a
     GradScaler), optimiser step, zero_grad, synchronize."""
     from supmae.losses import supmae_loss
-    from supmae.train.engine import autocast
+    from supmae.train.precision import autocast
 
     params = [p for p in ps.core.parameters() if p.requires_grad]
     lw = ps.loss
@@ -137,8 +137,9 @@ def reference_loop_body(ps: Any, device: torch.device) -> Callable[[torch.Tensor
 def plan(device: torch.device, compile_row: bool) -> list[dict[str, Any]]:
     """The rows: each factor's settings (cumulative over the carried ones), whether it is carried into the
     rows after it and why not, or why it is not measured at all."""
-    from supmae.train.engine import resolve_compile, resolve_precision
+    from supmae.train.compiling import resolve_compile
     from supmae.train.optim import adamw_impl
+    from supmae.train.precision import resolve_precision
 
     cuda = device.type == "cuda"
     trainer_precision = resolve_precision("auto", device)
@@ -188,7 +189,7 @@ def run_step_bench(
     out of memory) records why, and the rows after it still run."""
     from supmae.models import model_defaults
     from supmae.models.flops import training_flops_per_image
-    from supmae.train.engine import resolve_compile
+    from supmae.train.compiling import resolve_compile
     from supmae.train.steps import build_pretrain_step
 
     start = time.perf_counter()

@@ -530,7 +530,7 @@ def run_table1(
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(r.key for r in ROWS)}")
     rows = [r for r in ROWS if r.key in keys]
-    from supmae.train.engine import resolve_precision
+    from supmae.train.precision import resolve_precision
 
     run_precision = resolve_precision(precision, dev)
 

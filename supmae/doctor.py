@@ -473,9 +473,9 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
     from supmae.config import apply_overrides
     from supmae.models.flops import training_flops_per_image
     from supmae.recipes import get_recipe, list_recipes
-    from supmae.train.engine import resolve_precision
+    from supmae.train.job_setup import resolve_accumulation
     from supmae.train.metrics import device_name, measure_matmul_peak
-    from supmae.train.pretrain import resolve_accumulation
+    from supmae.train.precision import resolve_precision
 
     if not os.path.isdir(data):
         raise UserError(f"--data {data} is not a directory")

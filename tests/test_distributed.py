@@ -100,7 +100,8 @@ def test_two_gloo_ranks(tmp_path):
 def _no_shared_fs_worker(rank: int, port: int, out_dir: str) -> None:
     """Rank 0 sees the run directory and checkpoints; rank 1 is given paths that do not exist on its
     "node": it must receive rank 0's decision and files, and never look at its own disk."""
-    from supmae.train.engine import decide_resume, gather_rng, load_on_main, restore_rank_rng
+    from supmae.train.engine import decide_resume, load_on_main
+    from supmae.train.rng import gather_rng, restore_rank_rng
     from supmae.train.run_dir import RunDir
 
     _set_env(rank, 2, port)

@@ -132,7 +132,7 @@ def test_a_compiled_cpu_finetune_step_matches_the_eager_step(tiny_ckpt):
 
 
 def test_compile_auto_is_off_on_the_cpu_and_says_why():
-    from supmae.train.engine import resolve_compile
+    from supmae.train.compiling import resolve_compile
 
     assert resolve_compile("auto", torch.device("cpu"))[0] is False
     assert "CUDA" in resolve_compile("auto", torch.device("cpu"))[1]
@@ -173,7 +173,7 @@ def test_only_the_first_job_of_a_process_counts_the_process_start_as_its_start_u
     import subprocess
     import sys
 
-    code = ("from supmae.train.engine import process_start_time as p; import time; "
+    code = ("from supmae.train.process import process_start_time as p; import time; "
             "a = p(time.time()); b = p(123.0); print(a[1], b[0], b[1], time.time() - a[0] < 120)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()
