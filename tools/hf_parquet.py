@@ -101,9 +101,14 @@ def _file_rows(src: str, rel: str) -> tuple[list[Row], list[tuple[str, str, str]
                 "truncated": code == A.TRUNCATED_ARCHIVE,
             },
         )
-    names = set(pf.schema_arrow.names)
-    if "image" not in names or "label" not in names:
-        raise DataError(f"{path} has columns {sorted(names)}; the imagenet-1k layout has 'image' and 'label'")
+    schema = pf.schema_arrow
+    image = schema.field("image").type if "image" in schema.names else None
+    fields = {image.field(i).name for i in range(image.num_fields)} if getattr(image, "num_fields", 0) else set()
+    if "label" not in schema.names or not {"bytes", "path"} <= fields:
+        raise DataError(
+            f"{path} has columns {schema.names} (image: {image}); the imagenet-1k layout has 'label' and "
+            "'image' {bytes, path}"
+        )
     rows: list[Row] = []
     problems: list[tuple[str, str, str]] = []
     start = 0
