@@ -283,7 +283,7 @@ def test_a_missing_pyarrow_is_a_one_line_error_naming_it(hubs, tmp_path, monkeyp
 def test_parquet_files_of_another_schema_are_refused_in_one_line(tmp_path):
     src = tmp_path / "src"
     (src / "data").mkdir(parents=True)
-    table = pa.table({"img": pa.array([b"x"], pa.binary()), "label": pa.array([0], pa.int64())})
+    table = pa.table({"image": pa.array([b"x"], pa.binary()), "label": pa.array([0], pa.int64())})
     pq.write_table(table, str(src / "data" / "train-00000-of-00001.parquet"))
     with pytest.raises(DataError, match="image' {bytes, path}"):
         convert(str(src), str(tmp_path / "out"), workers=0, progress=False)
