@@ -6,7 +6,7 @@ batch, precision and compile setting, and calls `supmae.train.steps.build_pretra
 `build_downstream_step`, so what is timed is exactly what `supmae pretrain` / `supmae finetune` run
 (the same model, optimiser, precision, compile decision, loss and on-device augmentation). The
 methods we do not train (MoCo v3, DeiT, MAE-scratch) are written here after their authors'
-recipes, with the trainer's precision and compile resolution (`supmae.train.engine`) and AdamW
+recipes, with the trainer's precision and compile resolution (`supmae.train.precision`, `.compiling`) and AdamW
 implementation (`supmae.train.optim.build_adamw`). Nothing in a step reads a value back to the host.
 
     mocov3       MoCo v3 (Chen, Xie, He 2021), ViT recipe: two views, base encoder + projector

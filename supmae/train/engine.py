@@ -31,30 +31,9 @@ import torch
 
 from supmae.errors import UserError
 from supmae.train import distributed as dist_utils
-
-# The precision, compile, RNG, process and evaluation helpers live in their own modules; the names
-# are importable from here too, for code written against the first layout (noqa F401: re-exported).
-from supmae.train.compiling import compile_backend, maybe_compile, resolve_compile, wrap_ddp  # noqa: F401
 from supmae.train.energy import EnergyMeter
-from supmae.train.evaluation import RealBatches, real_samples  # noqa: F401
-from supmae.train.precision import (  # noqa: F401
-    AMP_DTYPES,
-    amp_dtype_of,
-    autocast,
-    configure_determinism,
-    grad_scaler,
-    resolve_precision,
-    set_matmul_precision,
-)
-from supmae.train.process import (  # noqa: F401
-    ProcessRecord,
-    previous_processes,
-    process_settings,
-    process_span,
-    process_start_time,
-    set_cpu_threads,
-)
-from supmae.train.rng import capture_rng, gather_rng, restore_rank_rng, restore_rng  # noqa: F401
+from supmae.train.process import ProcessRecord, previous_processes, process_span, process_start_time
+from supmae.train.rng import gather_rng, restore_rank_rng
 
 # ---------------------------------------------------------------------------------------------- the books
 

@@ -127,7 +127,7 @@ def build_downstream_model(cfg: DownstreamConfig, num_classes: int, log: Callabl
 
 def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a gradient scaler is needed) for `train.precision`, resolved
-    the way every job resolves it (`supmae.train.engine.resolve_precision`)."""
+    the way every job resolves it (`supmae.train.precision.resolve_precision`)."""
     resolved = resolve_precision(precision, device)
     return amp_dtype_of(resolved), resolved == "fp16"
 
