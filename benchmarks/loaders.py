@@ -1,28 +1,40 @@
-"""`supmae bench loaders`: images/s of every data pipeline against the torchvision baseline.
+"""`supmae bench loaders`: images/s per CPU core of every data pipeline against the decode ceiling.
 
-    supmae bench loaders --data DIR [--batch-size 64] [--workers 2] [--img-size 224]
+    supmae bench loaders --data DIR [--batch-size 64] [--workers 1,2] [--img-size 224] [--dtype uint8]
                          [--batches 30] [--warmup 5] [--json OUT] [--pipelines ffcv,dali,torchvision]
                          [--device cpu] [--randaugment rand-m9-mstd0.5-inc1] [--dali-rebuild EPOCHS]
+                         [--ceiling-images 2000]
 
-DIR is a directory written by `supmae convert`: ffcv reads its `.beton`, dali its webdataset
-shards, torchvision the raw JPEG tree its manifest names (`source_root`). Every pipeline runs the
-same training augmentation (RandomResizedCrop(img_size, scale 0.2-1) + flip, normalised output) on
-the same device with the same number of workers, one after the other in this process (the
-torchvision baseline first). With `--randaugment SPEC` every pipeline adds that RandAugment
-policy: timm's RandAugment in the torchvision workers against DALI's graph operators
-(pipelines/dali_randaugment.py); a pipeline that refuses it (ffcv) is listed with its reason.
-Each is built, warmed up for `--warmup` batches (FFCV compiles its JIT code then, DALI fills its
+DIR is a directory written by `supmae convert`. Every pipeline reads the same stored JPEGs: ffcv
+its `.beton`, dali its webdataset shards, torchvision the shards' bytes too (`source="converted"`,
+PIL decode + torchvision transforms). Each runs the same training augmentation
+(RandomResizedCrop(img_size, scale 0.2-1) + flip) and delivers what a worker feeding a GPU hands
+over: uint8 [B, 3, S, S] batches, normalisation left to the device (`--dtype float32` delivers
+normalised float32 instead), one pipeline after the other in this process (torchvision first).
+
+The ceiling, measured first on the same stored files on ONE core (this process, nothing else
+running): the bare decode rate (a full decode of every stored JPEG with libjpeg-turbo through
+cv2.imdecode, or PIL where OpenCV is missing; nothing else), and a plain loop that decodes, crops
+(RandomResizedCrop's window) and resizes one image at a time (cv2, bilinear) + flip, as a
+reference. Each is the median of 3 passes over the first `--ceiling-images` images.
+
+Per-core figures come from runs with ONE worker (threads or processes: `--workers` lists the
+counts, the smallest first); each pipeline's img/s per worker core is printed beside the bare
+decode rate as a fraction of it, and the scaling to the largest worker count is a separate
+column (img/s there, and its efficiency: rate / (workers x per-core rate)).
+
+Each run is built, warmed up for `--warmup` batches (FFCV compiles its JIT code then, DALI fills its
 queues, the torchvision workers start), timed over `--batches` batches, and closed before the next
-starts. When an epoch ends the next one starts, its set-up included in the time, as in training. A
-pipeline whose library is missing is reported as unavailable. The figures are the loader's
-throughput alone (nothing consumes the batches); on a machine shared with other work they are
-indicative.
+starts. When an epoch ends the next one starts, its set-up included in the time, as in training.
+With `--randaugment SPEC` every pipeline adds that RandAugment policy (a pipeline that refuses it,
+ffcv, is listed with its reason). A pipeline whose library is missing is reported as unavailable.
+The figures are the loader's throughput alone (nothing consumes the batches); on a machine shared
+with other work they are indicative.
 
-`--dali-rebuild EPOCHS` also measures what the dali pipeline's per-epoch rebuild costs (it builds
-a fresh DALI pipeline at each epoch so that epoch e is reproducible on its own): EPOCHS whole
-epochs as training reads them (rebuild, refill, every batch) against the same number of batches
-from one DALI pipeline that is never rebuilt, in the same run; the difference per epoch is the
-rebuild's cost, printed beside the build time alone.
+`--dali-rebuild EPOCHS` also measures the dali pipeline across epoch boundaries (at the largest
+worker count): the whole gap between the last batch of epoch e and the first of e+1, and EPOCHS
+epochs as training reads them against stock DALI on the same shards (fn.readers.webdataset +
+decoders.image_random_crop + resize + flip, same batch, threads and output), in this run.
 """
 
 from __future__ import annotations
@@ -32,11 +44,13 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Any
 
 BASELINE = "torchvision"
+DTYPES = ("uint8", "float32")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,49 +58,175 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a directory written by 'supmae convert'")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="loader workers (threads or processes) per pipeline")
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts; per-core figures use the smallest")
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument(
+        "--dtype",
+        default="uint8",
+        choices=DTYPES,
+        help="uint8: raw pixels, as a worker feeding a GPU delivers; float32: normalised",
+    )
     p.add_argument("--batches", type=int, default=30, help="timed batches per pipeline")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first (FFCV compiles then)")
     p.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda[:N]")
     p.add_argument("--pipelines", default="ffcv,dali,torchvision", help="comma-separated subset to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results here as JSON")
-    p.add_argument("--randaugment", default="", help="timm RandAugment spec every pipeline adds, e.g. rand-m9-mstd0.5-inc1")
-    p.add_argument("--dali-rebuild", type=int, default=0, metavar="EPOCHS",
-                   help="also time EPOCHS dali epochs with and without the per-epoch pipeline rebuild")
+    p.add_argument(
+        "--randaugment", default="", help="timm RandAugment spec every pipeline adds, e.g. rand-m9-mstd0.5-inc1"
+    )
+    p.add_argument("--ceiling-images", type=int, default=2000, help="stored images the one-core ceiling decodes")
+    p.add_argument(
+        "--dali-rebuild",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="also time EPOCHS dali epochs: the gap between epochs and the ratio to stock DALI",
+    )
     return p
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"uint8": torch.uint8, "float32": torch.float32}[name]
+
+
+def _build(kind: str, args: argparse.Namespace, workers: int) -> Any:
+    from pipelines import build_pipeline
+
+    # The baseline reads the very bytes the others read, not the raw tree the conversion came from.
+    extra = {"source": "converted"} if kind == "torchvision" else {}
+    return build_pipeline(
+        kind,
+        args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        device=args.device,
+        num_workers=workers,
+        seed=args.seed,
+        train=True,
+        randaugment=args.randaugment or None,
+        dtype=_torch_dtype(args.dtype),
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the ceiling
+
+
+def _crop_window(rng: Any, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]) -> tuple:
+    """RandomResizedCrop's window (torchvision's algorithm, numpy's generator): (top, left, h, w)."""
+    import math
+
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def decode_ceiling(data: str, split: str, img_size: int, limit: int = 2000, passes: int = 3, seed: int = 0) -> dict:
+    """One core's ceiling on the stored JPEGs of `split` (see the module docstring): the bare decode
+    rate and the plain decode + crop + resize + flip loop, each the median of `passes` passes over
+    the first `limit` images, read into memory first so that only decoding is timed."""
+    import numpy as np
+
+    from pipelines.constants import RRC_RATIO, RRC_SCALE
+    from pipelines.stored import StoredJpegs
+
+    stored = StoredJpegs(data, split)
+    blobs = [stored.read(p) for p in range(min(limit, stored.count))]
+    if not blobs:
+        raise ValueError(f"split '{split}' of {data} holds no images")
+    try:
+        import cv2
+    except ImportError:
+        cv2 = None
+    if cv2 is not None:
+        decoder = "cv2.imdecode (libjpeg-turbo)"
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # one core: OpenCV's resize would otherwise use its own thread pool
+
+        def decode(blob: bytes) -> Any:
+            return cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+
+        def crop_resize(img: Any, top: int, left: int, h: int, w: int, flip: bool) -> Any:
+            out = cv2.resize(img[top : top + h, left : left + w], (img_size, img_size), interpolation=cv2.INTER_LINEAR)
+            return cv2.flip(out, 1) if flip else out
+    else:
+        import io
+
+        from PIL import Image
+
+        decoder = "PIL (libjpeg-turbo)"
+
+        def decode(blob: bytes) -> Any:
+            with Image.open(io.BytesIO(blob)) as img:
+                return np.asarray(img.convert("RGB"))
+
+        def crop_resize(img: Any, top: int, left: int, h: int, w: int, flip: bool) -> Any:
+            out = Image.fromarray(img[top : top + h, left : left + w]).resize((img_size, img_size), Image.BILINEAR)
+            return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out)
+
+    shapes = [decode(b).shape for b in blobs]  # also the untimed warm-up pass
+    rng = np.random.default_rng(seed)
+    windows = [(*_crop_window(rng, h, w, RRC_SCALE, RRC_RATIO), bool(rng.random() < 0.5)) for h, w, _ in shapes]
+    try:
+        bare, plain = [], []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            for blob in blobs:
+                decode(blob)
+            bare.append(len(blobs) / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for blob, window in zip(blobs, windows):
+                crop_resize(decode(blob), *window)
+            plain.append(len(blobs) / (time.perf_counter() - t0))
+    finally:
+        if cv2 is not None:
+            cv2.setNumThreads(threads)
+    return {
+        "decoder": decoder,
+        "stored_in": stored.source,
+        "images": len(blobs),
+        "mean_kpx": float(np.mean([h * w for h, w, _ in shapes]) / 1000),
+        "mean_kb": float(np.mean([len(b) for b in blobs]) / 1000),
+        "passes": passes,
+        "bare_decode_images_per_sec": statistics.median(bare),
+        "plain_loop_images_per_sec": statistics.median(plain),
+        "bare_decode_passes": bare,
+        "plain_loop_passes": plain,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the pipelines
 
 
 class _Runner:
     """One pipeline under measurement: its endless batch stream (epoch after epoch) and its tallies."""
 
-    def __init__(self, kind: str, args: argparse.Namespace) -> None:
+    def __init__(self, kind: str, args: argparse.Namespace, workers: int) -> None:
         import torch
 
-        from pipelines import build_pipeline
-
         self.kind = kind
+        self.workers = workers
         self.cuda = torch.device(args.device).type == "cuda"
         t0 = time.perf_counter()
-        self.pipe = build_pipeline(
-            kind,
-            args.data,
-            split=args.split,
-            batch_size=args.batch_size,
-            img_size=args.img_size,
-            device=args.device,
-            num_workers=args.workers,
-            seed=args.seed,
-            train=True,
-            randaugment=args.randaugment or None,
-        )
+        self.pipe = _build(kind, args, workers)
         self.build_seconds = time.perf_counter() - t0
         self.stream = self._batches()
         self.images = 0
         self.seconds = 0.0
         self.batches = 0
         self.shape: list[int] | None = None
+        self.dtype: str | None = None
 
     def _batches(self) -> Any:
         while True:  # successive epochs, each with its own order, as in training
@@ -106,6 +246,7 @@ class _Runner:
                 self.images += int(labels.shape[0])
                 self.batches += 1
                 self.shape = list(images.shape)
+                self.dtype = str(images.dtype).replace("torch.", "")
         self._sync()
         elapsed = time.perf_counter() - t0
         if timed:
@@ -121,6 +262,7 @@ class _Runner:
         return {
             "pipeline": self.kind,
             "available": True,
+            "workers": self.workers,
             "images_per_sec": self.images / self.seconds,
             "images": self.images,
             "batches": self.batches,
@@ -128,16 +270,19 @@ class _Runner:
             "build_seconds": self.build_seconds,
             "warmup_seconds": warmup_seconds,
             "batch_shape": self.shape,
+            "batch_dtype": self.dtype,
             "augmentation": getattr(self.pipe, "augmentation", None),
         }
 
 
-def measure_all(kinds: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Each available pipeline in turn: build, warm up, time, close, so that only one loader's
-    workers run at a time. The baseline goes first: its DataLoader forks worker processes at
-    every epoch, which must not happen while another pipeline's compiled thread pool (numba's TBB
-    layer, used by FFCV) is alive in this process: numba warns at each such fork, and in an
-    interleaved trial on a shared machine FFCV ran at about half its speed measured alone."""
+def measure_all(kinds: list[str], args: argparse.Namespace, worker_counts: list[int]) -> list[dict[str, Any]]:
+    """Each available pipeline in turn, at each worker count: build, warm up, time, close, so that
+    only one loader's workers run at a time. One row per pipeline: its figures at the smallest
+    worker count (the per-core run) and, under "scaling", at every count. The baseline goes first:
+    its DataLoader forks worker processes at every epoch, which must not happen while another
+    pipeline's compiled thread pool (numba's TBB layer, used by FFCV) is alive in this process:
+    numba warns at each such fork, and in an interleaved trial on a shared machine FFCV ran at
+    about half its speed measured alone."""
     from pipelines import DataError, available
 
     rows = []
@@ -146,19 +291,33 @@ def measure_all(kinds: list[str], args: argparse.Namespace) -> list[dict[str, An
         if reason:
             rows.append({"pipeline": kind, "available": False, "reason": reason})
             continue
-        print(f"[bench loaders] {kind}: build, warm up, time", file=sys.stderr, flush=True)
-        try:
-            runner = _Runner(kind, args)
-        except DataError as exc:
-            if not args.randaugment or "randaugment" not in str(exc).lower():
-                raise
-            # A backend without RandAugment refuses the spec: a row with its reason, not a failed run.
-            rows.append({"pipeline": kind, "available": False, "reason": str(exc)})
-            continue
-        warmup = runner.run(args.warmup, timed=False)
-        runner.run(args.batches, timed=True)
-        rows.append(runner.row(warmup))
-        runner.close()
+        runs = []
+        for workers in worker_counts:
+            print(f"[bench loaders] {kind}, {workers} worker(s): build, warm up, time", file=sys.stderr, flush=True)
+            try:
+                runner = _Runner(kind, args, workers)
+            except DataError as exc:
+                if not args.randaugment or "randaugment" not in str(exc).lower():
+                    raise
+                # A backend without RandAugment refuses the spec: a row with its reason, not a failed run.
+                runs = [{"pipeline": kind, "available": False, "reason": str(exc)}]
+                break
+            warmup = runner.run(args.warmup, timed=False)
+            runner.run(args.batches, timed=True)
+            runs.append(runner.row(warmup))
+            runner.close()
+        row = dict(runs[0])
+        if row["available"]:
+            row["images_per_sec_per_core"] = row["images_per_sec"] / row["workers"]
+            row["scaling"] = [
+                {
+                    "workers": r["workers"],
+                    "images_per_sec": r["images_per_sec"],
+                    "efficiency": r["images_per_sec"] / (r["workers"] * row["images_per_sec_per_core"]),
+                }
+                for r in runs
+            ]
+        rows.append(row)
     return rows
 
 
@@ -179,7 +338,7 @@ def measure_dali_rebuild(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         img_size=args.img_size,
         device=args.device,
-        num_workers=args.workers,
+        num_workers=max(_worker_counts(args.workers)),
         seed=args.seed,
         train=True,
         randaugment=args.randaugment or None,
@@ -241,22 +400,59 @@ def format_rebuild(r: dict[str, Any]) -> str:
     )
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_ceiling(c: dict[str, Any]) -> str:
+    return (
+        f"ceiling, one core, {c['images']} stored images ({c['stored_in']}, mean {c['mean_kpx']:.0f} kpx, "
+        f"{c['mean_kb']:.0f} kB), {c['decoder']}: bare decode {c['bare_decode_images_per_sec']:,.0f} img/s; "
+        f"decode + crop + resize + flip, plain loop {c['plain_loop_images_per_sec']:,.0f} img/s "
+        f"({c['plain_loop_images_per_sec'] / c['bare_decode_images_per_sec']:.2f}x bare)"
+    )
+
+
+def format_table(rows: list[dict[str, Any]], ceiling: dict[str, Any] | None = None) -> str:
+    """One line per pipeline: img/s per worker core (the one-worker run), its fraction of the bare
+    decode rate, the largest worker count's img/s and scaling efficiency, the ratio to the baseline."""
     base = next((r["images_per_sec"] for r in rows if r["pipeline"] == BASELINE and r["available"]), None)
+    bare = ceiling["bare_decode_images_per_sec"] if ceiling else None
+    top = max((s["workers"] for r in rows if r["available"] for s in r["scaling"]), default=1)
     lines = [
-        f"{'pipeline':<12} {'img/s':>9} {'vs ' + BASELINE:>15} {'build s':>8} {'warm-up s':>10}",
-        "-" * 58,
+        (
+            f"{'pipeline':<12} {'img/s/core':>10} {'x bare':>7} {f'img/s @{top}':>10} {'scaling':>8} "
+            f"{'vs ' + BASELINE:>15} {'build s':>8} {'warm-up s':>10}"
+        ),
+        "-" * 87,
     ]
+    if ceiling:
+        plain = ceiling["plain_loop_images_per_sec"]
+        lines.append(f"{'bare decode':<12} {bare:>10.1f} {'1.00x':>7}")
+        lines.append(f"{'plain loop':<12} {plain:>10.1f} {f'{plain / bare:.2f}x':>7}")
     for r in rows:
         if not r["available"]:
             lines.append(f"{r['pipeline']:<12} {'unavailable: ' + r['reason']}")
             continue
+        per_core = r["images_per_sec_per_core"]
+        frac = f"{per_core / bare:.2f}x" if bare else "n/a"
+        last = r["scaling"][-1]
+        at_top = f"{last['images_per_sec']:.1f}" if last["workers"] == top else "n/a"
+        eff = f"{100 * last['efficiency']:.0f} %" if last["workers"] == top else "n/a"
         ratio = f"{r['images_per_sec'] / base:.2f}x" if base else "n/a"
         lines.append(
-            f"{r['pipeline']:<12} {r['images_per_sec']:>9.1f} {ratio:>15} {r['build_seconds']:>8.1f} "
-            f"{r['warmup_seconds']:>10.1f}"
+            f"{r['pipeline']:<12} {per_core:>10.1f} {frac:>7} {at_top:>10} {eff:>8} {ratio:>15} "
+            f"{r['build_seconds']:>8.1f} {r['warmup_seconds']:>10.1f}"
         )
     return "\n".join(lines)
+
+
+def _worker_counts(text: str) -> list[int]:
+    from pipelines import DataError
+
+    try:
+        counts = sorted({int(w) for w in str(text).split(",") if w.strip()})
+    except ValueError:
+        raise DataError(f"--workers must be comma-separated integers, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise DataError(f"--workers needs worker counts >= 1, got {text!r}")
+    return counts
 
 
 def main(argv: list[str]) -> int:
@@ -273,34 +469,44 @@ def main(argv: list[str]) -> int:
         raise DataError(f"need --batches >= 1 and --warmup >= 0, got {args.batches} and {args.warmup}")
     if args.dali_rebuild < 0:
         raise DataError(f"--dali-rebuild must be >= 0 epochs, got {args.dali_rebuild}")
-    # The baseline first, then the others in the order given.
+    if args.ceiling_images < 1:
+        raise DataError(f"--ceiling-images must be >= 1, got {args.ceiling_images}")
+    worker_counts = _worker_counts(args.workers)
+    # The ceiling first, alone on its core, then the baseline, then the others in the order given.
+    print("[bench loaders] one-core ceiling: bare decode, plain loop", file=sys.stderr, flush=True)
+    ceiling = decode_ceiling(args.data, args.split, args.img_size, args.ceiling_images, seed=args.seed)
     kinds = sorted(dict.fromkeys(kinds), key=lambda k: k != BASELINE)
-    rows = measure_all(kinds, args)
+    rows = measure_all(kinds, args, worker_counts)
     config = {
         "data": os.path.abspath(args.data),
         "split": args.split,
         "batch_size": args.batch_size,
-        "workers": args.workers,
+        "workers": worker_counts,
+        "dtype": args.dtype,
         "img_size": args.img_size,
         "batches": args.batches,
         "warmup": args.warmup,
         "device": args.device,
         "augmentation": "RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) + flip"
         + (f" + RandAugment {args.randaugment}" if args.randaugment else "")
-        + ", normalised",
+        + (", normalised float32" if args.dtype == "float32" else ", uint8 (not normalised)"),
         "randaugment": args.randaugment or None,
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     base = next((r["images_per_sec"] for r in rows if r["pipeline"] == BASELINE and r["available"]), None)
+    bare = ceiling["bare_decode_images_per_sec"]
     for r in rows:
-        if r["available"] and base:
-            r["ratio_to_baseline"] = r["images_per_sec"] / base
+        if r["available"]:
+            r["fraction_of_bare_decode"] = r["images_per_sec_per_core"] / bare
+            if base:
+                r["ratio_to_baseline"] = r["images_per_sec"] / base
     if args.randaugment:
         print(f"augmentation: {config['augmentation']}")
-    print(format_table(rows))
-    result: dict[str, Any] = {"config": config, "results": rows}
+    print(format_ceiling(ceiling))
+    print(format_table(rows, ceiling))
+    result: dict[str, Any] = {"config": config, "ceiling": ceiling, "results": rows}
     if args.dali_rebuild:
         from pipelines import available
 

@@ -85,7 +85,8 @@ def build_pipeline(
     **backend_kw: Any,
 ) -> Pipeline:
     """A loader yielding `(images [B, 3, img_size, img_size] normalised with the ImageNet mean/std
-    in `dtype`, labels int64 [B])`, both on `device`.
+    in `dtype`, labels int64 [B])`, both on `device`. `dtype=torch.uint8` gives the raw pixels
+    instead (0..255, not normalised; what a worker feeding a GPU hands over, the device normalising).
 
     `train` (default: split == "train") applies RandomResizedCrop(img_size, scale, ratio 3/4..4/3)
     + horizontal flip (+ colour jitter / RandAugment when asked); otherwise the shorter side is

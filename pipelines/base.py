@@ -243,9 +243,16 @@ def _read_json(path: str, kind: type) -> Any:
     return value
 
 
+# What a pipeline can deliver. uint8 is the raw [B, 3, S, S] pixels, not normalised: what a worker
+# feeding a GPU hands over (a quarter of float32's bytes to copy), the device normalising in its
+# first op; `supmae bench loaders` measures the per-core supply this way.
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
+
+
 class Normalizer:
     """uint8 images [B, 3, H, W] (any memory layout) -> (x / 255 - mean) / std in `dtype`, as ONE
-    fused elementwise op (`addcmul`: bias + x * scale) writing a fresh contiguous tensor."""
+    fused elementwise op (`addcmul`: bias + x * scale) writing a fresh contiguous tensor. With
+    `dtype` uint8 it hands the images back as they are: the consumer normalises."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
@@ -255,6 +262,8 @@ class Normalizer:
         self.dtype = dtype
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.uint8:
+            return images
         out = torch.empty(images.shape, dtype=self.dtype, device=images.device)  # [B, 3, H, W] contiguous
         return torch.addcmul(self.bias, images, self.scale, out=out)
 
@@ -301,8 +310,8 @@ def check_args(
         raise DataError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(scale)}")
     if color_jitter < 0:
         raise DataError(f"color_jitter must be >= 0, got {color_jitter}")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise DataError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if dtype not in OUTPUT_DTYPES:
+        raise DataError(f"dtype must be torch.float32, torch.bfloat16, torch.float16 or torch.uint8, got {dtype}")
     if batches_ahead < 1:
         raise DataError(f"batches_ahead must be >= 1, got {batches_ahead}")
 

@@ -136,8 +136,8 @@ def define_graph(
     ("cpu" or "gpu") decides where operators run; everything else is the same for both.
 
     Returns (images, labels): images [B, 3, S, S] normalised in `out_dtype` (float32/float16), or
-    uint8 unnormalised when `out_dtype` is bfloat16 (DALI has no bfloat16; torch normalises then);
-    labels int64 [B, 1]."""
+    uint8 unnormalised when `out_dtype` is uint8 or bfloat16 (DALI has no bfloat16; torch normalises
+    then); labels int64 [B, 1]."""
     from nvidia.dali import fn, types
 
     if placement not in ("cpu", "gpu"):
@@ -208,7 +208,7 @@ def define_graph(
             images, resize_shorter=int(img_size / CROP_PCT), interp_type=types.INTERP_LINEAR, antialias=True
         )
         mirror = 0
-    if out_dtype == torch.bfloat16:
+    if out_dtype in (torch.bfloat16, torch.uint8):
         images = fn.crop_mirror_normalize(
             images, dtype=types.UINT8, output_layout="CHW", crop=(img_size, img_size), mirror=mirror
         )

@@ -491,6 +491,8 @@ class FfcvPipeline(Pipeline):
             image_ops += [ToTensor()]
             self._normalize = Normalizer(device, dtype)
             self._copy_stream = torch.cuda.Stream(device)
+        elif dtype == torch.uint8:
+            image_ops += [ToTensor()]  # raw uint8 [B, S, S, 3]: __iter__ copies it out of FFCV's buffer
         else:
             image_ops += [_normalize_chw_op(), ToTensor()]
 
@@ -535,7 +537,10 @@ class FfcvPipeline(Pipeline):
                     # Images: a pooled array only this batch's tensors reference (BufferPool), or a
                     # fresh tensor after the dtype cast. Labels: FFCV recycles its buffers batches
                     # later, so hand out a copy.
-                    if images.dtype != self.dtype:
+                    if self.dtype == torch.uint8:
+                        # FFCV rewrites this buffer batches later: a copy, [B, 3, S, S] in channels-last memory.
+                        images = images.clone().permute(0, 3, 1, 2)
+                    elif images.dtype != self.dtype:
                         images = images.to(self.dtype)
                     yield images, labels.view(-1).clone()
             else:

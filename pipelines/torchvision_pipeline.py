@@ -14,9 +14,20 @@ r, r + S, ... of it).
 
 It is the baseline every loader benchmark compares against, so it stays plain on purpose.
 
-`path` is a converted directory (its manifest's `source_root` names the raw tree, and its class
-list must match the tree's) or an ImageFolder root: `path/<split>/<class>/...` or, for the split
-"train", `path/<class>/...`.
+`path` is a converted directory or an ImageFolder root (`path/<split>/<class>/...` or, for the
+split "train", `path/<class>/...`). A converted directory is read one of two ways (`source`):
+  "raw":       the raw JPEG tree its manifest names (`source_root`), minus the files the converter
+               skipped; only a conversion made from an ImageFolder tree has one.
+  "converted": the JPEG bytes the converter stored (its webdataset shards, or its `.beton`), read
+               in place by byte range (pipelines/stored.py): works for every layout the converter
+               accepts (ImageFolder, the official archives, Kaggle) and reads exactly the files the
+               ffcv and dali pipelines read. Samples come in ImageFolder's order of the source
+               images (the manifest's permutation undone), so index i, its label and its
+               augmentation are those of the raw tree's i-th converted image.
+  "auto" (default): "raw" when the conversion came from an ImageFolder tree that is still there,
+               else "converted".
+`dtype=torch.uint8` replaces ToTensor + Normalize by PILToTensor: raw uint8 pixels, for the device
+to normalise.
 """
 
 from __future__ import annotations
@@ -36,7 +47,8 @@ from pipelines.base import ConvertedDataset, Pipeline, counter_hash, derive_seed
 from pipelines.constants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, SKIPPED_FILE
 from pipelines.errors import DataError
 
-BACKEND_OPTIONS = ("pin_memory",)
+BACKEND_OPTIONS = ("pin_memory", "source")
+SOURCES = ("auto", "raw", "converted")
 
 
 def image_root(path: str, split: str) -> str:
@@ -132,14 +144,14 @@ class SeededTrainTransform:
     from the sample seed around the call and restored afterwards, so the caller's streams are
     untouched (the DataLoader runs one sample at a time per process: no thread shares them)."""
 
-    def __init__(self, img_size: int, scale: tuple[float, float], color_jitter: float, randaugment: Any | None) -> None:
-        from torchvision import transforms as T
-
+    def __init__(
+        self, img_size: int, scale: tuple[float, float], color_jitter: float, randaugment: Any | None, finish: Any
+    ) -> None:
         self.img_size = img_size
         self.scale = (float(scale[0]), float(scale[1]))
         self.color_jitter = float(color_jitter)
         self.randaugment = randaugment
-        self.finish = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.finish = finish
 
     def __call__(self, img: Any, seed: int) -> torch.Tensor:
         from torchvision.transforms import InterpolationMode
@@ -171,22 +183,21 @@ class SeededTrainTransform:
 
 
 def build_transform(
-    train: bool, img_size: int, scale: tuple[float, float], color_jitter: float, randaugment: str | None
+    train: bool,
+    img_size: int,
+    scale: tuple[float, float],
+    color_jitter: float,
+    randaugment: str | None,
+    normalize: bool = True,
 ) -> Any:
     """Validation: PIL image -> normalised float32 [3, S, S] (no randomness). Training: a
-    SeededTrainTransform, called with (image, sample seed)."""
+    SeededTrainTransform, called with (image, sample seed). `normalize=False`: uint8 [3, S, S]."""
     from torchvision import transforms as T
 
+    finish = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]) if normalize else T.PILToTensor()
     if not train:
         bicubic = T.InterpolationMode.BICUBIC
-        return T.Compose(
-            [
-                T.Resize(int(img_size / CROP_PCT), interpolation=bicubic),
-                T.CenterCrop(img_size),
-                T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
+        return T.Compose([T.Resize(int(img_size / CROP_PCT), interpolation=bicubic), T.CenterCrop(img_size), finish])
     augment = None
     if randaugment:
         if color_jitter > 0:
@@ -212,7 +223,7 @@ def build_transform(
         for op in augment.ops:
             if op.name.startswith("Posterize"):
                 op.aug_fn = _posterize
-    return SeededTrainTransform(img_size, scale, color_jitter, augment)
+    return SeededTrainTransform(img_size, scale, color_jitter, augment, finish)
 
 
 def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
@@ -229,23 +240,62 @@ def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-class _SeededSamples(Dataset):
-    """An ImageFolder read by (index, epoch) keys: the epoch rides with each index from the sampler,
-    so every worker process (persistent or not) knows it without any state of its own."""
+class StoredImages:
+    """A converted dataset's stored JPEGs as (PIL image, label) by index, in ImageFolder's order of
+    the source images (see the module docstring); decoded with PIL as ImageFolder's loader does."""
 
-    def __init__(self, folder: Any, transform: Any, seed: int, train: bool) -> None:
+    def __init__(self, root: str, split: str) -> None:
+        from pipelines.stored import StoredJpegs
+
+        self.stored = StoredJpegs(root, split)
+        self.positions = self.stored.source_order()  # [N] dataset index -> stored position
+        self.targets = self.stored.labels[self.positions].tolist()
+        self.classes = list(self.stored.dataset.classes)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def load(self, index: int) -> tuple[Any, int]:
+        import io
+
+        from PIL import Image
+
+        data = self.stored.read(int(self.positions[index]))
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB"), self.targets[index]
+
+
+class _FolderImages:
+    """An ImageFolder as (PIL image, label) by index."""
+
+    def __init__(self, folder: Any) -> None:
         self.folder = folder
+        self.classes = folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def load(self, index: int) -> tuple[Any, int]:
+        path, target = self.folder.samples[index]
+        return self.folder.loader(path), target
+
+
+class _SeededSamples(Dataset):
+    """Images read by (index, epoch) keys: the epoch rides with each index from the sampler, so every
+    worker process (persistent or not) knows it without any state of its own."""
+
+    def __init__(self, images: StoredImages | _FolderImages, transform: Any, seed: int, train: bool) -> None:
+        self.images = images
         self.transform = transform
         self.seed = seed
         self.train = train
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.images)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key
-        path, target = self.folder.samples[index]
-        img = self.folder.loader(path)
+        img, target = self.images.load(index)
         if self.train:
             return self.transform(img, sample_seed(self.seed, epoch, index)), target
         return self.transform(img), target
@@ -297,63 +347,28 @@ class TorchvisionPipeline(Pipeline):
                 "JPEG files through the OS page cache"
             )
         from torch.utils.data import DataLoader
-        from torchvision.datasets import ImageFolder
 
-        skipped: set[str] = set()
-        expected_classes: list[str] | None = None
-        expected_count: int | None = None
-        if os.path.exists(path) and is_converted(path):
-            converted = ConvertedDataset(path)
-            source = converted.source_root
-            if not source:
-                raise DataError(
-                    f"manifest of {converted.root} has no 'source_root': the torchvision pipeline "
-                    "reads the raw JPEG tree"
-                )
-            if not os.path.isdir(source):
-                raise DataError(f"raw JPEG tree named by {converted.root}'s manifest is missing: {source}")
-            skipped = _skipped_files(converted.root, source)
-            expected_classes = converted.classes
-            expected_count = converted.count(split)
-            folder = image_root(source, split)
+        source = backend_kw.get("source", "auto")
+        if source not in SOURCES:
+            raise DataError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        converted = is_converted(path) if os.path.exists(path) else False
+        if converted:
+            reading = _choose_source(ConvertedDataset(path), source)
+        elif source == "converted":
+            raise DataError(f"source='converted' needs a directory written by 'supmae convert': {path}")
         else:
-            folder = image_root(os.path.abspath(path), split)
-
-        # The converter decides a file's format by its content, whatever its extension; for a converted
-        # dataset read exactly the files it converted (all but those in skipped.tsv).
-        valid = None
-        if expected_classes is not None:
-
-            def valid(p: str) -> bool:
-                return os.path.normpath(p) not in skipped
-
-        transform = build_transform(train, img_size, scale, color_jitter, randaugment)
-        # An empty class folder keeps its index (the converter does the same); older torchvision has no
-        # allow_empty and raises on one, which is then reported as a DataError below.
-        extra = {"allow_empty": True} if "allow_empty" in inspect.signature(ImageFolder.__init__).parameters else {}
-        dataset_cls = ImageFolder
-        if expected_classes is not None:
-            # Label by the converted class list, not by the folders this split happens to have: a class
-            # missing from val must not shift the indices of the classes after it.
-            fixed = list(expected_classes)
-
-            class _ConvertedClasses(ImageFolder):
-                def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-                    return fixed, {name: i for i, name in enumerate(fixed)}
-
-            dataset_cls = _ConvertedClasses
-        try:
-            dataset = dataset_cls(folder, is_valid_file=valid, **extra)
-        except (FileNotFoundError, OSError) as exc:
-            raise DataError(f"no images in {folder}: {exc}") from None
-        if expected_count is not None and len(dataset) != expected_count:
-            raise DataError(
-                f"{folder} now holds {len(dataset)} images but {path} converted {expected_count}; "
-                "the raw tree changed since the conversion"
-            )
+            reading = "folder"
+        if reading == "converted":
+            images: StoredImages | _FolderImages = StoredImages(path, split)
+            self.folder = images.stored.dataset.root
+        else:
+            images = _FolderImages(_image_folder(path, split, converted))
+            self.folder = images.folder.root
+        self.source = "converted" if reading == "converted" else "raw"
+        transform = build_transform(train, img_size, scale, color_jitter, randaugment, normalize=dtype != torch.uint8)
         super().__init__(
-            num_total=len(dataset),
-            num_classes=len(dataset.classes),
+            num_total=len(images),
+            num_classes=len(images.classes),
             batch_size=batch_size,
             rank=rank,
             world_size=world_size,
@@ -362,11 +377,10 @@ class TorchvisionPipeline(Pipeline):
             device=device,
             dtype=dtype,
         )
-        self.folder = folder
-        self.dataset = dataset
+        self.dataset = images
         self.train = train
         self.sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=drop_last
+            images, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=drop_last
         )
         # Augmentation draws from per-sample generators (SeededTrainTransform); this generator only
         # gives the DataLoader its workers' base seed, so that it never draws from torch's global
@@ -375,7 +389,7 @@ class TorchvisionPipeline(Pipeline):
         pin = bool(backend_kw.get("pin_memory", device.type == "cuda"))
         extra: dict[str, Any] = {"prefetch_factor": batches_ahead} if num_workers > 0 else {}
         self.loader = DataLoader(
-            _SeededSamples(dataset, transform, seed, train),
+            _SeededSamples(images, transform, seed, train),
             batch_size=batch_size,
             sampler=_EpochTaggedSampler(self.sampler),
             num_workers=num_workers,
@@ -395,7 +409,81 @@ class TorchvisionPipeline(Pipeline):
         # on the consumer's current stream. Nothing handed out is reused by the loader.
         non_blocking = self.device.type == "cuda"
         for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=non_blocking)  # [B, 3, S, S] float32, normalised
+            images = images.to(self.device, non_blocking=non_blocking)  # [B, 3, S, S] float32 normalised, or uint8
             if images.dtype != self.dtype:
                 images = images.to(self.dtype)
             yield images, labels.to(self.device, non_blocking=non_blocking)
+
+
+def _choose_source(converted: ConvertedDataset, source: str) -> str:
+    """Which bytes to read of a converted directory, "raw" or "converted" (see the module docstring)."""
+    layout = str(converted.manifest.get("layout", "imagefolder"))
+    raw = converted.source_root
+    raw_here = layout == "imagefolder" and bool(raw) and os.path.isdir(raw)
+    if source == "raw":
+        if layout != "imagefolder":
+            raise DataError(
+                f"{converted.root} was converted from the {layout} layout, which has no raw JPEG tree to read: "
+                "use source='converted' (or 'auto') to read the bytes it stored"
+            )
+        if not raw:
+            raise DataError(f"manifest of {converted.root} has no 'source_root': use source='converted' (or 'auto')")
+        if not os.path.isdir(raw):
+            raise DataError(f"raw JPEG tree named by {converted.root}'s manifest is missing: {raw}")
+        return "raw"
+    if source == "auto" and raw_here:
+        return "raw"
+    return "converted"
+
+
+def _image_folder(path: str, split: str, converted: bool) -> Any:
+    """The ImageFolder of a raw tree: `path` itself, or the tree a converted directory names (then
+    minus the files the converter skipped, labelled by its class list, checked against its count)."""
+    from torchvision.datasets import ImageFolder
+
+    skipped: set[str] = set()
+    expected_classes: list[str] | None = None
+    expected_count: int | None = None
+    if converted:
+        dataset = ConvertedDataset(path)
+        source = dataset.source_root
+        assert source is not None  # _choose_source checked it
+        skipped = _skipped_files(dataset.root, source)
+        expected_classes = dataset.classes
+        expected_count = dataset.count(split)
+        folder = image_root(source, split)
+    else:
+        folder = image_root(os.path.abspath(path), split)
+
+    # The converter decides a file's format by its content, whatever its extension; for a converted
+    # dataset read exactly the files it converted (all but those in skipped.tsv).
+    valid = None
+    if expected_classes is not None:
+
+        def valid(p: str) -> bool:
+            return os.path.normpath(p) not in skipped
+
+    # An empty class folder keeps its index (the converter does the same); older torchvision has no
+    # allow_empty and raises on one, which is then reported as a DataError below.
+    extra = {"allow_empty": True} if "allow_empty" in inspect.signature(ImageFolder.__init__).parameters else {}
+    dataset_cls = ImageFolder
+    if expected_classes is not None:
+        # Label by the converted class list, not by the folders this split happens to have: a class
+        # missing from val must not shift the indices of the classes after it.
+        fixed = list(expected_classes)
+
+        class _ConvertedClasses(ImageFolder):
+            def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+                return fixed, {name: i for i, name in enumerate(fixed)}
+
+        dataset_cls = _ConvertedClasses
+    try:
+        found = dataset_cls(folder, is_valid_file=valid, **extra)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"no images in {folder}: {exc}") from None
+    if expected_count is not None and len(found) != expected_count:
+        raise DataError(
+            f"{folder} now holds {len(found)} images but {path} converted {expected_count}; "
+            "the raw tree changed since the conversion (source='converted' reads the bytes it stored)"
+        )
+    return found

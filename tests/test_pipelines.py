@@ -327,6 +327,37 @@ def test_bfloat16_output(kind, coded):
     assert np.array_equal(labels.numpy(), got % NUM_CODED_CLASSES)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_uint8_output_is_the_raw_pixels_of_the_float_output(kind, coded, synth_val):
+    """dtype=torch.uint8: un-normalised uint8 [B, 3, S, S] on the CPU, which the device normalises
+    (pipelines.base.Normalizer) into what the float32 pipeline gives; a held batch keeps its values
+    while later ones are drawn (FFCV recycles its own buffers)."""
+    from pipelines import build_pipeline
+    from pipelines.base import Normalizer
+
+    args = {"split": "val", "batch_size": BATCH, "img_size": SIZE, "num_workers": 1, "seed": 2}
+    raw = build_pipeline(kind, synth_val, dtype=torch.uint8, **args)
+    ref = build_pipeline(kind, synth_val, **args)
+    it = iter(raw)
+    first, first_labels = next(it)
+    kept = first.clone()
+    assert first.dtype == torch.uint8 and tuple(first.shape) == (BATCH, 3, SIZE, SIZE) and first.device.type == "cpu"
+    assert int(first.max()) > 200 and int(first.min()) < 50  # pixels 0..255, not normalised
+    rest = list(it)
+    assert torch.equal(first, kept)
+    batches = [(first, first_labels)] + rest
+    for (x8, y8), (xf, yf) in zip(batches, ref):
+        assert torch.equal(y8, yf)
+        # DALI rounds to uint8 before its normalisation in the float graph: one grey level apart at most.
+        tol = 1.5 / (255 * min(IMAGENET_STD)) if kind == "dali" else 1e-5
+        assert (Normalizer(torch.device("cpu"), torch.float32)(x8) - xf).abs().max() < tol
+    assert Normalizer(torch.device("cpu"), torch.uint8)(first) is first
+    train = build_pipeline(kind, coded, batch_size=BATCH, img_size=SIZE, num_workers=1, dtype=torch.uint8)
+    images, labels = next(iter(train))
+    normalised = Normalizer(torch.device("cpu"), torch.float32)(images)
+    assert np.array_equal(labels.numpy(), decode_ids(normalised)[0] % NUM_CODED_CLASSES)
+
+
 def jitter_moves_colours(pipe) -> float:
     """Mean distance (0..255) between each image's colour and the nearest coded colour."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3)
@@ -531,21 +562,64 @@ def test_gpu_delivery(kind, coded):
 
 
 def test_bench_loaders_cli(coded, tmp_path, capsys):
+    """The one-core ceiling on the stored files, each pipeline's uint8 img/s per worker core (one
+    worker) as a fraction of it, and the scaling to 2 workers as its own column."""
     from benchmarks.loaders import main
 
     out = tmp_path / "bench.json"
-    argv = f"--data {coded} --batch-size 8 --workers 1 --img-size {SIZE} --batches 3 --warmup 1"
-    argv += f" --pipelines dali,torchvision --json {out}"
+    argv = f"--data {coded} --batch-size 8 --workers 2,1 --img-size {SIZE} --batches 3 --warmup 1"
+    argv += f" --pipelines dali,torchvision --ceiling-images 40 --json {out}"
     assert main(argv.split()) == 0
     table = capsys.readouterr().out
     assert "torchvision" in table and "dali" in table and "1.00x" in table
+    assert "bare decode" in table and "plain loop" in table and "x bare" in table and "img/s @2" in table
     result = json.loads(out.read_text())
+    ceiling = result["ceiling"]
+    assert ceiling["images"] == 40 and ceiling["stored_in"] == "wds" and len(ceiling["bare_decode_passes"]) == 3
+    bare = ceiling["bare_decode_images_per_sec"]
+    assert bare == pytest.approx(float(np.median(ceiling["bare_decode_passes"])))
+    assert ceiling["plain_loop_images_per_sec"] > 0
+    assert result["config"]["workers"] == [1, 2] and result["config"]["dtype"] == "uint8"
     rows = {r["pipeline"]: r for r in result["results"]}
     assert set(rows) == {"dali", "torchvision"}
     assert rows["torchvision"]["ratio_to_baseline"] == pytest.approx(1.0)
     for r in rows.values():
         assert r["available"] and r["images"] == 24 and r["batches"] == 3 and r["images_per_sec"] > 0
-        assert r["batch_shape"] == [8, 3, SIZE, SIZE]
+        assert r["batch_shape"] == [8, 3, SIZE, SIZE] and r["batch_dtype"] == "uint8"
+        assert r["workers"] == 1 and r["images_per_sec_per_core"] == r["images_per_sec"]
+        assert r["fraction_of_bare_decode"] == pytest.approx(r["images_per_sec"] / bare)
+        assert [s["workers"] for s in r["scaling"]] == [1, 2] and r["scaling"][0]["efficiency"] == pytest.approx(1)
+        two = r["scaling"][1]
+        assert two["efficiency"] == pytest.approx(two["images_per_sec"] / (2 * r["images_per_sec"]))
+
+
+def test_stored_jpegs_are_the_converted_bytes_from_shards_or_beton(coded, tmp_path):
+    """pipelines.stored reads each stored JPEG by byte range: the shards' .jpg members, or the .beton's
+    images when the conversion has no shards; both give the same bytes and labels in the same order."""
+    import shutil
+
+    from pipelines.stored import StoredJpegs
+    from tools.shards import read_tar_samples
+
+    stored = StoredJpegs(coded, "train")
+    assert stored.source == "wds" and stored.count == NUM_CODED
+    members = []
+    for tar in sorted(os.listdir(wds_dir(coded, "train"))):
+        if tar.endswith(".tar"):
+            members += [
+                (m["jpg"][1], int(m["cls"][1])) for _, m in read_tar_samples(os.path.join(wds_dir(coded, "train"), tar))
+            ]
+    assert [(stored.read(p), int(stored.labels[p])) for p in range(stored.count)] == members
+    beton_only = tmp_path / "beton_only"
+    shutil.copytree(coded, beton_only)
+    shutil.rmtree(wds_dir(str(beton_only), "train"))
+    from_beton = StoredJpegs(str(beton_only), "train")
+    assert from_beton.source == "ffcv"
+    assert [(from_beton.read(p), int(from_beton.labels[p])) for p in range(stored.count)] == members
+    # ImageFolder's order: the manifest's permutation undone
+    with open(os.path.join(coded, MANIFEST_FILE)) as f:
+        perm = json.load(f)["splits"]["train"]["permutation"]
+    assert [perm[p] for p in stored.source_order()] == sorted(perm)
 
 
 def test_bench_loaders_reports_a_missing_library(coded, tmp_path, monkeypatch):
