@@ -182,6 +182,9 @@ class Engine:
     [start_epoch, end_epoch) and returns the last log row.
     """
 
+    # Optimiser steps of a run before --train.sync_debug starts watching (compilation and autotuning sync).
+    SYNC_DEBUG_AFTER = 3
+
     def __init__(self, job: Job, *, cfg: Any, info: dist_utils.DistInfo, run_dir: Any, log: Callable[[str], None],
                  step: Any, train_loader: Any, schedule: Any, micro_steps: int, accum: int, start_epoch: int,
                  global_step: int, prev_elapsed: float, t_start: float, total_epochs: int,
@@ -364,13 +367,28 @@ class Engine:
         return final_row
 
     def _train_epoch(self, epoch: int, batches: Any, meter: Any, bar: Any) -> float:
+        debug = getattr(self.tc, "sync_debug", "off")
+        if debug != "off" and self.device.type != "cuda":
+            raise UserError(f"--train.sync_debug {debug} watches CUDA host syncs; this run is on {self.device.type}")
+        try:
+            return self._train_epoch_steps(epoch, batches, meter, bar)
+        finally:
+            if debug != "off":
+                torch.cuda.set_sync_debug_mode("default")
+
+    def _train_epoch_steps(self, epoch: int, batches: Any, meter: Any, bar: Any) -> float:
         from supmae.train.schedule import set_lr
 
         step, accum, opt = self.step_obj, self.accum, self.step_obj.optimizer
         window = {"t": time.perf_counter(), "wait": 0.0, "sums": [0.0] * len(self.job.meter_names), "count": 0,
                   "micro": 0}
         lr_sum, lr = 0.0, 0.0
+        # --train.sync_debug (CUDA): torch reports every host sync in the steps between log reads, once
+        # the first SYNC_DEBUG_AFTER optimiser steps (compilation, cudnn autotuning) are behind.
+        debug = getattr(self.tc, "sync_debug", "off")
         for i in range(self.micro_steps):
+            if debug != "off" and self.global_step >= self.SYNC_DEBUG_AFTER:
+                torch.cuda.set_sync_debug_mode(debug)
             if i % accum == 0:
                 lr = self.schedule(epoch, i)
                 set_lr(opt, lr)
@@ -386,6 +404,8 @@ class Engine:
             if not boundary:
                 continue
             step.update()
+            if debug != "off":
+                torch.cuda.set_sync_debug_mode("default")  # the log read below syncs on purpose
             self.global_step += 1
             if bar is not None:
                 bar.update(1)

@@ -84,6 +84,7 @@ def validate(cfg: PretrainConfig) -> None:
         (t.device in ("auto", "cpu", "cuda"), f"--train.device must be auto, cpu or cuda, got {t.device!r}"),
         (t.dist_timeout_s > 0, "--train.dist_timeout_s must be positive"),
         (t.cpu_threads >= 0, f"--train.cpu_threads must be >= 0, got {t.cpu_threads}"),
+        (t.sync_debug in ("off", "warn", "error"), f"--train.sync_debug must be off, warn or error, got {t.sync_debug!r}"),
         (o.accum_iter >= 1, f"--optim.accum_iter must be >= 1, got {o.accum_iter}"),
         (o.effective_batch >= 0, f"--optim.effective_batch must be >= 0, got {o.effective_batch}"),
         (o.warmup_epochs >= 0, f"--optim.warmup_epochs must be >= 0, got {o.warmup_epochs}"),

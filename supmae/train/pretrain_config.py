@@ -91,6 +91,9 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar (only when stderr is a terminal)
     dist_timeout_s: float = 600.0  # timeout of distributed init and collectives
     cpu_threads: int = 0  # torch intra-op threads on the CPU; 0 = torch's default (one per core)
+    # CUDA: torch.cuda.set_sync_debug_mode over the steps between log reads (after the first 3): "warn"
+    # reports each host sync the step makes, "error" stops at the first; "off" (default) watches nothing.
+    sync_debug: str = "off"
 
 
 @dataclass
