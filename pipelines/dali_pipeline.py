@@ -91,6 +91,28 @@ def cuda_flavour_mismatch(dali_majors: list[int], torch_cuda: str | None) -> str
     )
 
 
+_PAD_ROUND = 1 << 16  # padding rounded up to 64 KiB
+
+
+def nvjpeg_padding(max_side: int) -> tuple[int, int]:
+    """(device_memory_padding, host_memory_padding) in bytes for nvJPEG decoding images whose longer
+    side is at most `max_side` (the converter's --max-res). DALI preallocates them per decoder
+    thread (the host one twice, pinned, for double buffering), so they are sized from the largest
+    image the dataset can hold, not ImageNet-at-full-size constants: device, its decoded RGB
+    (max_side^2 x 3 bytes); host, the Huffman-decoded DCT coefficients of three full-resolution
+    components as int16 (max_side^2 x 6 bytes, the 4:4:4 worst case; the converter writes 4:2:0,
+    half that). Each rounded up to 64 KiB. At --max-res 256: 192 KiB and 384 KiB per thread, where
+    the constants used before (211,025,920 and 140,544,512 bytes) were 1,073x and 357x that."""
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+
+    def rounded(n: int) -> int:
+        return -(-n // _PAD_ROUND) * _PAD_ROUND
+
+    area = int(max_side) * int(max_side)
+    return rounded(3 * area), rounded(6 * area)
+
+
 def find_shards(root: str, split: str) -> tuple[list[str], list[str]]:
     """(tar shards, their DALI index files) of `split`, sorted; DataError naming what is missing."""
     folder = wds_dir(root, split)
@@ -171,9 +193,10 @@ def define_graph(
             "hw_decoder_load": hw_decoder_load,
             "preallocate_width_hint": preallocate_hint,
             "preallocate_height_hint": preallocate_hint,
-            "device_memory_padding": 211025920,
-            "host_memory_padding": 140544512,
         }
+        if preallocate_hint > 0:  # the dataset's longest side is known: size nvJPEG's buffers from it
+            device_pad, host_pad = nvjpeg_padding(preallocate_hint)
+            gpu_decoder_args |= {"device_memory_padding": device_pad, "host_memory_padding": host_pad}
     if train:
         images = fn.decoders.image_random_crop(
             jpegs,

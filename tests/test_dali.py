@@ -401,3 +401,49 @@ def test_bench_loaders_randaugment_and_rebuild(textured, tmp_path, capsys):
     rebuild = result["dali_rebuild"]
     assert rebuild["epochs"] == 1 and rebuild["batches_per_epoch"] == NUM // 8
     assert rebuild["build_seconds_per_epoch"] > 0 and rebuild["epoch_seconds_kept"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# nvJPEG's preallocation, sized from the dataset
+
+
+def test_nvjpeg_padding_is_sized_from_the_largest_stored_image():
+    from pipelines.dali_pipeline import nvjpeg_padding
+
+    # decoded RGB (3 bytes a pixel) on the device, int16 coefficients of 3 components on the host, 64 KiB steps
+    assert nvjpeg_padding(256) == (256 * 256 * 3, 256 * 256 * 6) == (196608, 393216)
+    assert nvjpeg_padding(512) == (512 * 512 * 3, 512 * 512 * 6)
+    assert nvjpeg_padding(1) == (65536, 65536)
+    assert nvjpeg_padding(300)[0] >= 300 * 300 * 3 and nvjpeg_padding(300)[0] % 65536 == 0
+    with pytest.raises(ValueError):
+        nvjpeg_padding(0)
+
+
+def test_gpu_graph_passes_the_sized_padding_to_the_decoder(textured, monkeypatch):
+    """The GPU graph (defined without a GPU) hands nvJPEG the padding sized from the manifest's
+    max_res (128 here), not ImageNet-at-full-size constants; the CPU decoder gets none."""
+    from nvidia.dali import Pipeline as DaliGraph
+    from nvidia.dali import fn
+
+    from pipelines.dali_pipeline import define_graph, nvjpeg_padding
+
+    seen: list[dict] = []
+    real = fn.decoders.image_random_crop
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fn.decoders, "image_random_crop", recording)
+    pipe = dali(textured)
+    assert pipe.graph_args["preallocate_hint"] == 128
+    seen.clear()  # the pipeline's own (CPU) build
+    for placement in ("gpu", "cpu"):
+        graph = DaliGraph(batch_size=4, num_threads=1, device_id=0 if placement == "gpu" else None, seed=1)
+        with graph:
+            define_graph(placement, reader_seed=1, shard_order_seed=2, **pipe.graph_args)
+    gpu, cpu = seen
+    assert gpu["device"] == "mixed" and cpu["device"] == "cpu"
+    assert (gpu["device_memory_padding"], gpu["host_memory_padding"]) == nvjpeg_padding(128) == (65536, 131072)
+    assert gpu["preallocate_width_hint"] == gpu["preallocate_height_hint"] == 128
+    assert "device_memory_padding" not in cpu and "host_memory_padding" not in cpu
