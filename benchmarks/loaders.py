@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -321,30 +322,76 @@ def measure_all(kinds: list[str], args: argparse.Namespace, worker_counts: list[
     return rows
 
 
-def measure_dali_rebuild(args: argparse.Namespace) -> dict[str, Any]:
-    """Seconds per epoch that the dali pipeline's per-epoch rebuild adds: `args.dali_rebuild`
-    epochs read as training reads them (a fresh DALI pipeline each, `set_epoch` then iterate)
-    against as many batches from one DALI pipeline that is never rebuilt (the reader just runs on
-    into its next epoch), both after one untimed epoch, in this run."""
+def _stock_dali(pipe: Any, args: argparse.Namespace, seed: int) -> Any:
+    """Stock DALI on our dali pipeline's shards, built: fn.readers.webdataset + decoders.image_random_crop
+    + resize + crop_mirror_normalize (flip, CHW, the same output dtype), the same batch, threads,
+    prefetch and reader buffer, one pipeline that runs on from epoch to epoch."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipelines.constants import IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, WDS_IMAGE_EXT, WDS_LABEL_EXT
+
+    gpu = pipe.placement == "gpu"
+    size = args.img_size
+
+    def graph() -> tuple[Any, Any]:
+        jpegs, labels = fn.readers.webdataset(
+            paths=pipe.files,
+            index_paths=pipe.index_files,
+            ext=[WDS_IMAGE_EXT, WDS_LABEL_EXT],
+            dtypes=[types.UINT8, types.INT64],
+            random_shuffle=True,
+            initial_fill=pipe.graph_args["initial_fill"],
+            name="reader",
+        )
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device="mixed" if gpu else "cpu",
+            output_type=types.RGB,
+            random_area=list(RRC_SCALE),
+            random_aspect_ratio=list(RRC_RATIO),
+            num_attempts=10,
+        )
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        norm: dict[str, Any] = {"dtype": types.UINT8}
+        if args.dtype == "float32":
+            norm = {
+                "dtype": types.FLOAT,
+                "mean": [255.0 * m for m in IMAGENET_MEAN],
+                "std": [255.0 * s for s in IMAGENET_STD],
+            }
+        mirror = fn.random.coin_flip(probability=0.5)
+        images = fn.crop_mirror_normalize(images, output_layout="CHW", crop=(size, size), mirror=mirror, **norm)
+        return images, labels.gpu() if gpu else labels
+
+    stock = pipeline_def(graph)(
+        batch_size=pipe.batch_size,
+        num_threads=pipe.num_threads,
+        device_id=pipe.device.index if gpu else None,
+        seed=seed,
+        prefetch_queue_depth=pipe.prefetch,
+    )
+    stock.build()
+    return stock
+
+
+def measure_dali_epochs(args: argparse.Namespace, workers: int, rounds: int = 3) -> dict[str, Any]:
+    """Our dali pipeline across epoch boundaries against stock DALI, in this run, at `workers`
+    threads: `rounds` alternating trials, each `args.dali_rebuild` whole epochs of ours (as
+    training reads them: each epoch its own pipeline, prepared while the previous one runs)
+    against as many batches of stock DALI (built and warmed up for one epoch outside the timing,
+    as ours was). Every batch is copied into torch memory in both (pipelines.dali_pipeline.to_torch,
+    as DALI's own PyTorch iterator copies). The gap between epochs is measured whole: from the
+    last batch of epoch e in the consumer's hands to the first batch of e + 1 (teardown, build,
+    the reader's initial fill, the first decodes), against the median interval between batches
+    inside an epoch."""
     import torch
 
-    from pipelines import build_pipeline
     from pipelines.dali_pipeline import to_torch
 
-    pipe = build_pipeline(
-        "dali",
-        args.data,
-        split=args.split,
-        batch_size=args.batch_size,
-        img_size=args.img_size,
-        device=args.device,
-        num_workers=max(_worker_counts(args.workers)),
-        seed=args.seed,
-        train=True,
-        randaugment=args.randaugment or None,
-    )
-    cuda = torch.device(args.device).type == "cuda"
+    pipe = _build("dali", args, workers)
+    cuda = pipe.device.type == "cuda"
     epochs, per_epoch = args.dali_rebuild, len(pipe)
+    images_per_round = epochs * per_epoch * pipe.batch_size
 
     def sync() -> None:
         if cuda:
@@ -352,52 +399,83 @@ def measure_dali_rebuild(args: argparse.Namespace) -> dict[str, Any]:
 
     for _ in pipe:  # untimed: imports, first graph conversion, OS page cache
         pass
-    rebuilt, first_batch = [], []
-    for epoch in range(1, epochs + 1):
-        pipe.set_epoch(epoch)
+    builds_before = len(pipe.build_seconds)
+    ours, stock_rates, gaps, steady = [], [], [], []
+    stock_comparable = not args.randaugment
+    for r in range(rounds):
+        stamps: list[list[float]] = []
         t0 = time.perf_counter()
-        for i, _batch in enumerate(pipe):
-            if i == 0:
+        for _ in range(epochs):
+            stamps.append([])
+            for _batch in pipe:
                 sync()
-                first_batch.append(time.perf_counter() - t0)
-        sync()
-        rebuilt.append(time.perf_counter() - t0)
-    builds = pipe.build_seconds[-epochs:]
-    graph = pipe.build_graph(epochs + 1)  # one pipeline for all the epochs below
-    for _ in range(per_epoch):
-        graph.run()
-    kept = []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
+                stamps[-1].append(time.perf_counter())
+        ours.append(images_per_round / (stamps[-1][-1] - t0))
+        gaps += [nxt[0] - prev[-1] for prev, nxt in itertools.pairwise(stamps)]
+        steady += [b - a for ts in stamps for a, b in itertools.pairwise(ts)]
+        if not stock_comparable:
+            continue
+        stock = _stock_dali(pipe, args, seed=args.seed + r)
         for _ in range(per_epoch):
-            images, labels = graph.run()
+            images, labels = stock.run()
             to_torch(images, pipe.device), to_torch(labels, pipe.device)
         sync()
-        kept.append(time.perf_counter() - t0)
-    del graph, pipe
+        t0 = time.perf_counter()
+        for _ in range(epochs * per_epoch):
+            images, labels = stock.run()
+            to_torch(images, pipe.device), to_torch(labels, pipe.device)
+        sync()
+        stock_rates.append(images_per_round / (time.perf_counter() - t0))
+        del stock, images, labels
+        gc.collect()
+    builds = pipe.build_seconds[builds_before:]
+    del pipe
     gc.collect()
-    rebuilt_s, kept_s = sum(rebuilt) / epochs, sum(kept) / epochs
-    return {
+    result: dict[str, Any] = {
         "epochs": epochs,
         "batches_per_epoch": per_epoch,
+        "workers": workers,
+        "rounds": rounds,
         "randaugment": args.randaugment or None,
-        "build_seconds_per_epoch": sum(builds) / epochs,
-        "first_batch_seconds": sum(first_batch) / epochs,
-        "epoch_seconds_rebuilt": rebuilt_s,
-        "epoch_seconds_kept": kept_s,
-        "rebuild_cost_seconds_per_epoch": rebuilt_s - kept_s,
-        "rebuild_cost_fraction": (rebuilt_s - kept_s) / kept_s,
+        "build_seconds_per_epoch": sum(builds) / max(1, len(builds)),
+        "gap_seconds": statistics.median(gaps) if gaps else None,
+        "gaps_seconds": gaps,
+        "steady_batch_seconds": statistics.median(steady),
+        "ours_images_per_sec": statistics.median(ours),
+        "ours_rounds": ours,
+        "stock_images_per_sec": statistics.median(stock_rates) if stock_rates else None,
+        "stock_rounds": stock_rates,
     }
-
-
-def format_rebuild(r: dict[str, Any]) -> str:
-    return (
-        f"dali per-epoch rebuild ({r['epochs']} epochs of {r['batches_per_epoch']} batches"
-        f"{', ' + r['randaugment'] if r['randaugment'] else ''}): build {r['build_seconds_per_epoch']:.3f} s/epoch; "
-        f"epoch {r['epoch_seconds_rebuilt']:.2f} s rebuilt vs {r['epoch_seconds_kept']:.2f} s on one kept pipeline "
-        f"-> {r['rebuild_cost_seconds_per_epoch']:+.3f} s/epoch ({100 * r['rebuild_cost_fraction']:+.1f} %); "
-        f"first batch of a rebuilt epoch {r['first_batch_seconds']:.2f} s"
+    result["gap_excess_seconds"] = (
+        result["gap_seconds"] - result["steady_batch_seconds"] if result["gap_seconds"] is not None else None
     )
+    result["ratio_to_stock"] = result["ours_images_per_sec"] / result["stock_images_per_sec"] if stock_rates else None
+    return result
+
+
+def format_epochs(r: dict[str, Any]) -> str:
+    lines = [
+        (
+            f"dali across epochs ({r['rounds']} rounds of {r['epochs']} epochs x {r['batches_per_epoch']} batches, "
+            f"{r['workers']} threads{', ' + r['randaugment'] if r['randaugment'] else ''}): "
+            f"ours {r['ours_images_per_sec']:,.0f} img/s (median); build {r['build_seconds_per_epoch']:.3f} s/epoch "
+            "on a background thread"
+        )
+    ]
+    if r["gap_seconds"] is not None:
+        lines.append(
+            f"  gap between epochs (last batch of e to first of e+1): {1000 * r['gap_seconds']:.1f} ms median, "
+            f"against {1000 * r['steady_batch_seconds']:.1f} ms between batches inside an epoch "
+            f"({1000 * r['gap_excess_seconds']:+.1f} ms)"
+        )
+    if r["stock_images_per_sec"]:
+        lines.append(
+            f"  stock DALI on the same shards: {r['stock_images_per_sec']:,.0f} img/s (median) "
+            f"-> ours / stock = {r['ratio_to_stock']:.2f}x"
+        )
+    else:
+        lines.append("  stock DALI: not compared (it has no RandAugment)")
+    return "\n".join(lines)
 
 
 def format_ceiling(c: dict[str, Any]) -> str:
@@ -512,11 +590,11 @@ def main(argv: list[str]) -> int:
 
         reason = available("dali")
         if reason:
-            print(f"dali per-epoch rebuild: not measured ({reason})")
+            print(f"dali across epochs: not measured ({reason})")
         else:
-            print("[bench loaders] dali: per-epoch rebuild", file=sys.stderr, flush=True)
-            result["dali_rebuild"] = measure_dali_rebuild(args)
-            print(format_rebuild(result["dali_rebuild"]))
+            print("[bench loaders] dali: across epochs, against stock DALI", file=sys.stderr, flush=True)
+            result["dali_epochs"] = measure_dali_epochs(args, max(worker_counts))
+            print(format_epochs(result["dali_epochs"]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:

@@ -348,12 +348,12 @@ class DaliPipeline(Pipeline):
         }
         self._normalize = Normalizer(device, dtype) if dtype == torch.bfloat16 else None
         self.build_seconds: list[float] = []  # wall time of each (per-epoch) pipeline build
+        # Training prepares epoch e + 1's pipeline while epoch e runs (see __iter__).
+        self.prepare_ahead = train
+        self._builder: Any = None  # a one-thread executor building the next epoch's pipeline
         # Build epoch 0 now so that unreadable shards fail here, not in the training loop.
-        self._pipe: Any = None
-        self._pipe_epoch = -1
-        self._pipe_fresh = False
-        self._pipe = self._build(self.epoch)
-        reader_size = int(self._pipe.epoch_size(READER_NAME))
+        self._ready: _EpochRun | None = _EpochRun(self.epoch, self.build_graph(self.epoch))
+        reader_size = int(self._ready.pipe.epoch_size(READER_NAME))
         if reader_size != num_total:
             raise DataError(
                 f"the shards in {wds_dir(path, split)} hold {reader_size} samples but the manifest says "
@@ -373,12 +373,6 @@ class DaliPipeline(Pipeline):
     def describe(self) -> str:
         """The augmentation this pipeline applies, for the run's log."""
         return self.augmentation
-
-    def _build(self, epoch: int) -> Any:
-        pipe = self.build_graph(epoch)
-        self._pipe_epoch = epoch
-        self._pipe_fresh = True
-        return pipe
 
     def build_graph(self, epoch: int) -> Any:
         """A built DALI pipeline seeded for `epoch` (what iterating that epoch runs); its wall time is
@@ -411,23 +405,89 @@ class DaliPipeline(Pipeline):
         self.build_seconds.append(time.perf_counter() - t0)
         return pipe
 
+    def _take(self, epoch: int) -> _EpochRun:
+        """Epoch `epoch`'s pipeline: the one prepared ahead (a built, possibly already filling,
+        untouched pipeline seeded for that epoch), else one built now."""
+        ready, self._ready = self._ready, None
+        if ready is not None and ready.epoch == epoch:
+            if ready.future is not None:
+                ready.pipe = ready.future.result()  # re-raises a failed build here
+                ready.future = None
+            return ready
+        if ready is not None and ready.future is not None:
+            ready.future.result()  # let a stale build finish before its pipeline is dropped
+        return _EpochRun(epoch, self.build_graph(epoch))
+
+    def _prepare(self, epoch: int) -> None:
+        """Start building epoch `epoch`'s pipeline on a background thread (graph definition is
+        Python, ~1 s for the RandAugment graph; DALI's pipeline stack is thread-local)."""
+        if self._ready is not None and self._ready.epoch == epoch:
+            return
+        if self._builder is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-next-epoch")
+        self._ready = _EpochRun(epoch, None, future=self._builder.submit(self.build_graph, epoch))
+
+    def _start_filling(self) -> None:
+        """Let the prepared pipeline decode its first batches while this epoch's last ones finish."""
+        ready = self._ready
+        if ready is None or ready.scheduled:
+            return
+        if ready.future is not None:
+            if not ready.future.done():
+                return  # still building: it fills once taken
+            ready.pipe, ready.future = ready.future.result(), None
+        ready.schedule(len(self), self.prefetch)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch e's batches from a DALI pipeline seeded for e (see the module docstring).
+
+        Nothing is decoded past the epoch's end: runs are scheduled by hand (DALI's `run()` keeps
+        `prefetch` batches in flight, which a per-epoch pipeline would throw away at every epoch
+        end). While epoch e runs, epoch e + 1's pipeline is built on a background thread; once e
+        has scheduled its last batch it starts filling, so its first batches decode while e's last
+        ones are consumed and the gap between epochs is about one batch."""
         epoch = self._start_epoch()
-        if not (self._pipe_fresh and self._pipe_epoch == epoch):
-            self._pipe = None  # release the previous epoch's threads and buffers before building anew
-            self._pipe = self._build(epoch)
-        pipe, self._pipe_fresh = self._pipe, False
+        run = self._take(epoch)
+        n = len(self)
+        if self.prepare_ahead:
+            self._prepare(epoch + 1)
         remaining = self.num_samples
-        for _ in range(len(self)):
-            images_tl, labels_tl = pipe.run()
-            take = min(self.batch_size, remaining)
-            remaining -= take
-            with torch.cuda.device(self.device) if self.placement == "gpu" else contextlib.nullcontext():
-                images = to_torch(images_tl, self.device)  # [B, 3, S, S], torch-owned
-                labels = to_torch(labels_tl, self.device).view(-1)  # [B]
-            del images_tl, labels_tl  # DALI may reuse its buffers from here on
-            if take < self.batch_size:
-                images, labels = images[:take], labels[:take]
-            if self._normalize is not None:
-                images = self._normalize(images)
-            yield images, labels
+        try:
+            for _ in range(n):
+                run.schedule(n, self.prefetch)
+                images_tl, labels_tl = run.pipe.outputs()
+                if self.prepare_ahead and run.scheduled >= n:
+                    self._start_filling()
+                take = min(self.batch_size, remaining)
+                remaining -= take
+                with torch.cuda.device(self.device) if self.placement == "gpu" else contextlib.nullcontext():
+                    images = to_torch(images_tl, self.device)  # [B, 3, S, S], torch-owned
+                    labels = to_torch(labels_tl, self.device).view(-1)  # [B]
+                del images_tl, labels_tl  # DALI may reuse its buffers from here on
+                if take < self.batch_size:
+                    images, labels = images[:take], labels[:take]
+                if self._normalize is not None:
+                    images = self._normalize(images)
+                yield images, labels
+        finally:
+            del run  # release this epoch's threads and buffers (also when the consumer stops early)
+
+
+class _EpochRun:
+    """One epoch's DALI pipeline and how many of its iterations have been scheduled."""
+
+    def __init__(self, epoch: int, pipe: Any, future: Any = None) -> None:
+        self.epoch = epoch
+        self.pipe = pipe
+        self.future = future
+        self.scheduled = 0
+
+    def schedule(self, total: int, prefetch: int) -> None:
+        """Keep `prefetch` iterations in flight, as `run()` does, but never schedule more than the
+        epoch's `total`: the first call queues `prefetch` at once (DALI's own first fill)."""
+        if self.scheduled >= total:
+            return
+        self.pipe.schedule_run()
+        self.scheduled += prefetch if self.scheduled == 0 else 1

@@ -43,8 +43,9 @@ def textured(tmp_path_factory) -> str:
         img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
         img.save(folder / "0.jpg", quality=95)
     out = str(root / "out")
-    convert(str(root / "src"), out, formats=("wds",), max_res=128, quality=95, workers=0, shard_size=SHARD,
-            progress=False)
+    convert(
+        str(root / "src"), out, formats=("wds",), max_res=128, quality=95, workers=0, shard_size=SHARD, progress=False
+    )
     return out
 
 
@@ -188,9 +189,7 @@ def timm_policy(spec: str):
     return rand_augment_transform(spec, {"img_mean": (124, 116, 104)})
 
 
-@pytest.mark.parametrize(
-    "spec", [SPEC, "rand-m5-n3", "rand-n1-m7-mstd101-p0.8", "rand-m12-mmax15-inc0-mstd1", "rand"]
-)
+@pytest.mark.parametrize("spec", [SPEC, "rand-m5-n3", "rand-n1-m7-mstd101-p0.8", "rand-m12-mmax15-inc0-mstd1", "rand"])
 def test_policy_parsing_agrees_with_timm(spec):
     from pipelines.dali_randaugment import parse_policy
 
@@ -383,24 +382,136 @@ def test_randaugment_op_statistics_match_timm():
 # The loader benchmark with RandAugment
 
 
-def test_bench_loaders_randaugment_and_rebuild(textured, tmp_path, capsys):
+def test_bench_loaders_randaugment_and_epochs(textured, tmp_path, capsys):
     from benchmarks.loaders import main
 
     out = tmp_path / "bench.json"
     argv = f"--data {textured} --batch-size 8 --workers 1 --img-size {SIZE} --batches 2 --warmup 1"
-    argv += f" --pipelines ffcv,dali,torchvision --randaugment {SPEC} --dali-rebuild 1 --json {out}"
+    argv += f" --pipelines ffcv,dali,torchvision --randaugment {SPEC} --dali-rebuild 2 --json {out}"
     assert main(argv.split()) == 0
     text = capsys.readouterr().out
-    assert f"RandAugment {SPEC}" in text and "1.00x" in text and "dali per-epoch rebuild" in text
+    assert f"RandAugment {SPEC}" in text and "1.00x" in text and "dali across epochs" in text
+    assert "gap between epochs" in text and "stock DALI: not compared" in text
     result = json.loads(out.read_text())
     rows = {r["pipeline"]: r for r in result["results"]}
     assert rows["ffcv"]["available"] is False and "randaugment" in rows["ffcv"]["reason"].lower()
     assert rows["torchvision"]["ratio_to_baseline"] == pytest.approx(1.0)
     assert rows["dali"]["images"] == 16 and rows["dali"]["ratio_to_baseline"] > 0
     assert SPEC in rows["dali"]["augmentation"]
-    rebuild = result["dali_rebuild"]
-    assert rebuild["epochs"] == 1 and rebuild["batches_per_epoch"] == NUM // 8
-    assert rebuild["build_seconds_per_epoch"] > 0 and rebuild["epoch_seconds_kept"] > 0
+    epochs = result["dali_epochs"]
+    assert epochs["epochs"] == 2 and epochs["batches_per_epoch"] == NUM // 8 and epochs["rounds"] == 3
+    assert len(epochs["gaps_seconds"]) == 3 and epochs["gap_seconds"] > 0 and epochs["steady_batch_seconds"] > 0
+    assert epochs["stock_images_per_sec"] is None and epochs["ratio_to_stock"] is None
+
+
+def test_bench_loaders_dali_against_stock(textured, tmp_path, capsys):
+    """Without RandAugment the same run compares our dali pipeline with stock DALI on the same shards."""
+    from benchmarks.loaders import main
+
+    out = tmp_path / "bench.json"
+    argv = f"--data {textured} --batch-size 8 --workers 1 --img-size {SIZE} --batches 1 --warmup 0"
+    argv += f" --pipelines dali --dali-rebuild 2 --ceiling-images 8 --json {out}"
+    assert main(argv.split()) == 0
+    assert "ours / stock" in capsys.readouterr().out
+    epochs = json.loads(out.read_text())["dali_epochs"]
+    assert len(epochs["stock_rounds"]) == 3 and epochs["stock_images_per_sec"] > 0
+    assert epochs["ratio_to_stock"] == pytest.approx(epochs["ours_images_per_sec"] / epochs["stock_images_per_sec"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Epoch boundaries: nothing decoded past an epoch's end, the next epoch's pipeline ready in time
+
+
+def test_no_batch_is_decoded_past_the_end_of_an_epoch_and_the_next_one_fills_meanwhile(textured, monkeypatch):
+    """DALI's run() keeps `prefetch` batches in flight, which a per-epoch pipeline throws away at
+    every epoch end. Our pipeline schedules exactly the epoch's batches, and epoch e + 1's pipeline
+    (built on a background thread) starts filling before epoch e's last batch is handed out."""
+    from nvidia.dali import Pipeline as DaliGraph
+
+    pipe = dali(textured, batches_ahead=3)
+    n = len(pipe)
+    assert n == NUM // BATCH > 3
+    scheduled: dict[int, int] = {}  # id(DALI pipeline) -> iterations scheduled
+    order: list[int] = []
+    real = DaliGraph.schedule_run
+
+    def counting(self):
+        first = not scheduled.get(id(self))
+        real(self)
+        scheduled[id(self)] = scheduled.get(id(self), 0) + (self._prefetch_queue_depth if first else 1)
+        order.append(id(self))
+
+    monkeypatch.setattr(DaliGraph, "schedule_run", counting)
+    reference = [(x.clone(), y.clone()) for x, y in dali(textured, batches_ahead=3)]
+    scheduled.clear()
+    order.clear()
+    it = iter(pipe)
+    got = [next(it) for _ in range(n)]  # the whole epoch, the generator not yet finished
+    this, later = order[0], [p for p in dict.fromkeys(order) if p != order[0]]
+    assert scheduled[this] == n  # not n + prefetch - 1
+    assert len(later) == 1 and scheduled[later[0]] == 3  # epoch 1 already filling
+    assert same(got, reference)
+    assert same(epoch_batches(pipe, 1), epoch_batches(dali(textured, batches_ahead=3), 1))
+
+
+def test_randaugment_graph_runs_on_the_gpu_when_placed_there(textured):
+    """The RandAugment graph defined for the GPU (no GPU needed to define it): every operator that
+    touches pixels (decode, resize, flip, the RandAugment ops, the conditional merges of image
+    batches, crop_mirror_normalize) is on the GPU; the same operators as the CPU graph's."""
+    import collections
+    import re
+
+    from nvidia.dali import pipeline_def
+
+    from pipelines.dali_pipeline import define_graph
+
+    args = dict(dali(textured, randaugment=SPEC).graph_args)
+
+    def nodes(placement: str) -> list[tuple[str, str]]:
+        captured = []
+
+        def graph():
+            out = define_graph(placement, reader_seed=1, shard_order_seed=2, **args)
+            captured.append(out)
+            return out
+
+        pipeline_def(graph, enable_conditionals=True)(
+            batch_size=4, num_threads=1, device_id=0 if placement == "gpu" else None, seed=1
+        )
+        seen: dict[int, tuple[str, str]] = {}
+
+        def walk(node) -> None:
+            if id(node) not in seen:
+                seen[id(node)] = (re.sub(r"^_+|_\d+", "", node.name), node.device)
+                for parent in node.source.inputs:
+                    walk(parent)
+
+        for out in captured[0]:
+            walk(out)
+        return list(seen.values())
+
+    gpu, cpu = nodes("gpu"), nodes("cpu")
+    assert collections.Counter(n for n, _ in gpu) == collections.Counter(n for n, _ in cpu)
+    assert all(d == "cpu" for _, d in cpu)
+    pixel_ops = {
+        "ImageRandomCrop",
+        "Resize",
+        "Flip",
+        "WarpAffine",
+        "Rotate",
+        "Brightness",
+        "Saturation",
+        "Equalize",
+        "Filter",
+        "Merge",
+        "CropMirrorNormalize",
+    }
+    placed = collections.defaultdict(set)
+    for name, dev in gpu:
+        placed[name].add(dev)
+    assert pixel_ops <= set(placed)  # the policy's operators are all in the graph
+    assert all(placed[name] == {"gpu"} for name in pixel_ops), {n: placed[n] for n in pixel_ops}
+    assert placed["reader[0]"] == {"cpu"} and placed["reader[1]"] == {"gpu"}
 
 
 # ----------------------------------------------------------------------------------------------
