@@ -1,15 +1,23 @@
-"""Write an FFCV `.beton` from JPEG bytes the converter has already encoded, with FFCV's own
-`DatasetWriter`, so the `.beton` stores exactly the bytes the webdataset shards store.
+"""Write an FFCV `.beton` from JPEG bytes the converter has already encoded, so the `.beton` stores
+exactly the bytes the webdataset shards store.
 
 The file is a stock FFCV file: field `image` is an `RGBImageField` (JPEG mode) and `label` an
-`IntField`, and the field table names the stock types, so any FFCV reader opens it. Only the
-encoding step differs: `RGBImageField.encode` would resize and re-encode a pixel array with
-OpenCV, while here the field instance stores the given JPEG bytes and their size as they are.
+`IntField`, and the field table names the stock types, so any FFCV reader opens it.
 
-Determinism: the writer runs with one worker. With several, the order in which workers grab
-file pages depends on timing, so two runs over the same samples would give different bytes (and
-a resumed conversion must give the same bytes as an uninterrupted one). One worker only copies
-bytes; it is not the bottleneck of a conversion.
+Two writers give the same bytes (a test holds them to it):
+
+- `write_beton`, the reference: FFCV's own `DatasetWriter` with one worker, the field instance
+  storing the given JPEG bytes as they are instead of re-encoding a pixel array. One worker,
+  because with several the order in which workers grab file pages depends on timing, and a
+  resumed conversion must give the same bytes as an uninterrupted one. But that one worker copies
+  every byte in series: at 64 cores it would take longer than all the encoding.
+- `write_beton_in_place`, what the converter runs: the layout that one-worker `DatasetWriter`
+  produces is a function of the sample sizes alone (pages filled in order; a sample that does
+  not fit the current page's rest opens the next page), so it is computed up front (`plan_beton`,
+  FFCV's own header, field and table types), the header, metadata and allocation table are
+  written by the caller, and the JPEGs are copied into their places by parallel tasks
+  (`copy_samples`, `os.copy_file_range` from the shards). Page gaps are left as holes, which
+  read as the zeros FFCV writes there.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,19 +144,196 @@ def write_beton(path: str, dataset: JpegSlices, max_resolution: int, jpeg_qualit
     """Write `dataset` to the FFCV file `path` (which the caller renames into place)."""
     if len(dataset) == 0:
         raise ValueError("an FFCV file needs at least one sample")
-    from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    image = RGBImageField(write_mode="jpg", max_resolution=max_resolution, jpeg_quality=jpeg_quality)
+    fields = _fields(max_resolution, jpeg_quality)
     # Instance attribute, not a subclass: FFCV records a field's type by exact class in the file
     # header, and readers must see the stock RGBImageField.
-    image.encode = functools.partial(_store_encoded_jpeg, mode=JPEG_MODE)
-    fields = {"image": image, "label": IntField()}
+    fields["image"].encode = functools.partial(_store_encoded_jpeg, mode=JPEG_MODE)
     writer = DatasetWriter(
         path, fields, page_size=page_size_for(int(dataset.sizes.sum()), int(dataset.sizes.max())), num_workers=1
     )
     with _ffcv_progress_off():
         writer.from_indexed_dataset(dataset, chunksize=512)
+
+
+def _fields(max_resolution: int, jpeg_quality: int) -> dict:
+    from ffcv.fields import IntField, RGBImageField
+
+    image = RGBImageField(write_mode="jpg", max_resolution=max_resolution, jpeg_quality=jpeg_quality)
+    return {"image": image, "label": IntField()}
+
+
+@dataclass(frozen=True)
+class BetonPlan:
+    """Where everything of a `.beton` lies, as FFCV's one-worker writer would place it."""
+
+    head: bytes  # header, field descriptors and per-sample metadata, written at offset 0
+    ptrs: np.ndarray  # int64 [n]: file offset of each sample's JPEG
+    alloc_table: bytes  # written at `alloc_table_ptr`, the end of the file
+    alloc_table_ptr: int
+    page_size: int
+    num_pages: int
+
+    @property
+    def file_size(self) -> int:
+        return self.alloc_table_ptr + len(self.alloc_table)
+
+
+def pack_pages(sizes: np.ndarray, page_size: int) -> tuple[np.ndarray, int]:
+    """(offset of each sample from the start of the data region, pages used): FFCV's
+    `MemoryAllocator` with one worker fills a page in sample order and opens the next page when a
+    sample does not fit the current page's rest. Vectorised per page: the samples of one page are
+    those whose running total stays within it."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if len(sizes) and int(sizes.max()) > page_size:
+        raise ValueError(f"a sample of {int(sizes.max())} bytes does not fit a {page_size}-byte page")
+    ends = np.cumsum(sizes)  # [n] running total up to and including each sample
+    offsets = np.empty(len(sizes), dtype=np.int64)
+    i = page = 0
+    while i < len(sizes):
+        base = int(ends[i - 1]) if i else 0
+        j = int(np.searchsorted(ends, base + page_size, side="right"))  # first sample past this page
+        offsets[i:j] = page * page_size + (ends[i:j] - sizes[i:j] - base)
+        page += 1
+        i = j
+    return offsets, page
+
+
+def plan_beton(dataset: JpegSlices, max_resolution: int, jpeg_quality: int) -> BetonPlan:
+    """The bytes and places `write_beton` would give `dataset`, without touching a sample."""
+    from ffcv.types import (
+        ALLOC_TABLE_TYPE,
+        CURRENT_VERSION,
+        TYPE_ID_HANDLER,
+        FieldDescType,
+        HeaderType,
+        get_metadata_type,
+    )
+    from ffcv.utils import align_to_page
+
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("an FFCV file needs at least one sample")
+    sizes = np.asarray(dataset.sizes, dtype=np.int64)
+    page_size = page_size_for(int(sizes.sum()), int(sizes.max()))
+    fields = _fields(max_resolution, jpeg_quality)
+
+    # As DatasetWriter.prepare: header, field descriptors, metadata, data region on a page boundary.
+    header = np.zeros(1, dtype=HeaderType)
+    header["version"] = CURRENT_VERSION
+    header["num_samples"] = n
+    header["num_fields"] = len(fields)
+    header["page_size"] = page_size
+    descriptors = np.zeros(len(fields), dtype=FieldDescType)
+    type_ids = {v: k for k, v in TYPE_ID_HANDLER.items()}
+    for i, (name, field) in enumerate(fields.items()):
+        encoded = np.frombuffer(name.encode("ascii"), dtype="<u1")[: descriptors[0]["name"].shape[0]]
+        descriptors[i]["type_id"] = type_ids.get(type(field), 255)
+        descriptors[i]["name"][: len(encoded)] = encoded
+        descriptors[i]["arguments"][:] = field.to_binary()[0]
+    metadata_type = get_metadata_type(list(fields.values()))
+    data_start = align_to_page(HeaderType.itemsize + descriptors.nbytes + n * metadata_type.itemsize, page_size)
+
+    offsets, num_pages = pack_pages(sizes, page_size)
+    ptrs = data_start + offsets
+    alloc_table_ptr = data_start + num_pages * page_size
+    header["alloc_table_ptr"] = alloc_table_ptr
+
+    # As the fields' encode() fill the shared metadata table (image: mode, size, pointer; label).
+    image_name, label_name = metadata_type.names
+    metadata = np.zeros(n, dtype=metadata_type)
+    metadata[image_name]["mode"] = JPEG_MODE
+    metadata[image_name]["width"] = dataset.widths
+    metadata[image_name]["height"] = dataset.heights
+    metadata[image_name]["data_ptr"] = ptrs
+    metadata[label_name] = dataset.labels
+
+    # One allocation per sample, in sample order (one worker).
+    alloc = np.zeros(n, dtype=ALLOC_TABLE_TYPE)
+    alloc["sample_id"] = np.arange(n)
+    alloc["ptr"] = ptrs
+    alloc["size"] = sizes
+    head = header.tobytes() + descriptors.tobytes() + metadata.tobytes()
+    return BetonPlan(head, ptrs, alloc.tobytes(), alloc_table_ptr, page_size, num_pages)
+
+
+@dataclass(frozen=True)
+class CopyTask:
+    dst: str
+    src: str
+    src_offsets: np.ndarray  # int64 [m]
+    sizes: np.ndarray  # int64 [m]
+    dst_offsets: np.ndarray  # int64 [m]
+
+
+def _copy_range(src_fd: int, dst_fd: int, size: int, src_at: int, dst_at: int) -> None:
+    done = 0
+    while done < size:
+        n = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, size - done, src_at + done, dst_at + done)
+            except OSError:
+                n = 0  # not supported between these files: the plain copy below
+        if n == 0:
+            data = os.pread(src_fd, size - done, src_at + done)
+            if not data:
+                raise OSError(f"short read at {src_at + done}")
+            n = os.pwrite(dst_fd, data, dst_at + done)
+        done += n
+
+
+def copy_samples(task: CopyTask) -> int:
+    """Copy a run of JPEGs from one source file into their places in the `.beton` (in the kernel)."""
+    src = os.open(task.src, os.O_RDONLY)
+    try:
+        dst = os.open(task.dst, os.O_WRONLY)
+        try:
+            for src_at, size, dst_at in zip(task.src_offsets.tolist(), task.sizes.tolist(), task.dst_offsets.tolist()):
+                _copy_range(src, dst, size, src_at, dst_at)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    return len(task.sizes)
+
+
+def write_beton_in_place(
+    path: str,
+    dataset: JpegSlices,
+    max_resolution: int,
+    jpeg_quality: int,
+    run_all: Callable[[Callable, Iterable], list],
+    samples_per_task: int = 1024,
+) -> None:
+    """Write `dataset` to the FFCV file `path` (which the caller renames into place), bytes equal
+    to `write_beton`'s; `run_all(copy_samples, tasks)` runs the copies (a pool's, or a loop)."""
+    plan = plan_beton(dataset, max_resolution, jpeg_quality)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, plan.head, 0)
+        os.ftruncate(fd, plan.file_size)
+        os.pwrite(fd, plan.alloc_table, plan.alloc_table_ptr)
+    finally:
+        os.close(fd)
+    tasks = []
+    ids = np.asarray(dataset.file_ids, dtype=np.int64)
+    # Runs of consecutive samples from one source file, cut into tasks of bounded length.
+    cuts = np.flatnonzero(np.diff(ids)) + 1
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
+        for a in range(int(lo), int(hi), samples_per_task):
+            b = min(a + samples_per_task, int(hi))
+            tasks.append(
+                CopyTask(
+                    path,
+                    dataset.files[int(ids[a])],
+                    np.asarray(dataset.offsets[a:b], dtype=np.int64),
+                    np.asarray(dataset.sizes[a:b], dtype=np.int64),
+                    plan.ptrs[a:b],
+                )
+            )
+    run_all(copy_samples, tasks)
 
 
 def read_jpeg_table(path: str) -> dict[str, np.ndarray]:

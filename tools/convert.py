@@ -91,13 +91,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -110,18 +108,21 @@ from pipelines.constants import (
     wds_dir,
 )
 from pipelines.errors import DataError
-from tools.files import atomic_path, atomic_write, die_with_parent, fsync_dir, remove_stale_temporaries
-from tools.imageio import (
-    ALPHA_BACKGROUND,
-    DEFAULT_MAX_PIXELS,
-    JPEG_SUBSAMPLING,
-    RESAMPLE_NAME,
-    SkipImage,
-    encode_bytes,
-    read_source,
-)
+from tools.beton import JpegSlices, write_beton_in_place
+from tools.files import atomic_path, atomic_write, fsync_dir, remove_stale_temporaries
+from tools.imageio import ALPHA_BACKGROUND, DEFAULT_MAX_PIXELS, JPEG_SUBSAMPLING, RESAMPLE_NAME
 from tools.layouts import Source, SplitPlan, list_source
-from tools.shards import ShardSample, build_shard
+from tools.parallel_write import (
+    DEFAULT_PIECE_SIZE,
+    OrderedPool,
+    PieceResult,
+    PieceTask,
+    RunStats,
+    StitchTask,
+    encode_piece,
+    init_worker,
+    stitch_chunk,
+)
 from tools.wids import write_wids_index
 
 # Bump when the same options would give different output bytes (keys, layout, encoding rules).
@@ -132,54 +133,6 @@ WORK_DIR = ".work"
 SOURCES_DIR = "sources"
 STATE_FILE = "state.json"
 PART_FILE = "part.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# Workers: one image in, JPEG bytes (or a skip reason) out
-
-_WORKER_ARGS: tuple[int, int, int] = (256, 90, DEFAULT_MAX_PIXELS)
-
-
-def _init_worker(max_res: int, quality: int, max_pixels: int, parent_pid: int) -> None:
-    global _WORKER_ARGS
-    _WORKER_ARGS = (max_res, quality, max_pixels)
-    if os.getpid() != parent_pid:
-        # Ctrl-C is the parent's to handle (it stops the pool); workers would only print tracebacks.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        die_with_parent(parent_pid)
-
-
-_ARCHIVE_FDS: dict[str, int] = {}
-
-
-def _read_range(path: str, offset: int, size: int) -> bytes:
-    """The bytes of one archive member: one pread of its range (the archive stays open per worker)."""
-    fd = _ARCHIVE_FDS.get(path)
-    if fd is None:
-        fd = _ARCHIVE_FDS[path] = os.open(path, os.O_RDONLY)
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-        raise SkipImage("truncated", f"archive ended after {len(data)} of the member's {size} bytes")
-    return data
-
-
-def _encode_task(task: tuple[str, int, int]) -> tuple:
-    """("ok", jpeg, width, height, source bytes) or ("skip", code, detail, source bytes).
-
-    `task` is (file path, -1, -1) for a plain file, (archive path, offset, size) for a member."""
-    max_res, quality, max_pixels = _WORKER_ARGS
-    path, offset, size = task
-    try:
-        data = read_source(path) if offset < 0 else _read_range(path, offset, size)
-    except SkipImage as exc:
-        return ("skip", exc.code, exc.detail, 0)
-    except OSError as exc:
-        return ("skip", "unreadable", exc.strerror or str(exc), 0)
-    try:
-        enc = encode_bytes(data, max_res, quality, max_pixels)
-    except SkipImage as exc:
-        return ("skip", exc.code, exc.detail, len(data))
-    return ("ok", enc.jpeg, enc.width, enc.height, len(data))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,24 +211,41 @@ def _load_finished(out: str, plan: SplitPlan, keep_wds: bool, chunks: range) -> 
     return done
 
 
-def _write_shard(out: str, plan: SplitPlan, k: int, results: list[tuple], keep_wds: bool) -> dict:
-    """Write chunk k's tar (and index) under final names, then its record (the commit point)."""
+def _pieces(plan: SplitPlan, k: int, src: str, out: str, piece_size: int) -> Iterator[PieceTask]:
+    """Chunk k of a split as encoding tasks: runs of at most `piece_size` consecutive samples."""
     positions = plan.shard_positions(k)
+    base = os.path.join(out, WORK_DIR, plan.name, f"{plan.name}-{k:06d}")
+    for j, lo in enumerate(range(positions.start, positions.stop, piece_size)):
+        items = []
+        for pos in range(lo, min(lo + piece_size, positions.stop)):
+            src_index = int(plan.permutation[pos])
+            s = plan.sources[src_index]
+            if s.archive is None:
+                items.append((os.path.join(src, s.rel), -1, -1, plan.key(pos), s.label))
+            else:
+                items.append((os.path.join(src, s.archive), s.offset, s.size, plan.key(pos), s.label))
+        yield PieceTask(f"{base}.piece-{j:05d}", items)
+
+
+def _stitch_task(out: str, plan: SplitPlan, k: int, pieces: list[PieceResult], keep_wds: bool) -> StitchTask:
+    """What a worker needs to turn chunk k's pieces into its shard, index and record."""
+    positions = plan.shard_positions(k)
+    results = [r for piece in pieces for r in piece.results]
     assert len(results) == len(positions), "results out of step with the plan"
-    samples, skipped, meta = [], [], []
+    meta, skipped, keys, sizes = [], [], [], []
     source_bytes = 0
     for pos, res in zip(positions, results):
         src_index = int(plan.permutation[pos])
-        label = plan.sources[src_index].label
         if res[0] == "ok":
-            _, jpeg, width, height, nbytes = res
-            samples.append(ShardSample(plan.key(pos), jpeg, label))
-            meta.append([pos, src_index, label, width, height])
+            _, jpeg_size, width, height, nbytes = res
+            meta.append([pos, src_index, plan.sources[src_index].label, width, height])
+            keys.append(plan.key(pos))
+            sizes.append(jpeg_size)
         else:
             _, code, detail, nbytes = res
             skipped.append([pos, src_index, code, detail])
         source_bytes += nbytes
-    rec: dict = {
+    record = {
         "split": plan.name,
         "shard": k,
         "tar": None,
@@ -285,32 +255,67 @@ def _write_shard(out: str, plan: SplitPlan, k: int, results: list[tuple], keep_w
         "samples": meta,
         "skipped": skipped,
         "source_bytes": source_bytes,
-        "jpeg_bytes": sum(len(s.jpeg) for s in samples),
+        "jpeg_bytes": sum(sizes),
     }
-    if samples:
-        built = build_shard(samples)
-        tar_path = _shard_tar_path(out, plan.name, k, keep_wds)
-        os.makedirs(os.path.dirname(tar_path), exist_ok=True)
-        atomic_write(tar_path, built.tar, sync_dir=False)
-        rec["tar"] = os.path.relpath(tar_path, out)
-        rec["tar_bytes"] = len(built.tar)
-        if keep_wds:
-            idx_path = tar_path[: -len(".tar")] + ".idx"
-            atomic_write(idx_path, built.index, sync_dir=False)
-            rec["idx"] = os.path.relpath(idx_path, out)
-            rec["idx_bytes"] = len(built.index)
-        fsync_dir(os.path.dirname(tar_path))
-        for m, offset, s in zip(meta, built.jpeg_offsets, samples):
-            m.extend([offset, len(s.jpeg)])
-    record_path = _shard_record_path(out, plan.name, k)
-    os.makedirs(os.path.dirname(record_path), exist_ok=True)
-    atomic_write(record_path, json.dumps(rec).encode())
-    return rec
+    tar_path = _shard_tar_path(out, plan.name, k, keep_wds)
+    return StitchTask(
+        out=out,
+        tar_path=tar_path,
+        idx_path=tar_path[: -len(".tar")] + ".idx" if keep_wds else None,
+        record_path=_shard_record_path(out, plan.name, k),
+        pieces=[piece.path for piece in pieces if piece.path is not None],
+        keys=keys,
+        jpeg_sizes=sizes,
+        record=record,
+    )
 
 
-def _assemble_beton(out: str, plan: SplitPlan, records: list[dict], max_res: int, quality: int) -> None:
-    from tools.beton import JpegSlices, write_beton
+def _convert_chunks(
+    pool: OrderedPool,
+    pending: list[tuple[SplitPlan, int]],
+    src: str,
+    out: str,
+    keep_wds: bool,
+    piece_size: int,
+    on_piece: Callable[[PieceResult], None],
+) -> Iterator[tuple[SplitPlan, int, dict]]:
+    """Encode and write the pending chunks with `pool`; yields (plan, k, record) as each chunk is
+    committed, in order. The main process only routes small records: pieces are written by the
+    workers that encode them, shards and records by the worker that stitches them."""
+    pieces = ((p, k, task) for p, k in pending for task in _pieces(p, k, src, out, piece_size))
+    expected = {(p.name, k): -(-len(p.shard_positions(k)) // piece_size) for p, k in pending}
+    stitches: list[tuple[str, object]] = []
+    collected: dict[tuple[str, int], list[PieceResult]] = {}
+    exhausted = False
+    while True:
+        # Stitches first: they free disk (pieces) and commit chunks; new pieces only within the bound.
+        while pool.has_room() and (stitches or not exhausted):
+            if stitches:
+                tag, task = stitches.pop(0)
+                pool.submit(stitch_chunk, task, tag)
+                continue
+            nxt = next(pieces, None)
+            if nxt is None:
+                exhausted = True
+                break
+            p, k, task = nxt
+            pool.submit(encode_piece, task, ("piece", p, k))
+        if pool.in_flight == 0:
+            return
+        tag, result = pool.next()
+        kind, p, k = tag
+        if kind == "piece":
+            on_piece(result)
+            got = collected.setdefault((p.name, k), [])
+            got.append(result)
+            if len(got) == expected[(p.name, k)]:
+                stitches.append((("stitch", p, k), _stitch_task(out, p, k, collected.pop((p.name, k)), keep_wds)))
+        else:
+            yield p, k, result
 
+
+def _beton_sources(out: str, records: list[dict]) -> JpegSlices:
+    """Where each converted sample's JPEG lies in the chunks' shards, in output order."""
     files, file_ids, rows = [], [], []
     for rec in records:
         if rec["tar"] is None:
@@ -320,13 +325,15 @@ def _assemble_beton(out: str, plan: SplitPlan, records: list[dict], max_res: int
             file_ids.append(len(files) - 1)
             rows.append((offset, size, height, width, label))
     arr = np.asarray(rows, dtype=np.int64).reshape(-1, 5)  # [n, (offset, size, height, width, label)]
-    dataset = JpegSlices(
+    return JpegSlices(
         files, np.asarray(file_ids, dtype=np.int64), arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4]
     )
-    final = beton_path(out, plan.name)
+
+
+def _write_beton(final: str, dataset: JpegSlices, max_res: int, quality: int, pool: OrderedPool) -> None:
     os.makedirs(os.path.dirname(final), exist_ok=True)
     with atomic_path(final) as tmp:
-        write_beton(tmp, dataset, max_resolution=max_res, jpeg_quality=quality)
+        write_beton_in_place(tmp, dataset, max_res, quality, pool.run_all)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,22 +392,6 @@ def _check_args(
             raise DataError(f"--splits must be distinct names from {','.join(SPLITS)}, got {','.join(splits)}")
 
 
-def _results(tasks: Iterator[str], workers: int, init_args: tuple) -> Iterator[tuple]:
-    """Encode results in task order, from a process pool (or in-process when workers == 0)."""
-    if workers == 0:
-        _init_worker(*init_args)
-        for path in tasks:
-            yield _encode_task(path)
-        return
-    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args)
-    try:
-        yield from pool.imap(_encode_task, tasks, chunksize=8)
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
-
-
 def _read_json(path: str) -> dict | None:
     try:
         with open(path) as f:
@@ -444,16 +435,26 @@ def convert(
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shard: tuple[int, int] | None = None,
+    *,
+    max_in_flight: int | None = None,
+    piece_size: int = DEFAULT_PIECE_SIZE,
+    stats: RunStats | None = None,
 ) -> dict:
     """Convert `src` into `out` (see the module docstring) and return the manifest.
 
     `workers` encoding processes (0: encode in this process). `progress` draws a tqdm bar and
-    prints warnings and a summary on stderr. With `strict`, any skipped input raises DataError
-    after the outputs and `skipped.tsv` are written. Rerunning after an interruption resumes.
-    `shard=(K, N)` converts only part K of N into `out` (a part folder; see `merge`)."""
+    prints warnings and a summary on stderr. With `strict`, any skipped input raises StrictFailure
+    (a DataError) after the outputs and `skipped.tsv` are written. Rerunning after an interruption
+    resumes. `shard=(K, N)` converts only part K of N into `out` (a part folder; see `merge`).
+
+    Memory and disk stay bounded: at most `max_in_flight` tasks (default 4 per worker) of at most
+    `piece_size` images each are out at once, and workers hand back sizes, never image bytes.
+    Neither changes the output. `stats`, when given, receives what the pool saw (`RunStats`)."""
     t_start = time.perf_counter()
     formats = list(formats)
     _check_args(formats, max_res, quality, workers, shard_size, max_pixels, splits)
+    if piece_size < 1 or (max_in_flight is not None and max_in_flight < 1):
+        raise DataError(f"piece_size and max_in_flight must be >= 1, got {piece_size} and {max_in_flight}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise DataError(f"--shard must be K/N with 0 <= K < N, got {shard[0]}/{shard[1]}")
     src = os.path.abspath(src)
@@ -498,6 +499,9 @@ def convert(
         _say(progress, f"warning: {w}")
 
     keep_wds = "wds" in formats
+    for p in plans:
+        # Pieces and chunk records go here (and, without wds, the shards the .beton is made from).
+        os.makedirs(os.path.join(out, WORK_DIR, p.name), exist_ok=True)
     mine = {p.name: shard_chunks(p.num_shards, shard) for p in plans}
     finished = {p.name: _load_finished(out, p, keep_wds, mine[p.name]) for p in plans}
     resumed = sum(len(v) for v in finished.values())
@@ -508,48 +512,44 @@ def convert(
     if listing.stage is not None:  # rows with no byte range in SRC (HF parquet) are unpacked into .work first
         listing.stage(os.path.join(out, WORK_DIR), pending, progress)
 
-    def tasks() -> Iterator[tuple[str, int, int]]:
-        for p, k in pending:
-            for pos in p.shard_positions(k):
-                s = p.sources[int(p.permutation[pos])]
-                if s.archive is None:
-                    yield (os.path.join(src, s.rel), -1, -1)
-                else:
-                    yield (os.path.join(src, s.archive), s.offset, s.size)
-
     from tqdm import tqdm
 
     bar = tqdm(total=total_pending, unit="img", desc="convert", disable=not progress, smoothing=0.1, file=sys.stderr)
-    t_encode = time.perf_counter()
     skipped_now = 0
-    results = _results(tasks(), workers, (max_res, quality, max_pixels, os.getpid()))
-    try:
-        for p, k in pending:
-            batch = []
-            for _ in p.shard_positions(k):
-                res = next(results)
-                batch.append(res)
-                if res[0] == "skip":
-                    skipped_now += 1
-                    bar.set_postfix_str(f"skipped {skipped_now}", refresh=False)
-                bar.update(1)
-            finished[p.name][k] = _write_shard(out, p, k, batch, keep_wds)
-    finally:
-        results.close()
-        bar.close()
-    encode_seconds = time.perf_counter() - t_encode
 
-    # Assemble the .beton files from the finished chunks (skipped when one is already in place:
-    # it was renamed there only after being written completely, by a run with these inputs).
-    if "ffcv" in formats:
-        for p in plans:
-            if os.path.isfile(beton_path(out, p.name)):
-                continue
-            records = [finished[p.name][k] for k in mine[p.name]]
-            if not any(r["samples"] for r in records):
-                continue
-            _say(progress, f"writing {os.path.relpath(beton_path(out, p.name), out)}")
-            _assemble_beton(out, p, records, max_res, quality)
+    def on_piece(piece: PieceResult) -> None:
+        nonlocal skipped_now
+        skips = sum(1 for r in piece.results if r[0] == "skip")
+        if skips:
+            skipped_now += skips
+            bar.set_postfix_str(f"skipped {skipped_now}", refresh=False)
+        bar.update(len(piece.results))
+
+    t_encode = time.perf_counter()
+    init_args = (max_res, quality, max_pixels, os.getpid())
+    with OrderedPool(workers, max_in_flight, initializer=init_worker, initargs=init_args) as pool:
+        try:
+            for p, k, rec in _convert_chunks(pool, pending, src, out, keep_wds, piece_size, on_piece):
+                finished[p.name][k] = rec
+        finally:
+            bar.close()
+        encode_seconds = time.perf_counter() - t_encode
+
+        # The .beton files from the finished chunks (skipped when one is already in place: it was
+        # renamed there only after being written completely, by a run with these inputs).
+        if "ffcv" in formats:
+            for p in plans:
+                if os.path.isfile(beton_path(out, p.name)):
+                    continue
+                records = [finished[p.name][k] for k in mine[p.name]]
+                if not any(r["samples"] for r in records):
+                    continue
+                _say(progress, f"writing {os.path.relpath(beton_path(out, p.name), out)}")
+                _write_beton(beton_path(out, p.name), _beton_sources(out, records), max_res, quality, pool)
+        if stats is not None:
+            stats.max_in_flight = pool.max_in_flight
+            stats.peak_in_flight = pool.peak_in_flight
+            stats.wait_seconds = pool.wait_seconds
 
     part = None
     if shard is not None:
@@ -598,6 +598,8 @@ def convert(
     )
     shutil.rmtree(os.path.join(out, WORK_DIR), ignore_errors=True)
     fsync_dir(out)
+    if stats is not None:
+        stats.elapsed_seconds = time.perf_counter() - t_start
     if progress:
         _print_summary(manifest)
     return _finish_strict(manifest, strict, out)
@@ -633,11 +635,21 @@ def _comparable(identity: dict) -> dict:
     return {k: v for k, v in identity.items() if k not in ("shard", "source_root")}
 
 
-def merge(parts: Sequence[str], out: str, strict: bool = False, progress: bool = True) -> dict:
+def merge(
+    parts: Sequence[str],
+    out: str,
+    strict: bool = False,
+    progress: bool = True,
+    workers: int = 0,
+    expect: dict | None = None,
+) -> dict:
     """Join the part folders of a sharded conversion (`convert(..., shard=(K, N))` for every K)
     into one dataset in `out`, equal to the unsharded conversion: webdataset shards and their
-    indexes are copied as they are; the `.beton` is rewritten by FFCV's writer from the JPEG bytes
-    stored in the parts' `.beton` files (copied, never decoded or re-encoded)."""
+    indexes are copied as they are; the `.beton` is rewritten from the JPEG bytes stored in the
+    parts' `.beton` files (copied by `workers` processes, never decoded or re-encoded).
+
+    `expect` holds output options the caller asked for (identity keys: `max_res`, `formats`, ...);
+    a merge only copies, so each must equal what the parts were converted with."""
     t_start = time.perf_counter()
     out = os.path.abspath(out)
     infos = []
@@ -672,6 +684,15 @@ def merge(parts: Sequence[str], out: str, strict: bool = False, progress: bool =
     identity = {k: v for k, v in first["identity"].items() if k != "shard"}
     fingerprint = first["listing_fingerprint"]
     formats = identity["formats"]
+    for key, value in (expect or {}).items():
+        if identity.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            shown = ",".join(value) if isinstance(value, list) else value
+            theirs = ",".join(identity[key]) if isinstance(identity.get(key), list) else identity.get(key)
+            raise DataError(
+                f"{flag} {shown} differs from the parts' {theirs}: a merge copies the parts as they were "
+                f"converted (leave {flag} out, or reconvert the parts with it)"
+            )
 
     existing = _read_json(os.path.join(out, MANIFEST_FILE))
     if existing is not None:
@@ -727,7 +748,9 @@ def merge(parts: Sequence[str], out: str, strict: bool = False, progress: bool =
                             shutil.copyfile(os.path.join(d, rec[key]), tmp)
         if "ffcv" in formats:
             _say(progress, f"writing {os.path.relpath(beton_path(out, name), out)} from the parts' samples")
-            _merge_betons(out, name, infos, identity["max_res"], identity["quality"])
+            init_args = (identity["max_res"], identity["quality"], identity["max_pixels"], os.getpid())
+            with OrderedPool(workers, initializer=init_worker, initargs=init_args) as pool:
+                _merge_betons(out, name, infos, identity["max_res"], identity["quality"], pool)
     manifest = _write_reports(
         out,
         first["classes"],
@@ -753,8 +776,10 @@ def merge(parts: Sequence[str], out: str, strict: bool = False, progress: bool =
     return _finish_strict(manifest, strict, out)
 
 
-def _merge_betons(out: str, split: str, infos: list[tuple[str, dict]], max_res: int, quality: int) -> None:
-    from tools.beton import JpegSlices, read_jpeg_table, write_beton
+def _merge_betons(
+    out: str, split: str, infos: list[tuple[str, dict]], max_res: int, quality: int, pool: OrderedPool
+) -> None:
+    from tools.beton import read_jpeg_table
 
     files, tables = [], []
     for d, p in infos:
@@ -782,16 +807,17 @@ def _merge_betons(out: str, split: str, infos: list[tuple[str, dict]], max_res: 
     cat = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
     file_ids = np.concatenate([np.full(len(t["labels"]), i, dtype=np.int64) for i, t in enumerate(tables)])
     dataset = JpegSlices(files, file_ids, cat["offsets"], cat["sizes"], cat["heights"], cat["widths"], cat["labels"])
-    final = beton_path(out, split)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    with atomic_path(final) as tmp:
-        write_beton(tmp, dataset, max_resolution=max_res, jpeg_quality=quality)
+    _write_beton(beton_path(out, split), dataset, max_res, quality, pool)
+
+
+class StrictFailure(DataError):
+    """Some input was skipped under `strict` (the outputs and skipped.tsv are written)."""
 
 
 def _finish_strict(manifest: dict, strict: bool, out: str) -> dict:
     skipped = manifest["skipped"]["count"]
     if strict and skipped:
-        raise DataError(
+        raise StrictFailure(
             f"strict: {skipped} of {manifest['seen']} input files were not converted "
             f"(reasons in {os.path.join(out, SKIPPED_FILE)})"
         )
@@ -1016,11 +1042,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K/N",
         help="convert only part K of N (0 <= K < N) into OUT, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
     )
-    p.add_argument("--formats", default="ffcv,wds", help="comma-separated subset of ffcv,wds (default: both)")
+    p.add_argument("--formats", default=None, help="comma-separated subset of ffcv,wds (default: both)")
     p.add_argument(
-        "--max-res", type=int, default=256, help="cap on the longer image side, never upscaled (default 256)"
+        "--max-res", type=int, default=None, help="cap on the longer image side, never upscaled (default 256)"
     )
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the stored images (default 90)")
+    p.add_argument("--quality", type=int, default=None, help="JPEG quality of the stored images (default 90)")
     p.add_argument(
         "--workers",
         type=int,
@@ -1030,17 +1056,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard-size",
         type=int,
-        default=DEFAULT_SHARD_SIZE,
+        default=None,
         help=f"source files per webdataset shard / resumable chunk (default {DEFAULT_SHARD_SIZE})",
     )
     p.add_argument(
         "--splits", default=None, help="comma-separated splits to convert (default: train and val if present)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample order permutation (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sample order permutation (default 0)")
     p.add_argument(
         "--max-pixels",
         type=int,
-        default=DEFAULT_MAX_PIXELS,
+        default=None,
         help=f"skip images with more pixels than this (decompression-bomb guard, default {DEFAULT_MAX_PIXELS})",
     )
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any input was skipped")
@@ -1048,20 +1074,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Options that decide a conversion's output. Their parser defaults are None so that --merge and
+# --verify can tell which were given: those modes read what the parts or OUT hold, and an option
+# they would otherwise ignore is checked (merge) or refused (verify).
+_OUTPUT_OPTIONS = {
+    "formats": ("--formats", list(FORMATS)),
+    "max_res": ("--max-res", 256),
+    "quality": ("--quality", 90),
+    "shard_size": ("--shard-size", DEFAULT_SHARD_SIZE),
+    "splits": ("--splits", None),
+    "seed": ("--seed", 0),
+    "max_pixels": ("--max-pixels", DEFAULT_MAX_PIXELS),
+}
+
+
+def _given_options(args: argparse.Namespace) -> dict:
+    """The output options given on the command line, as the identity records them."""
+    given = {k: getattr(args, k) for k in _OUTPUT_OPTIONS if getattr(args, k) is not None}
+    for k in ("formats", "splits"):
+        if k in given:
+            given[k] = _csv(given[k])
+    return given
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.verify and args.merge:
         raise DataError("--verify and --merge do not go together: merge first, then verify OUT")
+    given = _given_options(args)
     if args.merge:
         if len(args.paths) < 2:
             raise DataError("--merge takes the part folders and the output: supmae convert --merge PART_DIR... OUT")
         if args.shard is not None:
             raise DataError("--merge joins parts; --shard belongs to the conversions that wrote them")
-        manifest = merge(args.paths[:-1], args.paths[-1], strict=False, progress=not args.no_progress)
-        return _strict_exit(args.strict, manifest, args.paths[-1])
+        return _run_strict(
+            lambda: merge(
+                args.paths[:-1],
+                args.paths[-1],
+                strict=args.strict,
+                progress=not args.no_progress,
+                workers=args.workers,
+                expect=given,
+            )
+        )
     if args.verify:
         if len(args.paths) != 1:
             raise DataError("--verify takes one folder: supmae convert --verify OUT")
+        refused = [_OUTPUT_OPTIONS[k][0] for k in given] + [
+            flag for flag, value in (("--shard", args.shard), ("--strict", args.strict)) if value
+        ]
+        if refused:
+            raise DataError(f"--verify checks OUT as it was converted; {', '.join(refused)} does not apply to it")
         target = args.paths[0]
         if not os.path.isdir(target):
             raise DataError(f"{target} is not a folder")
@@ -1082,31 +1145,33 @@ def main(argv: list[str]) -> int:
             "(or: supmae convert --verify OUT, supmae convert --merge PART_DIR... OUT)"
         )
     src, out = args.paths
-    manifest = convert(
-        src,
-        out,
-        formats=_csv(args.formats),
-        max_res=args.max_res,
-        quality=args.quality,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        splits=_csv(args.splits) if args.splits else None,
-        seed=args.seed,
-        strict=False,
-        progress=not args.no_progress,
-        max_pixels=args.max_pixels,
-        shard=parse_shard(args.shard) if args.shard is not None else None,
-    )
-    return _strict_exit(args.strict, manifest, out)
-
-
-def _strict_exit(strict: bool, manifest: dict, out: str) -> int:
-    if strict and manifest["skipped"]["count"]:
-        print(
-            f"supmae convert: --strict: {manifest['skipped']['count']} input(s) were not converted "
-            f"(see {os.path.join(out, SKIPPED_FILE)})",
-            file=sys.stderr,
+    opts = {k: given.get(k, default) for k, (_, default) in _OUTPUT_OPTIONS.items()}
+    return _run_strict(
+        lambda: convert(
+            src,
+            out,
+            formats=opts["formats"],
+            max_res=opts["max_res"],
+            quality=opts["quality"],
+            workers=args.workers,
+            shard_size=opts["shard_size"],
+            splits=opts["splits"],
+            seed=opts["seed"],
+            strict=args.strict,
+            progress=not args.no_progress,
+            max_pixels=opts["max_pixels"],
+            shard=parse_shard(args.shard) if args.shard is not None else None,
         )
+    )
+
+
+def _run_strict(job: Callable[[], dict]) -> int:
+    """Run a conversion or merge; --strict's finding is exit status 1 (the outputs are written),
+    not a usage error."""
+    try:
+        job()
+    except StrictFailure as exc:
+        print(f"supmae convert: --{exc}", file=sys.stderr)
         return 1
     return 0
 

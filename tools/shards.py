@@ -1,5 +1,8 @@
-"""Webdataset tar shards and their DALI index files, built in memory so the converter can write
-each one atomically (temporary name, fsync, rename).
+"""Webdataset tar shards and their DALI index files.
+
+`build_shard` builds a whole shard in memory with `tarfile` (the reference); the converter writes
+the same bytes in pieces (`member_bytes` per sample, `tar_end` once, `shard_index` from the sizes
+alone), so no process ever holds a whole shard.
 
 A sample is three tar members sharing a key: `<key>.jpg` (the JPEG bytes), `<key>.cls` (the class
 index as ASCII digits, the webdataset convention) and `<key>.label` (the same index as a
@@ -47,6 +50,62 @@ def _members(sample: ShardSample) -> tuple[tuple[str, bytes], ...]:
     )
 
 
+def _header(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def member_bytes(key: str, jpeg: bytes, label: int) -> bytes:
+    """The tar members of one sample, as `build_shard` writes them (a member's header does not
+    depend on where it lies, so runs of members concatenate into a shard)."""
+    if "." in key or "/" in key:
+        raise ValueError(f"webdataset key {key!r} must not contain '.' or '/'")
+    parts = []
+    for ext, payload in _members(ShardSample(key, jpeg, label)):
+        # The header bytes exactly as TarFile.addfile makes them for an archive opened with
+        # format=USTAR_FORMAT and the default encoding.
+        parts.append(
+            _header(f"{key}.{ext}", len(payload)).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+        )
+        parts.append(payload)
+        parts.append(bytes(_padded(len(payload)) - len(payload)))
+    return b"".join(parts)
+
+
+def tar_end(length: int) -> bytes:
+    """What `TarFile.close` appends to `length` bytes of members: two zero blocks, then zeros up to
+    a whole record."""
+    end = 2 * tarfile.BLOCKSIZE
+    return bytes(end + (-(length + end)) % tarfile.RECORDSIZE)
+
+
+def shard_index(keys: Sequence[str], jpeg_sizes: Sequence[int], labels: Sequence[int]) -> tuple[bytes, list[int]]:
+    """The DALI index of the shard holding these samples (as `member_bytes` lays them out), and the
+    data offset of each sample's JPEG, computed from the sizes alone."""
+    lines = [f"{INDEX_VERSION} {len(keys)}"]
+    jpeg_offsets = []
+    at = 0
+    for key, jpeg_size, label in zip(keys, jpeg_sizes, labels):
+        fields = []
+        for ext, size in ((WDS_IMAGE_EXT, jpeg_size), (WDS_CLS_EXT, len(str(label))), (WDS_LABEL_EXT, 8)):
+            data_at = at + tarfile.BLOCKSIZE  # one header block for these short ustar names
+            fields.append(f"{ext} {data_at} {size} {key}.{ext}")
+            if ext == WDS_IMAGE_EXT:
+                jpeg_offsets.append(data_at)
+            at = data_at + _padded(size)
+        lines.append(" ".join(fields))
+    return ("\n".join(lines) + "\n").encode("utf-8"), jpeg_offsets
+
+
 def build_shard(samples: Sequence[ShardSample]) -> BuiltShard:
     """The tar bytes and the DALI index bytes of one shard holding `samples` in order."""
     buf = io.BytesIO()
@@ -59,18 +118,12 @@ def build_shard(samples: Sequence[ShardSample]) -> BuiltShard:
             fields = []
             for ext, payload in _members(sample):
                 name = f"{sample.key}.{ext}"
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                info.mtime = 0
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
+                info = _header(name, len(payload))
                 header_at = tar.offset
                 tar.addfile(info, io.BytesIO(payload))
                 # The header is one 512-byte block for these short ustar names; the data follows it.
                 data_at = header_at + tarfile.BLOCKSIZE
-                padded = -(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                assert tar.offset == data_at + padded, "ustar header is not one block"
+                assert tar.offset == data_at + _padded(len(payload)), "ustar header is not one block"
                 fields.append(f"{ext} {data_at} {len(payload)} {name}")
                 if ext == WDS_IMAGE_EXT:
                     jpeg_offsets.append(data_at)
