@@ -3,7 +3,7 @@
     supmae bench loaders --data DIR [--batch-size 64] [--workers 1,2] [--img-size 224] [--dtype uint8]
                          [--batches 30] [--warmup 5] [--json OUT] [--pipelines ffcv,dali,torchvision]
                          [--device cpu] [--randaugment rand-m9-mstd0.5-inc1] [--dali-rebuild EPOCHS]
-                         [--ceiling-images 2000]
+                         [--ceiling-images 2000] [--dali-rounds 5]
 
 DIR is a directory written by `supmae convert`. Every pipeline reads the same stored JPEGs: ffcv
 its `.beton`, dali its webdataset shards, torchvision the shards' bytes too (`source="converted"`,
@@ -34,7 +34,8 @@ with other work they are indicative.
 `--dali-rebuild EPOCHS` also measures the dali pipeline across epoch boundaries (at the largest
 worker count): the whole gap between the last batch of epoch e and the first of e+1, and EPOCHS
 epochs as training reads them against stock DALI on the same shards (fn.readers.webdataset +
-decoders.image_random_crop + resize + flip, same batch, threads and output), in this run.
+decoders.image_random_crop + resize + flip, same batch, threads and output), in this run:
+`--dali-rounds` paired rounds, the ratio being the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="EPOCHS",
         help="also time EPOCHS dali epochs: the gap between epochs and the ratio to stock DALI",
     )
+    p.add_argument("--dali-rounds", type=int, default=5, help="paired rounds (ours, then stock) of --dali-rebuild")
     return p
 
 
@@ -374,7 +376,7 @@ def _stock_dali(pipe: Any, args: argparse.Namespace, seed: int) -> Any:
     return stock
 
 
-def measure_dali_epochs(args: argparse.Namespace, workers: int, rounds: int = 3) -> dict[str, Any]:
+def measure_dali_epochs(args: argparse.Namespace, workers: int, rounds: int = 5) -> dict[str, Any]:
     """Our dali pipeline across epoch boundaries against stock DALI, in this run, at `workers`
     threads: `rounds` alternating trials, each `args.dali_rebuild` whole epochs of ours (as
     training reads them: each epoch its own pipeline, prepared while the previous one runs)
@@ -449,7 +451,9 @@ def measure_dali_epochs(args: argparse.Namespace, workers: int, rounds: int = 3)
     result["gap_excess_seconds"] = (
         result["gap_seconds"] - result["steady_batch_seconds"] if result["gap_seconds"] is not None else None
     )
-    result["ratio_to_stock"] = result["ours_images_per_sec"] / result["stock_images_per_sec"] if stock_rates else None
+    # Paired per round (ours and stock back to back), so that the load of a shared machine cancels out.
+    result["ratio_rounds"] = [a / b for a, b in zip(ours, stock_rates)]
+    result["ratio_to_stock"] = statistics.median(result["ratio_rounds"]) if stock_rates else None
     return result
 
 
@@ -471,7 +475,7 @@ def format_epochs(r: dict[str, Any]) -> str:
     if r["stock_images_per_sec"]:
         lines.append(
             f"  stock DALI on the same shards: {r['stock_images_per_sec']:,.0f} img/s (median) "
-            f"-> ours / stock = {r['ratio_to_stock']:.2f}x"
+            f"-> ours / stock = {r['ratio_to_stock']:.2f}x (median of the {len(r['ratio_rounds'])} paired rounds)"
         )
     else:
         lines.append("  stock DALI: not compared (it has no RandAugment)")
@@ -547,6 +551,8 @@ def main(argv: list[str]) -> int:
         raise DataError(f"need --batches >= 1 and --warmup >= 0, got {args.batches} and {args.warmup}")
     if args.dali_rebuild < 0:
         raise DataError(f"--dali-rebuild must be >= 0 epochs, got {args.dali_rebuild}")
+    if args.dali_rounds < 1:
+        raise DataError(f"--dali-rounds must be >= 1, got {args.dali_rounds}")
     if args.ceiling_images < 1:
         raise DataError(f"--ceiling-images must be >= 1, got {args.ceiling_images}")
     worker_counts = _worker_counts(args.workers)
@@ -593,7 +599,7 @@ def main(argv: list[str]) -> int:
             print(f"dali across epochs: not measured ({reason})")
         else:
             print("[bench loaders] dali: across epochs, against stock DALI", file=sys.stderr, flush=True)
-            result["dali_epochs"] = measure_dali_epochs(args, max(worker_counts))
+            result["dali_epochs"] = measure_dali_epochs(args, max(worker_counts), args.dali_rounds)
             print(format_epochs(result["dali_epochs"]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
