@@ -3,8 +3,9 @@
 - `ffcv`: the converter's `.beton`, crop fused into the JPEG decode on CPU threads.
 - `dali`: the converter's webdataset shards; decode + crop on the GPU (nvJPEG) when the device is
   CUDA, the same pipeline definition on CPU operators otherwise.
-- `torchvision`: the paper-faithful reference (ImageFolder + PIL + DistributedSampler) on the raw
-  JPEG tree; the baseline every benchmark compares against.
+- `torchvision`: the paper-faithful reference (PIL + torchvision transforms + DistributedSampler)
+  on the raw JPEG tree of an ImageFolder conversion, or on the JPEG bytes a conversion stored
+  (every layout: the official archives, Kaggle); the baseline every benchmark compares against.
 
 Each backend imports its library only when built; `available()` reports which can be.
 This package never imports `supmae`.
@@ -93,7 +94,8 @@ def build_pipeline(
     resized to img_size / 0.875 and the centre img_size square kept. `drop_last` (default: train)
     drops the last partial batch. `len()` is the number of batches per epoch, equal on every rank;
     `set_epoch(e)` selects epoch e's seeded order. Backend options (`**backend_kw`):
-    ffcv `dct_scale`; dali `hw_decoder_load`, `initial_fill`, `preallocate_hint`; torchvision `pin_memory`.
+    ffcv `dct_scale`; dali `hw_decoder_load`, `initial_fill`, `preallocate_hint`; torchvision `pin_memory`,
+    `source` ("auto", "raw" or "converted": see pipelines/torchvision_pipeline.py).
     Raises DataError (one line, naming the file) for a missing or unreadable dataset."""
     if kind not in KINDS:
         raise DataError(f"unknown pipeline '{kind}' (choose from {', '.join(KINDS)})")

@@ -24,9 +24,16 @@ RandAugment's op / magnitude / sign draws) keep one generator per batch slot, se
 pipeline seed, and the reader's order is a function of its seeds; so a sample's augmentation is a
 function of (seed, epoch, rank, its place in the epoch), not of `num_threads` or of what ran
 before: epoch e is the same reached directly or after a resume. (Unlike the ffcv and torchvision
-pipelines it changes with the rank count: DALI cuts the shards between ranks itself.) The rebuild
-costs ~0.01 s per epoch, 0.4-1.4 s with RandAugment (AutoGraph defines its ~770 operators) on 2 CPU
-cores; `bench loaders --dali-rebuild` measures it against a pipeline that is never rebuilt. Each rank then reads exactly `len(self)` batches (the plan in
+pipelines it changes with the rank count: DALI cuts the shards between ranks itself.)
+
+The rebuild costs no time between epochs: a build takes ~0.03 s, 0.4-1.4 s with RandAugment
+(AutoGraph defines its ~770 operators) on 2 CPU cores, so a training pipeline builds epoch e + 1's
+on a background thread while epoch e runs, and lets it start decoding once e has scheduled its
+last batch; runs are scheduled by hand so that nothing is decoded past an epoch's end (DALI's
+`run()` keeps `prefetch` batches in flight, which a per-epoch pipeline would throw away). Two
+pipelines are alive around each epoch boundary. `bench loaders --dali-rebuild` measures the whole
+gap between epochs and compares with stock DALI on the same shards. Each rank then reads exactly
+`len(self)` batches (the plan in
 pipelines/base.py), so `__len__` agrees between ranks even when the reader's shards differ by one
 sample; with drop_last=False the last batch is cut to the plan's remainder.
 """
