@@ -3,6 +3,13 @@
 generate 10-class JPEG dataset -> `convert` to .beton + DALI shards -> `pretrain` a tiny SupMAE
 with the FFCV pipeline -> evaluate (the classification branch on val, and a linear probe of the
 frozen encoder) -> cost report (markdown + PNG). Prints where everything is.
+
+Run again into the same directory, it reuses what is done and redoes nothing: the dataset and the
+conversion are kept when complete, the pretraining and the probe continue with `--resume auto`
+(and find themselves finished), so a second run takes seconds. An interrupted demo continues where
+it stopped. When the pretraining does train further (a larger --epochs than last time), the probe
+of the older encoder is moved aside to `linprobe-superseded-N/` and the new encoder is probed.
+Delete the output directory to start afresh.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from typing import Any
 
 from supmae.errors import UserError
 
@@ -50,7 +58,10 @@ def main(argv: list[str]) -> int:
     else:
         print(f"[1/5] dataset already generated in {raw}")
 
-    print(f"[2/5] converting to FFCV .beton and DALI shards in {converted}")
+    if os.path.isfile(os.path.join(converted, "manifest.json")):  # written last: the conversion is complete
+        print(f"[2/5] FFCV .beton and DALI shards already in {converted} (checked against the dataset, reused)")
+    else:
+        print(f"[2/5] converting to FFCV .beton and DALI shards in {converted}")
     manifest = convert(raw, converted, formats=("ffcv", "wds"), max_res=64, quality=90, workers=a.workers,
                        seed=a.seed, progress=False)
     counts = {s: v["count"] for s, v in manifest["splits"].items()}
@@ -67,16 +78,21 @@ def main(argv: list[str]) -> int:
     cfg.train.epochs = a.epochs
     cfg.train.planned_epochs = a.epochs
     pre = run_pretrain(cfg)
-    ckpt = pre["checkpoint"]
+    ckpt = _final_checkpoint(pre)
 
     print("[4/5] linear probe of the frozen encoder")
+    probe_dir = os.path.join(out, "linprobe")
+    if pre["epochs_run"] and _holds_a_run(probe_dir):
+        aside = _move_aside(probe_dir)
+        print(f"      the encoder trained further: the earlier probe moved to {aside}")
     lin = get_recipe("tiny_cpu_lin", kind="linprobe")
     lin.data.path = converted
     lin.data.pipeline = a.pipeline
     lin.data.num_workers = a.workers
     lin.pretrained = ckpt
-    lin.output_dir = os.path.join(out, "linprobe")
+    lin.output_dir = probe_dir
     lin.seed = a.seed
+    lin.resume = "auto"
     lin.train.epochs = a.probe_epochs
     probe = run_linprobe(lin)
     if probe.get("final_acc1") is None:
@@ -118,3 +134,26 @@ def main(argv: list[str]) -> int:
     print(f"  plot:         {report['report_png']}")
     print(f"summary:        {os.path.join(out, 'summary.json')}  ({summary['wall_seconds']} s)")
     return 0
+
+
+def _final_checkpoint(pre: dict[str, Any]) -> str:
+    """The last trained epoch's numbered checkpoint: the same path whether this run trained or found the
+    pretraining finished (then `run_pretrain` names checkpoint-last.pth), so that a probe resumed by a
+    later demo sees the config it started with."""
+    last_epoch = pre["start_epoch"] + pre["epochs_run"] - 1
+    numbered = os.path.join(pre["run_dir"], f"checkpoint-{last_epoch:04d}.pth")
+    return numbered if os.path.isfile(numbered) else pre["checkpoint"]
+
+
+def _holds_a_run(path: str) -> bool:
+    from supmae.train.run_dir import RunDir
+
+    return RunDir(path).holds_a_run()
+
+
+def _move_aside(path: str) -> str:
+    n = 1
+    while os.path.exists(f"{path}-superseded-{n}"):
+        n += 1
+    os.replace(path, f"{path}-superseded-{n}")
+    return f"{path}-superseded-{n}"

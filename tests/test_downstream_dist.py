@@ -86,7 +86,7 @@ def test_two_ranks_train_evaluate_once_per_sample_and_resume_exactly(odd_root, t
     rows = read_jsonl(os.path.join(whole, "log.jsonl"))
     assert [r["epoch"] for r in rows] == [0, 1] and all(r["world_size"] == 2 for r in rows)
     assert sorted(os.listdir(whole)) == ["checkpoint-best.pth", "checkpoint-last.pth", "config.json", "log.jsonl",
-                                         "processes", "starts.jsonl", "steps.jsonl"]  # rank 0 alone writes
+                                         "processes", "run.lock", "starts.jsonl", "steps.jsonl"]  # rank 0 alone writes
 
     # The 2-rank evaluation of the final weights = a 1-process evaluation of the same checkpoint,
     # which = a 2-rank `supmae eval`: all 15 images, each once.

@@ -288,7 +288,7 @@ def test_torchrun_two_cpu_ranks(converted, tmp_path):
     assert "weights identical on all 2 ranks" in proc.stdout
     assert proc.stdout.count("done: 2 epochs") == 1  # rank 0 alone reports ...
     assert sorted(os.listdir(out)) == ["checkpoint-0001.pth", "checkpoint-last.pth", "config.json", "log.jsonl",
-                                       "processes", "starts.jsonl", "steps.jsonl"]  # ... and writes
+                                       "processes", "run.lock", "starts.jsonl", "steps.jsonl"]  # ... and writes
     rows = read_jsonl(os.path.join(out, "log.jsonl"))
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:
@@ -391,4 +391,4 @@ def test_tensorboard_is_feature_detected(converted, tmp_path, capsys):
         assert code == 0 and os.listdir(os.path.join(out, "tb"))
     else:
         assert code == 2 and "needs the 'tensorboard' package" in capsys.readouterr().err
-        assert not os.path.exists(out)  # refused before writing anything
+        assert os.listdir(out) == ["run.lock"]  # refused before writing anything but the job's lock

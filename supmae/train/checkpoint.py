@@ -20,6 +20,7 @@ import torch
 
 from supmae.errors import UserError
 from supmae.models.state import model_state
+from supmae.train import faults
 
 __all__ = [
     "LAST_NAME",
@@ -42,6 +43,7 @@ def atomic_save(obj: Any, path: str) -> None:
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
+            faults.in_save(obj, fh)  # test hook (SUPMAE_TEST_KILL_AT=save=E): a kill half-way through this write
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -105,16 +105,25 @@ def decide_resume(resume: str, run_dir: Any, info: dist_utils.DistInfo, log: Cal
                   ) -> tuple[str, dict[str, Any] | None]:
     """(checkpoint path, its content) to continue from, or ("", None) for a fresh run; the same on every rank.
 
-    Rank 0 alone looks at the run directory and reads the file; the others receive its decision and
-    the checkpoint. `resume` is "" (fresh: refused when the directory already holds a run), "auto"
-    (the newest valid checkpoint; refused when there is none but the directory holds a run) or a path.
+    Rank 0 alone takes the directory's lock (a second job on it is refused, naming the holder), looks
+    at the directory and reads the file; the others receive its decision and the checkpoint. `resume`
+    is "" (fresh: refused when the directory already holds a run), "auto" or a path. "auto" continues
+    from the newest valid checkpoint; a run stopped before its first checkpoint (killed in epoch 0:
+    books but no checkpoint file) starts over, its books moved to `interrupted-N/`; checkpoint files
+    of which none loads are refused (they need a look, not a silent restart).
     """
     from supmae.train.checkpoint import find_resume_checkpoint, load_checkpoint
 
     path, ckpt, refusal = "", None, ""
     if info.is_main:
         try:
-            if resume == "":
+            refusal = run_dir.lock(log)
+        except OSError as exc:
+            refusal = f"cannot create the run directory {run_dir.path}: {exc.strerror or exc}"
+        try:
+            if refusal:
+                pass
+            elif resume == "":
                 if run_dir.holds_a_run():
                     refusal = (f"run directory {run_dir.path} already holds a run (log or checkpoints); continue "
                                f"it with --resume auto, or choose another --output-dir")
@@ -122,13 +131,19 @@ def decide_resume(resume: str, run_dir: Any, info: dist_utils.DistInfo, log: Cal
                 found = find_resume_checkpoint(run_dir.path, log=log)
                 if found is not None:
                     path, ckpt = found
+                elif run_dir.checkpoint_files():
+                    refusal = (f"--resume auto: no usable checkpoint in {run_dir.path} (none of its checkpoint "
+                               f"files loads); refusing to start over and overwrite it (choose another --output-dir)")
                 elif run_dir.holds_a_run():
-                    refusal = (f"--resume auto: no usable checkpoint in {run_dir.path}, but it holds a run; "
-                               f"refusing to start over and overwrite it (choose another --output-dir)")
+                    aside = run_dir.set_aside()
+                    log(f"--resume auto: {run_dir.path} holds a run stopped before its first checkpoint; its "
+                        f"books moved to {aside}, starting over")
             else:
                 path, ckpt = resume, load_checkpoint(resume)
         except UserError as exc:
             refusal = str(exc)
+        except OSError as exc:  # moving the books aside failed (permissions, a full disk)
+            refusal = f"--resume auto: cannot move the old books of {run_dir.path} aside: {exc}"
     _shared_refusal(refusal, info)
     if info.distributed:
         path, ckpt = dist_utils.broadcast_object((path, ckpt))
@@ -467,6 +482,7 @@ class Engine:
         evaluated = self.job.evaluate(epoch)
         row.update(evaluated)
         eval_seconds = time.perf_counter() - t_eval if evaluated else 0.0
+        self.record.beat()  # an evaluation can take a while: a kill during the save must not hide it
         images = self.micro_steps * self.cfg.data.batch_size * info.world_size
         total_elapsed = self.elapsed()
         row.update({

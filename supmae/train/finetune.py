@@ -72,7 +72,7 @@ from supmae.train.optim import (  # noqa: F401  (re-exported: the recipes' optim
 )
 from supmae.train.precision import amp_dtype_of, autocast, configure_determinism, resolve_precision
 from supmae.train.process import process_settings, set_cpu_threads
-from supmae.train.run_dir import RunDir
+from supmae.train.run_dir import RunDir, job_locks
 from supmae.train.schedule import CosineSchedule, peak_lr
 
 BEST_NAME = "checkpoint-best.pth"
@@ -207,7 +207,7 @@ def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
     if cfg.train.deterministic:
         # cuBLAS needs this before its first handle is created to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    with process_settings(), distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
+    with process_settings(), distributed(cfg.train.device, cfg.train.dist_timeout_s) as info, job_locks():
         return _run(cfg, info)
 
 

@@ -48,7 +48,7 @@ from supmae.train.precision import autocast, configure_determinism, resolve_prec
 from supmae.train.pretrain_config import LossConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
 from supmae.train.process import process_settings, set_cpu_threads
 from supmae.train.rng import capture_rng, restore_rng  # noqa: F401  (re-exported)
-from supmae.train.run_dir import RunDir, tensorboard_available
+from supmae.train.run_dir import RunDir, job_locks, tensorboard_available
 from supmae.train.schedule import CosineSchedule, peak_lr
 
 __all__ = [
@@ -124,7 +124,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.train.deterministic:
         # cuBLAS needs this before its first handle is created to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    with process_settings(), dist_utils.distributed(cfg.train.device, cfg.train.dist_timeout_s) as info:
+    with (process_settings(), dist_utils.distributed(cfg.train.device, cfg.train.dist_timeout_s) as info,
+          job_locks()):
         return _run(cfg, info)
 
 

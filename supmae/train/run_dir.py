@@ -1,23 +1,127 @@
 """The run directory of a training run (pretrain, finetune, linprobe): `config.json`, `log.jsonl`,
-`steps.jsonl`, `starts.jsonl` (one line per process start) and checkpoints.
+`steps.jsonl`, `starts.jsonl` (one line per process start), checkpoints and `run.lock`.
 
 Only the writer (rank 0) touches files; other ranks hold a `RunDir` with `writer=False` whose
 methods do nothing. JSON-lines files are appended one flushed line at a time, so a killed run
 leaves every completed line readable; on resume, lines past the resumed checkpoint are dropped
 (they describe work that is about to be redone).
+
+One job at a time: rank 0 holds an `fcntl.flock` on `run.lock` for the job's life (`RunDir.lock`,
+released by `job_locks` when the job ends) and writes its pid and host into it, so a second job
+started on the same directory (a double launch, a requeue while the old job still runs) stops at
+once, naming the holder. The kernel drops the lock when the holder dies, kill -9 included: no
+stale lock is ever left to clean up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import socket
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from supmae.train import faults
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 STEPS_FILE = "steps.jsonl"
 STARTS_FILE = "starts.jsonl"
+LOCK_FILE = "run.lock"
+TB_DIR = "tb"
+# Where `--resume auto` moves the books of a run that was stopped before its first checkpoint.
+INTERRUPTED_PREFIX = "interrupted-"
+
+
+class RunDirLock:
+    """An exclusive `flock` on `<run dir>/run.lock`, naming its holder in the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, log: Callable[[str], None] = print) -> str:
+        """Take the lock: "" on success, else a one-line refusal naming the holder. On a filesystem that
+        cannot flock (some network mounts) the job goes on unlocked, with a warning through `log`:
+        refusing would make the trainer unusable there."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never O_TRUNC: the holder's line is in it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return (f"run directory {os.path.dirname(self.path)} is in use by another job ({self.holder()}); "
+                    f"wait for it to end, or choose another --output-dir")
+        except OSError as exc:
+            os.close(fd)
+            log(f"warning: cannot lock {self.path} ({exc.strerror}): nothing stops a second job from writing "
+                f"this run directory at the same time")
+            return ""
+        self.fd = fd
+        _HELD.append(self)
+        line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, line.encode(), 0)
+        return ""
+
+    def holder(self) -> str:
+        """"pid N on host H" from the lock file, as its holder wrote it."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                info = json.loads(fh.readline())
+            return f"pid {int(info['pid'])} on host {info['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            # The holder took the lock a moment ago and has not written its line yet.
+            return "its pid is not written yet"
+
+    def release(self) -> None:
+        """Empty the file (it names a holder only while one holds it) and drop the lock."""
+        if self.fd is None:
+            return
+        import fcntl
+
+        fd, self.fd = self.fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        if self in _HELD:
+            _HELD.remove(self)
+
+
+_HELD: list[RunDirLock] = []
+
+
+def _close_in_child() -> None:
+    # A flock belongs to the open file, which forked children (DataLoader workers) share: were they to
+    # keep their copy, a kill -9 of the job would leave the lock held until they noticed and exited.
+    # Closing the child's copy leaves the parent's lock in place.
+    for held in _HELD:
+        if held.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(held.fd)
+        held.fd = None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+@contextlib.contextmanager
+def job_locks() -> Iterator[None]:
+    """Release, when the block ends (normally or by an exception), the run-directory locks taken inside it:
+    the job's life, also in a process that runs several jobs (the demo, the tests, the Python API)."""
+    before = len(_HELD)
+    try:
+        yield
+    finally:
+        for held in list(_HELD[before:]):
+            held.release()
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -58,12 +162,42 @@ class RunDir:
         return os.path.join(self.path, name)
 
     def holds_a_run(self) -> bool:
-        """True when the directory already has a log or a checkpoint (starting afresh would overwrite them)."""
+        """True when the directory already has the books of a run: a log, a process start (training began)
+        or a checkpoint (starting afresh would overwrite or mix with them)."""
         if not os.path.isdir(self.path):
             return False
-        if os.path.exists(self.file(LOG_FILE)) or os.path.exists(self.file(STEPS_FILE)):
+        if any(os.path.exists(self.file(name)) for name in (LOG_FILE, STEPS_FILE, STARTS_FILE)):
             return True
-        return bool(glob.glob(os.path.join(self.path, "checkpoint-*.pth")))
+        return bool(self.checkpoint_files())
+
+    def checkpoint_files(self) -> list[str]:
+        """Every finished checkpoint file of the directory (numbered, last, best), usable or not."""
+        return sorted(glob.glob(os.path.join(self.path, "checkpoint-*.pth")))
+
+    def lock(self, log: Callable[[str], None] = print) -> str:
+        """Rank 0: create the directory and take its lock for this job ("" on success, else the one-line
+        refusal naming the holder). Other ranks take nothing and get "". Released by `job_locks`."""
+        if not self.writer:
+            return ""
+        os.makedirs(self.path, exist_ok=True)
+        return RunDirLock(self.file(LOCK_FILE)).acquire(log)
+
+    def set_aside(self) -> str:
+        """Move the books of a run stopped before its first checkpoint (config, logs, TensorBoard) into a new
+        `interrupted-N/` inside the directory and return its path; `starts.jsonl` stays (it is the run's
+        history, and the device time of the stopped process belongs to the run). Nothing is deleted."""
+        if not self.writer:
+            return ""
+        n = 1
+        while os.path.exists(self.file(f"{INTERRUPTED_PREFIX}{n}")):
+            n += 1
+        dest = self.file(f"{INTERRUPTED_PREFIX}{n}")
+        os.makedirs(dest)
+        names = [CONFIG_FILE, LOG_FILE, STEPS_FILE, TB_DIR, *(os.path.basename(p) for p in self.checkpoint_files())]
+        for name in names:
+            if os.path.exists(self.file(name)):
+                os.replace(self.file(name), os.path.join(dest, name))
+        return dest
 
     def create(self) -> None:
         if self.writer:
@@ -95,6 +229,8 @@ class RunDir:
     def log_step(self, row: dict[str, Any]) -> None:
         """One line of `steps.jsonl` (one every `log_every` steps)."""
         self._append(STEPS_FILE, row)
+        if self.writer:
+            faults.after_step(int(row["step"]))  # test hook (SUPMAE_TEST_KILL_AT=step=N): a kill right here
         if self._tb is not None:
             for key in ("lr", "loss", "images_per_sec", "data_wait_frac"):
                 if key in row:
@@ -122,7 +258,7 @@ class RunDir:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported here: optional dependency
 
-        self._tb = SummaryWriter(log_dir=self.file("tb"))
+        self._tb = SummaryWriter(log_dir=self.file(TB_DIR))
 
     def close(self) -> None:
         if self._tb is not None:
