@@ -209,6 +209,18 @@ def decode_ceiling(data: str, split: str, img_size: int, limit: int = 2000, pass
     }
 
 
+def merge_ceilings(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One ceiling from the passes measured before and after the pipelines (medians of all passes)."""
+    merged = dict(before)
+    for key in ("bare_decode", "plain_loop"):
+        passes = before[f"{key}_passes"] + after[f"{key}_passes"]
+        merged[f"{key}_passes"] = passes
+        merged[f"{key}_images_per_sec"] = statistics.median(passes)
+        merged[f"{key}_before_after"] = [before[f"{key}_images_per_sec"], after[f"{key}_images_per_sec"]]
+    merged["passes"] = before["passes"] + after["passes"]
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------- the pipelines
 
 
@@ -488,6 +500,13 @@ def format_ceiling(c: dict[str, Any]) -> str:
         f"{c['mean_kb']:.0f} kB), {c['decoder']}: bare decode {c['bare_decode_images_per_sec']:,.0f} img/s; "
         f"decode + crop + resize + flip, plain loop {c['plain_loop_images_per_sec']:,.0f} img/s "
         f"({c['plain_loop_images_per_sec'] / c['bare_decode_images_per_sec']:.2f}x bare)"
+        + (
+            " [bare before/after the pipelines: "
+            + " / ".join(f"{v:,.0f}" for v in c["bare_decode_before_after"])
+            + " img/s]"
+            if "bare_decode_before_after" in c
+            else ""
+        )
     )
 
 
@@ -561,6 +580,12 @@ def main(argv: list[str]) -> int:
     ceiling = decode_ceiling(args.data, args.split, args.img_size, args.ceiling_images, seed=args.seed)
     kinds = sorted(dict.fromkeys(kinds), key=lambda k: k != BASELINE)
     rows = measure_all(kinds, args, worker_counts)
+    # Again after the pipelines: on a machine shared with other work the load drifts during the run,
+    # and a fraction of a ceiling measured only before the pipelines would carry that drift.
+    print("[bench loaders] one-core ceiling again", file=sys.stderr, flush=True)
+    ceiling = merge_ceilings(
+        ceiling, decode_ceiling(args.data, args.split, args.img_size, args.ceiling_images, seed=args.seed)
+    )
     config = {
         "data": os.path.abspath(args.data),
         "split": args.split,

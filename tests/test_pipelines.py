@@ -575,7 +575,9 @@ def test_bench_loaders_cli(coded, tmp_path, capsys):
     assert "bare decode" in table and "plain loop" in table and "x bare" in table and "img/s @2" in table
     result = json.loads(out.read_text())
     ceiling = result["ceiling"]
-    assert ceiling["images"] == 40 and ceiling["stored_in"] == "wds" and len(ceiling["bare_decode_passes"]) == 3
+    # 3 passes before the pipelines and 3 after
+    assert ceiling["images"] == 40 and ceiling["stored_in"] == "wds" and len(ceiling["bare_decode_passes"]) == 6
+    assert len(ceiling["bare_decode_before_after"]) == 2 and "before/after" in table
     bare = ceiling["bare_decode_images_per_sec"]
     assert bare == pytest.approx(float(np.median(ceiling["bare_decode_passes"])))
     assert ceiling["plain_loop_images_per_sec"] > 0
