@@ -215,15 +215,16 @@ def _pieces(plan: SplitPlan, k: int, src: str, out: str, piece_size: int) -> Ite
     """Chunk k of a split as encoding tasks: runs of at most `piece_size` consecutive samples."""
     positions = plan.shard_positions(k)
     base = os.path.join(out, WORK_DIR, plan.name, f"{plan.name}-{k:06d}")
+    width = plan.key_width  # plan.key(pos), without recomputing the width per sample (main-process time)
+    prefix = src + os.sep
     for j, lo in enumerate(range(positions.start, positions.stop, piece_size)):
         items = []
         for pos in range(lo, min(lo + piece_size, positions.stop)):
-            src_index = int(plan.permutation[pos])
-            s = plan.sources[src_index]
+            s = plan.sources[plan.permutation[pos]]
             if s.archive is None:
-                items.append((os.path.join(src, s.rel), -1, -1, plan.key(pos), s.label))
+                items.append((prefix + s.rel, -1, -1, f"{pos:0{width}d}", s.label))
             else:
-                items.append((os.path.join(src, s.archive), s.offset, s.size, plan.key(pos), s.label))
+                items.append((prefix + s.archive, s.offset, s.size, f"{pos:0{width}d}", s.label))
         yield PieceTask(f"{base}.piece-{j:05d}", items)
 
 
@@ -234,12 +235,12 @@ def _stitch_task(out: str, plan: SplitPlan, k: int, pieces: list[PieceResult], k
     assert len(results) == len(positions), "results out of step with the plan"
     meta, skipped, keys, sizes = [], [], [], []
     source_bytes = 0
-    for pos, res in zip(positions, results):
-        src_index = int(plan.permutation[pos])
+    key_width = plan.key_width
+    for pos, src_index, res in zip(positions, plan.permutation[positions.start : positions.stop].tolist(), results):
         if res[0] == "ok":
             _, jpeg_size, width, height, nbytes = res
             meta.append([pos, src_index, plan.sources[src_index].label, width, height])
-            keys.append(plan.key(pos))
+            keys.append(f"{pos:0{key_width}d}")
             sizes.append(jpeg_size)
         else:
             _, code, detail, nbytes = res
@@ -916,7 +917,9 @@ def _write_reports(
                         "index_bytes": rec["idx_bytes"],
                     }
                 )
-            formats_out["wds"][p.name] = {"files": files, "wids_index": write_wids_index(out, p.name, files)}
+            wds_records = [rec for rec in records if rec["tar"] is not None]
+            with_md5 = [f | {"md5": r["md5"]} if "md5" in r else f for f, r in zip(files, wds_records)]
+            formats_out["wds"][p.name] = {"files": files, "wids_index": write_wids_index(out, p.name, with_md5)}
     _write_text(os.path.join(out, SKIPPED_FILE), skipped_lines)
     total_seen = sum(s["seen"] for s in splits_out.values())
     total_skipped = sum(s["skipped"] for s in splits_out.values())

@@ -41,6 +41,7 @@ from typing import Any, Self
 from tools.files import atomic_write, die_with_parent, fsync_dir, tmp_name
 from tools.imageio import DEFAULT_MAX_PIXELS, SkipImage, encode_bytes, read_source
 from tools.shards import member_bytes, shard_index, tar_end
+from tools.wids import file_md5
 
 # Samples per encoding task. Small enough that a 1,000-image chunk keeps 16 workers busy and the
 # last tasks of a run end together; large enough that a task's fixed cost (a message each way, one
@@ -382,6 +383,9 @@ def stitch_chunk(task: StitchTask) -> dict:
             atomic_write(task.idx_path, index, sync_dir=False)
             rec["idx"] = os.path.relpath(task.idx_path, task.out)
             rec["idx_bytes"] = len(index)
+            # The wids index lists each shard's md5: taken here, in parallel, from the page cache,
+            # rather than by the main process re-reading every shard at the end.
+            rec["md5"] = file_md5(task.tar_path)
         fsync_dir(os.path.dirname(task.tar_path))
         for row, offset, size in zip(rec["samples"], jpeg_offsets, task.jpeg_sizes):
             row.extend([offset, size])
