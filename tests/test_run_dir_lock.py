@@ -144,6 +144,12 @@ def test_refusals_stay_where_starting_over_would_lose_work(tmp_path):
             decide_resume("auto", RunDir(str(tmp_path / "run")), DistInfo(), _quiet)
 
 
+def test_an_uncreatable_run_directory_is_a_one_line_error(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with job_locks(), pytest.raises(UserError, match="cannot create or lock the run directory .*a-file/run"):
+        decide_resume("auto", RunDir(str(tmp_path / "a-file" / "run")), DistInfo(), _quiet)
+
+
 def test_the_fault_hook_refuses_a_malformed_value(monkeypatch):
     monkeypatch.setenv(faults.ENV, "step=two")
     with pytest.raises(UserError, match="expected step=N or save=EPOCH"):

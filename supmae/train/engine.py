@@ -119,7 +119,7 @@ def decide_resume(resume: str, run_dir: Any, info: dist_utils.DistInfo, log: Cal
         try:
             refusal = run_dir.lock(log)
         except OSError as exc:
-            refusal = f"cannot create the run directory {run_dir.path}: {exc.strerror or exc}"
+            refusal = f"cannot create or lock the run directory {run_dir.path}: {exc.strerror or exc}"
         try:
             if refusal:
                 pass
