@@ -382,8 +382,10 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
         lost_dh: float | None = sum(p["lost_device_seconds"] for p in procs) / 3600.0
         energies = [p["energy_kwh"] for p in procs]
         process_energy = sum(energies) if all(e is not None for e in energies) else None
+        notes = [str(r["energy_note"]) for r in run.processes if r.get("energy_note") and r.get("energy_kwh") is None]
+        energy_note = notes[-1] if notes and process_energy is None else None
     else:
-        so_far, lost_dh, process_energy = _num(last, "device_hours"), None, None
+        so_far, lost_dh, process_energy, energy_note = _num(last, "device_hours"), None, None, None
         so_far_source = "device_hours of the last log line (a run written before per-process records)"
     mfus = {int(r["epoch"]): epoch_mfu(run, r) for r in epochs}
     steady_mfu = [mfus[int(r["epoch"])] for r in used if mfus[int(r["epoch"])] is not None]
@@ -428,6 +430,7 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
         "lost_cost": lost_dh * price_per_gpu_hour if price_per_gpu_hour is not None and lost_dh is not None else None,
         "process_costs": procs,
         "process_energy_kwh": process_energy,
+        "process_energy_note": energy_note,
         "data_wait_frac": _mean([float(r["data_wait_frac"]) for r in used if _num(r, "data_wait_frac") is not None]),
         "images_per_sec": _mean([float(r["images_per_sec"]) for r in used if _num(r, "images_per_sec") is not None]),
         "mfu_per_epoch": mfus,
@@ -569,7 +572,8 @@ def render_markdown(run: Run, fig: dict[str, Any], png_name: str | None) -> str:
          + f", energy {_fmt(fig['energy_kwh'], '.4f')} kWh at {_fmt(fig['avg_watts'], '.0f')} W average "
          "in the training loops"
          + (f", {fig['process_energy_kwh']:.4f} kWh over the whole processes"
-            if fig["process_energy_kwh"] is not None else ", whole processes: not measured")),
+            if fig["process_energy_kwh"] is not None else ", whole processes: "
+            + (fig["process_energy_note"] or "not measured"))),
         (f"- lost to interruptions: {_fmt(fig['lost_device_hours'], '.4f')} device-hours"
          + (f", cost {fig['lost_cost']:,.2f}" if fig["lost_cost"] is not None else "")
          + (" (included in the figures above; work after the checkpoint a resume started from, redone by the "
