@@ -483,7 +483,6 @@ class Engine:
         row.update(evaluated)
         eval_seconds = time.perf_counter() - t_eval if evaluated else 0.0
         self.record.beat()  # an evaluation can take a while: a kill during the save must not hide it
-        self.record.beat()  # an evaluation can take a while: a kill during the save must not hide it
         images = self.micro_steps * self.cfg.data.batch_size * info.world_size
         total_elapsed = self.elapsed()
         row.update({
