@@ -16,9 +16,10 @@ It measures, in a few minutes:
   precision, TF32 and compile as `supmae pretrain` resolves them) on synthetic device tensors, so
   the step's rate is the compute alone; the matmul peak of the device in the step's precision, and
   the counted FLOPs per image, hence MFU;
-- the batch that fits memory: on CUDA by trying doubling batches until one runs out of memory (or
-  a limit); on the CPU from the process's peak resident memory at two batch sizes (memory = fixed
-  + per image x batch) and the memory psutil reports available.
+- the batch that fits memory, one code path on every device (`probe_batch`): after a warm step, the
+  memory a step adds at two batch sizes (memory = fixed + per image x batch; CUDA's allocator
+  statistics, or on the CPU the tensor bytes counted op by op), then doubling batches while that line
+  says they fit, up to a limit, until one runs out of memory;
 
 Then the verdict: data-bound exactly when the best loader delivers fewer images/s than the step
 consumes; the pipeline and worker count to use; and the projected wall-clock, device-hours and
@@ -37,7 +38,6 @@ import json
 import math
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -187,7 +187,7 @@ def _endless(pipe: Any) -> Iterator[Any]:
 
 
 def measure_loader(kind: str, data: str, cfg: Any, device: Any, workers: int, seconds: float,
-                   warmup_batches: int = 2) -> dict[str, Any]:
+                   warmup_batches: int = 2, dtype: Any = None) -> dict[str, Any]:
     """Images/s one pipeline delivers with `workers` workers: built, warmed up, then timed for about
     `seconds` (at least 2 batches), with the recipe's batch, resolution and training augmentation."""
     import torch
@@ -199,7 +199,8 @@ def measure_loader(kind: str, data: str, cfg: Any, device: Any, workers: int, se
                           img_size=cfg.data.img_size, device=device, seed=cfg.seed, num_workers=workers, train=True,
                           scale=(cfg.data.scale_min, 1.0), color_jitter=cfg.data.color_jitter,
                           randaugment=cfg.data.randaugment or None, os_cache=cfg.data.os_cache,
-                          batches_ahead=cfg.data.batches_ahead)
+                          batches_ahead=cfg.data.batches_ahead,
+                          **({} if dtype is None else {"dtype": dtype}))
     build = time.perf_counter() - t0
     stream = _endless(pipe)
     cuda = torch.device(device).type == "cuda"
@@ -226,7 +227,7 @@ def measure_loader(kind: str, data: str, cfg: Any, device: Any, workers: int, se
 
 
 def measure_loaders(data: str, cfg: Any, device: Any, kinds: list[str], workers: list[int], seconds: float,
-                    log: Callable[[str], None]) -> list[dict[str, Any]]:
+                    log: Callable[[str], None], dtype: Any = None) -> list[dict[str, Any]]:
     """Every pipeline at every worker count; a pipeline that cannot run is one row with its reason."""
     from pipelines import available
     from pipelines.errors import DataError
@@ -243,7 +244,7 @@ def measure_loaders(data: str, cfg: Any, device: Any, kinds: list[str], workers:
         for w in workers:
             log(f"[doctor] {kind} with {w} worker(s): build, warm up, time {seconds:g} s")
             try:
-                rows.append(measure_loader(kind, data, cfg, device, w, seconds))
+                rows.append(measure_loader(kind, data, cfg, device, w, seconds, dtype=dtype))
             except (DataError, UserError) as exc:
                 rows.append({"pipeline": kind, "workers": w, "images_per_sec": None, "available": False,
                              "reason": str(exc)})
@@ -255,35 +256,42 @@ def measure_loaders(data: str, cfg: Any, device: Any, kinds: list[str], workers:
 # ---------------------------------------------------------------------------------------------- step
 
 
-class PeakRss:
-    """Peak resident memory of this process while the block runs, sampled every few milliseconds
-    (ru_maxrss is the whole process's lifetime peak, which earlier loaders may already have set)."""
+def _live_tensor_bytes_mode() -> Any:
+    """A dispatch mode counting the bytes of tensor storage created inside it that are still alive, and
+    their peak: the CPU's counterpart of CUDA's allocator statistics. It sees every op (autograd's
+    backward and the optimiser's included), so it counts exactly what the step allocates; the process's
+    resident set does not (glibc keeps freed heap, so a later, larger step may add nothing to it)."""
+    import weakref
 
-    def __init__(self, interval: float = 0.005) -> None:
-        import psutil
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.weak import WeakIdKeyDictionary
 
-        self._proc = psutil.Process()
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    class LiveTensorBytes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live = 0
+            self.peak = 0
+            self._seen: Any = WeakIdKeyDictionary()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self.interval)
+        def _free(self, n: int) -> None:
+            self.live -= n
 
-    def __enter__(self) -> PeakRss:  # noqa: PYI034 (typing.Self needs Python 3.11; we support 3.10)
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    if st not in self._seen:  # a view or an in-place result shares a storage already counted
+                        n = st.nbytes()
+                        self._seen[st] = n
+                        self.live += n
+                        self.peak = max(self.peak, self.live)
+                        weakref.finalize(st, self._free, n)
+            return out
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+    return LiveTensorBytes()
 
 
 def _sync(device: Any) -> None:
@@ -311,24 +319,9 @@ def measure_step(cfg: Any, device: Any, num_classes: int, accum: int, seconds: f
     batch, size = cfg.data.batch_size, cfg.data.img_size
     step = build_pretrain_step(cfg, device, num_classes, accum=accum)
     imgs, labels = _batch(batch, size, num_classes, device)
-    small = max(2, batch // 2)
-    mem: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if device.type == "cpu" and small < batch:
-        # Peak resident memory at two batch sizes gives memory = fixed + per image x batch. The
-        # smaller first: the allocator keeps what the larger one took, which would hide the smaller's.
-        s_imgs, s_labels = _batch(small, size, num_classes, device)
-        with PeakRss() as m_small:
-            step.micro(s_imgs, s_labels)
-            step.update()
-        del s_imgs, s_labels
-        with PeakRss() as m_full:
-            step.micro(imgs, labels)
-            step.update()
-        mem = {"rss_small_batch": small, "rss_peak_small": m_small.peak, "rss_peak_full": m_full.peak}
-    else:
-        step.micro(imgs, labels)
-        step.update()
+    step.micro(imgs, labels)
+    step.update()
     _sync(device)
     warmup = time.perf_counter() - t0
     n, t0 = 0, time.perf_counter()
@@ -350,57 +343,154 @@ def measure_step(cfg: Any, device: Any, num_classes: int, accum: int, seconds: f
     ips = accum * batch / (accum * t_micro + t_update)
     return {"images_per_sec": ips, "micro_seconds": t_micro, "update_seconds": t_update, "micro_batches": n,
             "accum": accum, "batch_size": batch, "warmup_seconds": warmup, "precision": step.precision,
-            "compiled": bool(step.compiled), "compile_reason": step.compile_reason, **mem}, step
+            "compiled": bool(step.compiled), "compile_reason": step.compile_reason}, step
 
 
-def probe_cuda_batch(step: Any, cfg: Any, device: Any, num_classes: int, limit: int) -> dict[str, Any]:
-    """Doubling batches from the recipe's until one runs out of memory or `limit` is reached."""
-    import torch
+class MemoryMeter:
+    """The one device-specific part of the batch probe: memory a block of work adds at its peak.
 
-    size, batch, fits = cfg.data.img_size, cfg.data.batch_size, None
-    peak_mb = None
-    while batch <= limit:
-        try:
-            torch.cuda.reset_peak_memory_stats(device)
-            imgs, labels = _batch(batch, size, num_classes, device)
-            step.micro(imgs, labels)
-            step.update()
-            torch.cuda.synchronize(device)
-            fits, peak_mb = batch, torch.cuda.max_memory_allocated(device) / 2**20
-            del imgs, labels
-        except torch.cuda.OutOfMemoryError:
-            step.optimizer.zero_grad(set_to_none=True)
-            break
-        finally:
-            gc.collect()
+    CUDA: torch's allocator statistics (peak allocated minus allocated before). CPU: the peak bytes of
+    the tensors the block creates and keeps alive at once, counted op by op (torch has no CPU
+    allocator statistics; the allocator's own slack comes on top, which is why the estimate keeps 10%
+    of the available memory aside)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.added = 0
+        self._mode: Any = None
+        self._before = 0
+
+    def __enter__(self) -> MemoryMeter:  # noqa: PYI034 (typing.Self needs Python 3.11; we support 3.10)
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-        batch *= 2
-    oom = batch <= limit
-    how = (f"ran doubling batches on {torch.cuda.get_device_name(device)}: {fits} fit"
-           + (f", {batch} ran out of memory" if oom else f" (stopped at the limit {limit}, none ran out)"))
-    return {"max_batch": fits, "method": how, "peak_mem_mb_at_max": peak_mb, "hit_oom": oom}
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        else:
+            self._mode = _live_tensor_bytes_mode()
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.added = torch.cuda.max_memory_allocated(self.device) - self._before
+        else:
+            self._mode.__exit__(*exc)
+            self.added = self._mode.peak
+
+    def available(self) -> int:
+        """Bytes the device could still give: free CUDA memory plus what torch caches, or what psutil
+        reports available on the CPU."""
+        import torch
+
+        if self.cuda:
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return int(free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device))
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+
+    def out_of_memory(self) -> tuple[type[BaseException], ...]:
+        import torch
+
+        return (torch.cuda.OutOfMemoryError,) if self.cuda else ()
 
 
-def estimate_cpu_batch(step_row: dict[str, Any], batch: int) -> dict[str, Any]:
-    """The batch that fits the memory psutil reports available, from the two measured peaks."""
-    import psutil
+def probe_batch(cfg: Any, device: Any, num_classes: int, limit: int | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The per-device batch that fits memory: one code path on every device.
 
-    small, p_small, p_full = step_row.get("rss_small_batch"), step_row.get("rss_peak_small"), \
-        step_row.get("rss_peak_full")
-    if not small or p_small is None or p_full is None:
-        return {"max_batch": None, "method": "not estimated (the recipe's batch is too small to measure two sizes)"}
-    per_image = (p_full - p_small) / (batch - small)
-    available = psutil.virtual_memory().available
-    if per_image <= 0:
-        return {"max_batch": None, "per_image_bytes": per_image, "available_bytes": available,
-                "method": f"not estimated: the peak resident memory did not grow from batch {small} to {batch}"}
-    # What the process holds at the larger batch is already resident; the rest of the available
-    # memory, less 10 % for the loaders and the allocator's slack, can hold more images.
-    extra = int(0.9 * available / per_image)
-    return {"max_batch": batch + extra, "per_image_bytes": per_image, "available_bytes": available,
-            "method": (f"peak resident memory {p_small / 2**20:.0f} MiB at batch {small} and {p_full / 2**20:.0f} MiB "
-                       f"at batch {batch}: {per_image / 2**20:.2f} MiB per image; 90% of the {available / 2**30:.1f} "
-                       f"GiB psutil reports available holds {extra} more")}
+    The trainer's step, built uncompiled (a compiled step would recompile for every new batch
+    size; compiled code needs no more memory than eager, so the answer errs on the safe side), runs
+    one warm step first: AdamW allocates its state at the first update, and a measurement that
+    included that allocation made per-image memory come out about twice too high. Then the memory
+    each step adds at its peak is measured at half the recipe's batch and at the batch itself:
+    memory = fixed + per image x batch. Then batches double from the recipe's while the line says
+    they fit, up to `limit` (default: 4096 on CUDA; on the CPU the recipe's batch, where running
+    far larger batches would take minutes per step), until one runs out of memory; the largest that
+    ran is the answer, or, when none ran out, the line's estimate of what fits 90% of the memory
+    still available."""
+    import copy
+
+    from supmae.train.steps import build_pretrain_step
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.compile = "off"
+    batch, size = cfg.data.batch_size, cfg.data.img_size
+    meter = MemoryMeter(device)
+    if limit is None:
+        limit = 4096 if meter.cuda else batch
+    small = max(2, batch // 2)
+    steps = [build_pretrain_step(cfg, device, num_classes)]
+
+    def run(b: int) -> int:
+        imgs, labels = _batch(b, size, num_classes, device)
+        with MemoryMeter(device) as m:
+            steps[0].micro(imgs, labels)
+            steps[0].update()
+        del imgs, labels
+        return m.added
+
+    try:
+        run(small)  # the warm step: AdamW's state exists from here on
+        if small == batch:
+            return {"max_batch": None, "method": "not estimated (the recipe's batch is too small to measure two "
+                    "sizes)", "per_image_bytes": None}
+        added_small, added_full = run(small), run(batch)
+        per_image = (added_full - added_small) / (batch - small)
+        available = meter.available()
+        out: dict[str, Any] = {"per_image_bytes": per_image, "available_bytes": available,
+                               "added_bytes": {str(small): added_small, str(batch): added_full}, "limit": limit}
+        if per_image <= 0:
+            out.update(max_batch=None, method=f"not estimated: the step's memory did not grow from batch {small} "
+                       f"to {batch}")
+            return out
+        # What the step at `batch` adds is the only room it needs; everything else is already held.
+        # A step at b adds added_full + (b - batch) x per_image; it fits while that stays within 90%
+        # of what is available now (the rest for the loaders and the allocator's slack).
+        estimate = max(batch, batch + int((0.9 * available - added_full) / per_image))
+        fits, tried, oom = batch, batch * 2, False
+        while tried <= limit and tried <= estimate:
+            log(f"[doctor] batch probe: {tried}")
+            try:
+                run(tried)
+                fits = tried
+            except meter.out_of_memory():
+                steps[0].optimizer.zero_grad(set_to_none=True)
+                oom = True
+                break
+            tried *= 2
+        if oom:
+            how = f"ran doubling batches: {fits} fit, {tried} ran out of memory"
+            max_batch = fits
+        else:
+            max_batch = max(fits, estimate)
+            how = ((f"ran batches up to {fits} (limit {limit})" if fits > batch else f"ran batch {batch}") +
+                   f"; memory a step adds: {added_small / 2**20:.0f} MiB at batch {small}, {added_full / 2**20:.0f} "
+                   f"MiB at {batch}, so {per_image / 2**20:.2f} MiB per image; 90% of the "
+                   f"{available / 2**30:.1f} GiB still available holds batch {estimate}")
+        out.update(max_batch=max_batch, largest_run=fits, hit_oom=oom, estimate=estimate, method=how)
+        return out
+    finally:
+        steps.clear()
+        gc.collect()
+        if meter.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def predicted_added_bytes(memory: dict[str, Any], batch: int) -> float:
+    """What a step at `batch` adds at its peak, by the probe's line."""
+    largest, added = max((int(k), v) for k, v in memory["added_bytes"].items())
+    return added + (batch - largest) * memory["per_image_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------- verdict
@@ -445,6 +535,92 @@ def projection(epochs: int, images_per_epoch: int, rate: float, devices: int, ma
             "cost_on_machines": device_hours * price if price is not None else None}
 
 
+# ---------------------------------------------------------------------------------------------- node verdict
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from each GPU's data sheet. The sheets print
+# the sparse figure first; the dense one is half of it.
+GPU_BF16_DENSE_TFLOPS: dict[str, float] = {
+    # NVIDIA H100 Tensor Core GPU data sheet, SXM: BF16 Tensor Core 1,979 TFLOPS with sparsity.
+    "h100": 989.4,
+    # NVIDIA H200 Tensor Core GPU data sheet, SXM: BF16 Tensor Core 1,979 TFLOPS with sparsity.
+    "h200": 989.4,
+    # NVIDIA A100 Tensor Core GPU data sheet: BF16 Tensor Core 312 TFLOPS (624 with sparsity).
+    "a100": 312.0,
+    # NVIDIA RTX A5000 data sheet: Tensor Performance 222.2 TFLOPS (with sparsity).
+    "a5000": 111.1,
+    # NVIDIA L40S data sheet: BF16 Tensor Core 362.05 TFLOPS (733 with sparsity).
+    "l40s": 362.05,
+}
+DALI_NOT_MEASURED = ("not measured: DALI's nvJPEG / hardware JPEG decoder runs on the GPU, and this run has none "
+                     "(its CPU rate here says nothing about it)")
+
+
+def gpu_images_per_sec(gpu: str, mfu: float, flops_per_image: float) -> float:
+    """Images/s one GPU of the table consumes at `mfu` of its data-sheet bf16 peak."""
+    return mfu * GPU_BF16_DENSE_TFLOPS[gpu] * 1e12 / flops_per_image
+
+
+def node_verdict(gpu: str, gpus: int, cores: int, consumed_per_gpu: float, per_core: dict[str, float | None],
+                 scaling: dict[str, float | None], not_measured: dict[str, str] | None = None,
+                 storage_max_side: int | None = None) -> dict[str, Any]:
+    """Does a node of `gpus` GPUs and `cores` cores feed itself? Pure arithmetic on measured inputs.
+
+    Each GPU's training process takes one core; the rest decode. A pipeline supplies its measured
+    one-worker rate x the scaling efficiency measured between 1 and 2 workers (capped at 1: a
+    superlinear pair is noise, not a promise) x those cores. Bound "data" exactly when the best
+    supply is below what the GPUs consume; cores per GPU needed = 1 for training + the decoding
+    cores one GPU's share takes, with the best pipeline."""
+    cores_for_data = max(cores - gpus, 0)
+    consumed = consumed_per_gpu * gpus
+    supplied: dict[str, float | None] = {}
+    needed: dict[str, int | None] = {}
+    eff: dict[str, float | None] = {}
+    for p, rate in per_core.items():
+        e = scaling.get(p)
+        eff[p] = None if e is None else min(1.0, e)
+        if rate is None or rate <= 0 or eff[p] is None or eff[p] <= 0:
+            supplied[p], needed[p] = None, None
+            continue
+        per_core_scaled = rate * eff[p]
+        supplied[p] = per_core_scaled * cores_for_data
+        needed[p] = 1 + math.ceil(consumed_per_gpu / per_core_scaled)
+    ranked = sorted((r, p) for p, r in supplied.items() if r is not None)
+    best = ranked[-1][1] if ranked else None
+    best_rate = ranked[-1][0] if ranked else None
+    bound = None if best_rate is None else ("data" if best_rate < consumed else "compute")
+    return {
+        "gpu": gpu, "gpus": gpus, "cores": cores, "cores_for_data": cores_for_data,
+        "consumed_images_per_sec": consumed, "consumed_per_gpu": consumed_per_gpu,
+        "per_core_images_per_sec": dict(per_core), "scaling_efficiency": eff,
+        "supplied_images_per_sec": supplied, "not_measured": dict(not_measured or {}),
+        "best_pipeline": best, "bound": bound,
+        "shortfall_images_per_sec": (consumed - best_rate) if bound == "data" else 0.0 if bound else None,
+        "cores_per_gpu_needed": needed.get(best) if best else None,
+        "cores_per_gpu_needed_by_pipeline": needed, "cores_per_gpu": cores / gpus,
+        "storage_max_side": storage_max_side,
+    }
+
+
+def node_inputs(loaders: list[dict[str, Any]], kinds: list[str], on_gpu: bool) -> tuple[
+        dict[str, float | None], dict[str, float | None], dict[str, str]]:
+    """(one-worker rate, scaling efficiency 1 -> 2 workers, why not measured) per pipeline, from the loader rows."""
+    per_core: dict[str, float | None] = {}
+    scaling: dict[str, float | None] = {}
+    why: dict[str, str] = {}
+    for kind in kinds:
+        if kind == "dali" and not on_gpu:
+            per_core[kind], scaling[kind], why[kind] = None, None, DALI_NOT_MEASURED
+            continue
+        rates = {r["workers"]: r["images_per_sec"] for r in loaders
+                 if r["pipeline"] == kind and r.get("available") and r.get("images_per_sec")}
+        per_core[kind] = rates.get(1)
+        scaling[kind] = rates[2] / (2 * rates[1]) if 1 in rates and 2 in rates else None
+        if per_core[kind] is None or scaling[kind] is None:
+            reason = next((r["reason"] for r in loaders if r["pipeline"] == kind and not r.get("available")), "")
+            why[kind] = "not measured: " + (reason or "needs rates at 1 and 2 workers")
+    return per_core, scaling, why
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -463,10 +639,17 @@ def _resolve_device(name: str) -> Any:
 def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "auto", out: str | None = None,
                price_per_gpu_hour: float | None = None, machines: int = 1, workers: list[int] | None = None,
                seconds: float = 3.0, pipelines: list[str] | None = None, num_images: int | None = None,
-               overrides: list[str] | None = None, batch_limit: int = 4096,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               overrides: list[str] | None = None, batch_limit: int | None = None,
+               gpu: str | None = None, gpus_per_node: int | None = None, cores_per_node: int | None = None,
+               mfu: float = 0.4, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure this machine for `recipe` on `data`; write doctor.md and doctor.json into `out` (when
-    given) and return the JSON's content."""
+    given and not empty) and return the JSON's content.
+
+    With `gpu` (a key of GPU_BF16_DENSE_TFLOPS), or on a CUDA device, also the node verdict: a node of
+    `gpus_per_node` such GPUs (default: this machine's) and `cores_per_node` cores (default: this
+    machine's physical cores), each GPU consuming `mfu` x its data-sheet bf16 peak / the recipe's
+    counted FLOPs per image (or, without `gpu` on a GPU, the measured step), against what the
+    measured pipelines supply per core."""
     import torch
 
     from pipelines import KINDS
@@ -485,6 +668,16 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         raise UserError(f"--num-images must be positive, got {num_images}")
     if seconds <= 0:
         raise UserError(f"--seconds must be positive, got {seconds}")
+    if gpu is not None and gpu not in GPU_BF16_DENSE_TFLOPS:
+        raise UserError(f"--gpu {gpu}: unknown GPU (known: {', '.join(GPU_BF16_DENSE_TFLOPS)})")
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise UserError(f"--gpus-per-node must be >= 1, got {gpus_per_node}")
+    if cores_per_node is not None and cores_per_node < 1:
+        raise UserError(f"--cores-per-node must be >= 1, got {cores_per_node}")
+    if batch_limit is not None and batch_limit < 1:
+        raise UserError(f"--batch-limit must be >= 1, got {batch_limit}")
     if price_per_gpu_hour is not None and price_per_gpu_hour < 0:
         raise UserError(f"--price-per-gpu-hour must not be negative, got {price_per_gpu_hour}")
     if recipe not in list_recipes("pretrain") and recipe in list_recipes():
@@ -507,10 +700,17 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         machine = machine_info()
         cores_per_rank = max(1, machine["usable_cores"] // devices)
         worker_counts = workers if workers is not None else default_workers(cores_per_rank)
+        node_wanted = gpu is not None or dev.type == "cuda"
+        loader_dtype = None
+        if node_wanted:
+            # The per-core supply needs rates at 1 and 2 workers (the scaling between them), taken as a
+            # worker feeding a GPU works: uint8 batches, normalisation left to the device.
+            worker_counts = sorted({*worker_counts, 1, 2})
+            loader_dtype = torch.uint8
         count, num_classes = dataset_facts(data, cfg.data.train_split)
         files = dataset_files(data, cfg.data.train_split)
 
-        loaders = measure_loaders(data, cfg, dev, kinds, worker_counts, seconds, log)
+        loaders = measure_loaders(data, cfg, dev, kinds, worker_counts, seconds, log, dtype=loader_dtype)
 
         log(f"[doctor] training step of {recipe} on {device_name(dev)}, batch {cfg.data.batch_size}")
         try:
@@ -528,10 +728,10 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         peak = max(peak_before, measure_matmul_peak(dev, peak_dtype, seconds=min(0.5, seconds)))
         step_row.update({"flops_per_image": flops, "peak_flops": peak, "peak_dtype": str(peak_dtype).split(".")[-1],
                          "mfu": flops * step_row["images_per_sec"] / peak, "accum_note": accum_note})
-        memory = (probe_cuda_batch(cfg, dev, num_classes, batch_limit) if dev.type == "cuda"
-                  else estimate_cpu_batch(step_row, cfg.data.batch_size))
         del step
         gc.collect()
+        log("[doctor] the batch that fits memory")
+        memory = probe_batch(cfg, dev, num_classes, batch_limit, log)
 
         log("[doctor] read throughput of the dataset's files")
         reads: dict[str, Any] = {}
@@ -558,6 +758,26 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
     per_epoch = num_images if num_images is not None else (count // (cfg.data.batch_size * devices)) * \
         cfg.data.batch_size * devices
     proj = projection(epochs, per_epoch, v["rate"], devices, machines, price_per_gpu_hour)
+    node = None
+    if node_wanted:
+        if gpu is not None:
+            consumed, how = gpu_images_per_sec(gpu, mfu, step_row["flops_per_image"]), (
+                f"{mfu:g} x the {gpu} data sheet's dense bf16 peak {GPU_BF16_DENSE_TFLOPS[gpu]:g} TFLOP/s / "
+                f"{step_row['flops_per_image'] / 1e9:.2f} GFLOP per image (counted)")
+        else:
+            consumed, how = step_row["images_per_sec"], "the step measured here"
+        storage = None
+        from pipelines.base import ConvertedDataset, is_converted
+
+        if is_converted(data):
+            manifest = ConvertedDataset(data).manifest
+            storage = (manifest.get("options") or manifest.get("identity") or {}).get("max_res")
+        per_core, scaling, why = node_inputs(loaders, kinds, dev.type == "cuda")
+        node = node_verdict(gpu or device_name(dev), gpus_per_node or devices,
+                            cores_per_node or machine["physical_cores"] or machine["usable_cores"], consumed, per_core,
+                            scaling, why, storage)
+        node.update(consumed_from=how, mfu=mfu if gpu is not None else None,
+                    loader_dtype="uint8" if loader_dtype is not None else "float32")
     result = {
         "data": os.path.abspath(data),
         "recipe": recipe,
@@ -580,6 +800,7 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         "recommendation": v["recommendation"],
         "projection": proj,
         "price_per_gpu_hour": price_per_gpu_hour,
+        "node": node,
         "doctor_seconds": time.perf_counter() - t_all,
     }
     if out:
@@ -682,8 +903,46 @@ def render_markdown(r: dict[str, Any]) -> str:
         else:
             lines.append(f"| {kind} | {rd['mb_per_sec']:,.1f} | {rd['images_per_sec']:,.0f} | {rd['dataset_bytes']:,}"
                          f"{'' if rd['cache_dropped_first'] else ' (page cache not dropped: may be a warm read)'} |")
+    if r.get("node"):
+        lines += ["", *render_node(r["node"])]
     lines += ["", f"Measured in {r['doctor_seconds']:.0f} s, {r['seconds_per_measurement']:g} s per window.", ""]
     return "\n".join(lines)
+
+
+def render_node(n: dict[str, Any]) -> list[str]:
+    """The node verdict as markdown lines."""
+    size = f"stored at max side {n['storage_max_side']}" if n.get("storage_max_side") else "stored as they are"
+    head = (f"{n['gpus']} x {n['gpu']} and {n['cores']} cores ({n['cores_for_data']} left for data after one per GPU "
+            f"for training): the GPUs consume {n['consumed_images_per_sec']:,.0f} images/s "
+            f"({n['consumed_per_gpu']:,.0f} per GPU: {n['consumed_from']}).")
+    if n["bound"] is None:
+        verdict_line = "No pipeline's supply could be measured here, so no verdict."
+    elif n["bound"] == "compute":
+        verdict_line = (f"**Fed**: {n['best_pipeline']} with the images {size} supplies "
+                        f"{n['supplied_images_per_sec'][n['best_pipeline']]:,.0f} images/s; it needs "
+                        f"{n['cores_per_gpu_needed']} cores per GPU, the node has {n['cores_per_gpu']:g}.")
+    else:
+        verdict_line = (f"**Data-bound**: the best, {n['best_pipeline']} with the images {size}, supplies "
+                        f"{n['supplied_images_per_sec'][n['best_pipeline']]:,.0f} images/s, "
+                        f"{n['shortfall_images_per_sec']:,.0f} short; it would take {n['cores_per_gpu_needed']} "
+                        f"cores per GPU (the node has {n['cores_per_gpu']:g}): store smaller images, or let DALI's "
+                        "GPU decoder take part of the load.")
+    lines = ["## The node", "", head, "", verdict_line, "",
+             "| pipeline | images/s per core (1 worker) | scaling 1 -> 2 workers | node supplies | cores per GPU needed |",
+             "|---|---|---|---|---|"]
+    for p, rate in n["supplied_images_per_sec"].items():
+        if rate is None:
+            lines.append(f"| {p} | {n['not_measured'].get(p, 'not measured')} | | | |")
+            continue
+        lines.append(f"| {p} | {n['per_core_images_per_sec'][p]:,.0f} | {n['scaling_efficiency'][p]:.2f} | "
+                     f"{rate:,.0f} | {n['cores_per_gpu_needed_by_pipeline'][p]} |")
+    for p, why in n["not_measured"].items():
+        if p not in n["supplied_images_per_sec"]:
+            lines.append(f"| {p} | {why} | | | |")
+    lines += ["", f"Loaders measured with {n['loader_dtype']} batches"
+              + (" (what a worker hands a GPU: normalisation left to the device)." if n["loader_dtype"] == "uint8"
+                 else ".")]
+    return lines
 
 
 def main(argv: list[str]) -> int:
@@ -691,13 +950,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data", required=True, help="a directory written by 'supmae convert' (or an ImageFolder root)")
     p.add_argument("--recipe", default="supmae_vit_b16_400ep", help="pretraining recipe (default: the paper's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--out", default="doctor", help="where doctor.md and doctor.json go (default: ./doctor)")
+    p.add_argument("--out", default="doctor",
+                   help="where doctor.md and doctor.json go (default: ./doctor; '' writes no files)")
     p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one device-hour")
     p.add_argument("--machines", type=int, default=1, help="project also on N such machines")
     p.add_argument("--workers", default=None, help="worker counts to try, e.g. 1,2,4 (default: 1, 2, 4 ... cores)")
     p.add_argument("--seconds", type=float, default=3.0, help="length of each measuring window")
     p.add_argument("--pipelines", default=None, help="comma-separated subset of ffcv,dali,torchvision")
     p.add_argument("--num-images", type=int, default=None, help="images per epoch to project (default: the dataset's)")
+    p.add_argument("--batch-limit", type=int, default=None,
+                   help="largest batch the memory probe runs (default 4096 on CUDA, the recipe's batch on the CPU)")
+    p.add_argument("--gpu", default=None, choices=tuple(GPU_BF16_DENSE_TFLOPS),
+                   help="judge a node of these GPUs (their data-sheet bf16 peak x --mfu); default: this machine's")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs in the node (default: this machine's)")
+    p.add_argument("--cores-per-node", type=int, default=None,
+                   help="physical cores in the node (default: this machine's)")
+    p.add_argument("--mfu", type=float, default=0.4, help="fraction of the GPU's peak the step reaches (default 0.4)")
     a, rest = p.parse_known_args(argv)
     bad = [x for x in rest if x.startswith("-") and not x.startswith("--")]
     if bad:
@@ -705,7 +973,10 @@ def main(argv: list[str]) -> int:
     result = run_doctor(a.data, a.recipe, a.device, a.out, a.price_per_gpu_hour, a.machines,
                         parse_workers(a.workers) if a.workers else None, a.seconds,
                         [k.strip() for k in a.pipelines.split(",") if k.strip()] if a.pipelines else None,
-                        a.num_images, rest)
+                        a.num_images, rest, batch_limit=a.batch_limit, gpu=a.gpu, gpus_per_node=a.gpus_per_node,
+                        cores_per_node=a.cores_per_node, mfu=a.mfu)
     print(render_markdown(result))
-    print(f"written: {result['doctor_md']}, {result['doctor_json']}")
+    # --out '' asks for no files: the report above is all there is.
+    if result.get("doctor_md"):
+        print(f"written: {result['doctor_md']}, {result['doctor_json']}")
     return 0

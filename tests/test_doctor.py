@@ -12,6 +12,7 @@ with a wide margin on either side.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -137,3 +138,111 @@ def test_user_errors(tmp_path):
         run_doctor(str(tmp_path), recipe="tiny_cpu", pipelines=["nvjpeg"])
     with pytest.raises(UserError, match="--workers"):
         parse_workers("1,x")
+
+
+# ---- the batch that fits memory: one code path on every device
+
+
+def test_batch_probe_line_predicts_a_larger_batch():
+    """The probe's memory line (measured after a warm step, so AdamW's first state allocation is not
+    counted as per-image memory) predicts what a step four times larger adds; it also runs
+    its doubling loop (batch 32 -> 64, the limit) through the call the CUDA probe makes. On the CPU the
+    meter counts tensor bytes op by op, so the line is exact up to a few percent."""
+    import torch
+
+    from supmae.config import apply_overrides
+    from supmae.doctor import MemoryMeter, predicted_added_bytes, probe_batch
+    from supmae.recipes import get_recipe
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = get_recipe("tiny_cpu", "pretrain")
+        apply_overrides(cfg, [*STEP_OVERRIDES, "--data.batch_size", "32"])
+        cpu = torch.device("cpu")
+        mem = probe_batch(cfg, cpu, 10, limit=64, log=lambda *_: None)
+        assert mem["largest_run"] == 64 and not mem["hit_oom"]
+        assert mem["max_batch"] >= 64 and mem["per_image_bytes"] > 0
+        assert set(mem["added_bytes"]) == {"16", "32"}
+
+        from supmae.train.steps import build_pretrain_step
+
+        step = build_pretrain_step(cfg, cpu, 10)
+        imgs, labels = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+        step.micro(imgs[:8], labels[:8])
+        step.update()  # AdamW's state exists before the measurement, as in the probe
+        measured = []
+        for _ in range(2):
+            with MemoryMeter(cpu) as m:
+                step.micro(imgs, labels)
+                step.update()
+            measured.append(m.added)
+        assert predicted_added_bytes(mem, 128) == pytest.approx(min(measured), rel=0.05)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---- the node verdict
+
+
+def test_node_verdict_arithmetic():
+    from supmae.doctor import GPU_BF16_DENSE_TFLOPS, gpu_images_per_sec, node_verdict
+
+    # 0.4 x 989.4 TFLOP/s / 30.8 GFLOP = 12,849.4 images/s per H100
+    per_gpu = gpu_images_per_sec("h100", 0.4, 30.8e9)
+    assert per_gpu == pytest.approx(0.4 * 989.4e12 / 30.8e9)
+    assert GPU_BF16_DENSE_TFLOPS["a100"] == 312.0
+    n = node_verdict("h100", 8, 96, per_gpu, {"ffcv": 2000.0, "torchvision": 500.0, "dali": None},
+                     {"ffcv": 0.9, "torchvision": 1.3, "dali": None}, {"dali": "not measured: no GPU"}, 256)
+    assert n["cores_for_data"] == 88
+    assert n["consumed_images_per_sec"] == pytest.approx(8 * per_gpu)
+    assert n["supplied_images_per_sec"]["ffcv"] == pytest.approx(2000 * 0.9 * 88)  # 158,400
+    assert n["supplied_images_per_sec"]["torchvision"] == pytest.approx(500 * 1.0 * 88)  # capped at 1
+    assert n["supplied_images_per_sec"]["dali"] is None and n["not_measured"]["dali"].startswith("not measured")
+    assert n["best_pipeline"] == "ffcv" and n["bound"] == "compute" and n["shortfall_images_per_sec"] == 0
+    assert n["cores_per_gpu_needed"] == 1 + math.ceil(per_gpu / 1800)  # 1 + 8 = 9
+    # The same node with half the cores: 40 decoding cores supply 72,000 < 102,795 consumed.
+    n = node_verdict("h100", 8, 48, per_gpu, {"ffcv": 2000.0}, {"ffcv": 0.9})
+    assert n["bound"] == "data" and n["supplied_images_per_sec"]["ffcv"] == pytest.approx(72_000)
+    assert n["shortfall_images_per_sec"] == pytest.approx(8 * per_gpu - 72_000)
+    assert n["cores_per_gpu_needed"] == 9
+    # Data-bound exactly when the best supply is below consumption (equal is fed).
+    assert node_verdict("a100", 1, 3, 100.0, {"ffcv": 50.0}, {"ffcv": 1.0})["bound"] == "compute"
+    assert node_verdict("a100", 1, 3, 100.01, {"ffcv": 50.0}, {"ffcv": 1.0})["bound"] == "data"
+
+
+@pytest.mark.slow
+def test_doctor_node_section_matches_hand_computation(big_jpegs, tmp_path):
+    """`--gpu h100 --gpus-per-node 8 --cores-per-node 96 --mfu 0.4`: the node section recomputed by hand
+    from the figures doctor.json records (the one-worker rate, the 1 -> 2 worker scaling, the counted
+    FLOPs per image). The arithmetic is the same for every pipeline; torchvision keeps the test free of
+    FFCV's numba compilation."""
+    r = _doctor(big_jpegs, tmp_path / "node", "torchvision,dali", "1",
+                ["--gpu", "h100", "--gpus-per-node", "8", "--cores-per-node", "96", "--mfu", "0.4"])
+    assert r["workers_tried"] == [1, 2]  # 2 added: the scaling needs it
+    n = r["node"]
+    rates = {row["workers"]: row["images_per_sec"] for row in r["loaders"] if row["pipeline"] == "torchvision"}
+    per_gpu = 0.4 * 989.4e12 / r["step"]["flops_per_image"]
+    eff = min(1.0, rates[2] / (2 * rates[1]))
+    supply = rates[1] * eff * (96 - 8)
+    assert (n["gpu"], n["gpus"], n["cores"]) == ("h100", 8, 96)
+    assert n["consumed_images_per_sec"] == pytest.approx(8 * per_gpu)
+    assert n["supplied_images_per_sec"]["torchvision"] == pytest.approx(supply)
+    assert n["bound"] == ("data" if supply < 8 * per_gpu else "compute")
+    assert n["cores_per_gpu_needed"] == 1 + math.ceil(per_gpu / (rates[1] * eff))
+    assert n["supplied_images_per_sec"]["dali"] is None and "not measured" in n["not_measured"]["dali"]
+    assert n["storage_max_side"] == 256 and n["loader_dtype"] == "uint8"
+    md = (tmp_path / "node" / "doctor.md").read_text()
+    assert "## The node" in md and "not measured" in md
+
+
+@pytest.mark.slow
+def test_doctor_out_empty_writes_no_files(big_jpegs, tmp_path, monkeypatch, capsys):
+    from supmae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["doctor", "--data", big_jpegs, "--recipe", "tiny_cpu", "--device", "cpu", "--out", "", "--seconds", "0.3",
+            "--pipelines", "torchvision", "--workers", "1", *STEP_OVERRIDES]
+    assert main(argv) == 0
+    assert "# supmae doctor" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []
