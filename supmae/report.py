@@ -394,7 +394,8 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
         "job": run.job,
         "recipe": run.config.get("recipe"),
         "epochs_logged": len(epochs),
-        "processes": len(run.starts) if run.starts else None,
+        # The records count a process killed before its first step too; older runs have only starts.jsonl.
+        "processes": len(run.processes) or (len(run.starts) if run.starts else None),
         "process_first_epochs": sorted(firsts),
         "process_first_epochs_source": firsts_source,
         "epochs_used": [int(r["epoch"]) for r in used],

@@ -331,6 +331,7 @@ def test_a_process_killed_before_its_first_checkpoint_is_lost_whole_and_a_chunk_
     _record(run, 1100.0, 1, 2, 1106.0, [[2, 1140.0]], 1141.0, True)
     out = write_report(run)
     assert [p["lost_seconds"] for p in out["process_costs"]] == pytest.approx([25.0, 0.0, 0.0])
+    assert out["processes"] == 3  # one starts.jsonl row here, but three processes ran
     assert out["lost_device_hours"] == pytest.approx(25.0 / 3600)
     assert out["process_energy_kwh"] is None and "whole processes: not measured" in Path(out["report_md"]).read_text()
 
