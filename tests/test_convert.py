@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import filecmp
 import io
+import itertools
 import json
 import os
 import random
@@ -497,18 +498,29 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
         "2",
         "--no-progress",
     ]
+    # The killed runs cut each chunk into pieces of 3 images (so chunks are stitched from several
+    # pieces, by workers) with at most 3 tasks out; the last run resumes with the default pieces.
+    killed_cmd = [
+        sys.executable,
+        "-c",
+        (
+            f"from tools.convert import convert; convert({src!r}, {out!r}, max_res=64, shard_size=8, workers=2, "
+            "progress=False, piece_size=3, max_in_flight=3)"
+        ),
+    ]
     rng = random.Random(0)
     work = os.path.join(out, ".work")
     n_shards = -(-120 // 8) + -(-30 // 8)
-    # Kill points: after a random number of finished chunks, twice (mid-encoding), then while the
-    # .beton is being written (its temporary exists). Each run pays the interpreter start-up, so
-    # three kills keep the test near a minute.
+    # Kill points: after a random number of finished chunks, twice (mid-encoding), once while
+    # pieces of an unstitched chunk lie in .work, then while the .beton is being written (its
+    # temporary exists). Each run pays the interpreter start-up, so four kills keep the test near
+    # a minute.
     first = rng.randint(1, n_shards // 2)
-    plans = [("chunks", first), ("chunks", rng.randint(first + 1, n_shards - 1)), ("beton", None)]
+    plans = [("chunks", first), ("pieces", None), ("chunks", rng.randint(first + 2, n_shards - 1)), ("beton", None)]
     kills = 0
     for kind, arg in plans:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            killed_cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         t0 = time.monotonic()
         while proc.poll() is None and time.monotonic() - t0 < 60:
@@ -522,6 +534,8 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
                     else 0
                 )
                 hit = done >= arg
+            elif kind == "pieces":
+                hit = os.path.isdir(work) and any(".piece-" in n for _, _, names in os.walk(work) for n in names)
             else:
                 ffcv_dir = os.path.join(out, "ffcv")
                 hit = os.path.isdir(ffcv_dir) and any(".tmp-" in n for n in os.listdir(ffcv_dir))
@@ -667,3 +681,212 @@ def test_bench_convert_runs_every_tool_on_the_same_images(tmp_path, capsys):
     assert result["ours_over_ffcv_jpg"][0]["workers"] == 1
     out = capsys.readouterr().out
     assert "| supmae convert | ffcv + wds | 32 | 1 | 20 |" in out and "Projected wall time" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallel writing: bounded in-flight work, pieces and in-place .beton equal to the references
+
+
+def _touch(path: str) -> str:
+    """A pool task with a visible side effect: the file it leaves is its finished work."""
+    open(path, "wb").close()
+    return path
+
+
+def test_ordered_pool_keeps_work_ahead_of_a_slow_consumer_within_its_bound(tmp_path):
+    from tools.parallel_write import OrderedPool
+
+    # As many workers as the bound: every task in flight is running or done, none queued.
+    bound, n = 2, 24
+    done_dir = tmp_path / "done"
+    done_dir.mkdir()
+    consumed, ahead = [], []
+    with OrderedPool(bound, max_in_flight=bound) as pool:
+        submitted = 0
+        while len(consumed) < n:
+            while submitted < n and pool.has_room():
+                pool.submit(_touch, str(done_dir / f"{submitted:03d}"), tag=submitted)
+                submitted += 1
+            if not pool.has_room():
+                with pytest.raises(RuntimeError, match="in flight"):
+                    pool.submit(_touch, str(tmp_path / "one-too-many"))
+            # A slow writer: the workers get time to finish everything they were handed. Finished
+            # and not yet taken back is what a parent would be holding.
+            time.sleep(0.05)
+            ahead.append(len(os.listdir(done_dir)) - len(consumed))
+            tag, path = pool.next()
+            assert path == str(done_dir / f"{tag:03d}")
+            consumed.append(tag)
+        assert pool.peak_in_flight == bound
+    assert consumed == list(range(n)), "results come back in submission order"
+    assert max(ahead) <= bound, f"workers ran {max(ahead)} tasks ahead of the consumer, bound {bound}"
+    assert ahead.count(bound) >= n // 2, "the bound, not the workers' speed, held them back"
+
+
+def test_conversion_bound_and_piece_size_change_nothing_but_the_work_in_flight(tmp_path):
+    from tools.parallel_write import RunStats
+
+    src = str(tmp_path / "src")
+    make_dataset(src, train_per_class=7, val_per_class=2, size=48, num_classes=3, seed=6)
+    os.makedirs(os.path.join(src, "train", "00_h_stripes", "sub"))
+    with open(os.path.join(src, "train", "00_h_stripes", "sub", "bad.JPEG"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 cut short")
+    reference = str(tmp_path / "reference")
+    convert(src, reference, max_res=32, shard_size=5, workers=0, progress=False)
+    for workers, bound, piece in ((2, 2, 1), (2, 5, 2), (1, 1, 3)):
+        out = str(tmp_path / f"out-{workers}-{bound}-{piece}")
+        stats = RunStats()
+        manifest = convert(
+            src, out, max_res=32, shard_size=5, workers=workers, progress=False,
+            max_in_flight=bound, piece_size=piece, stats=stats,
+        )  # fmt: skip
+        assert manifest["skipped"]["by_reason"] == {"corrupt": 1}
+        assert stats.max_in_flight == bound and stats.peak_in_flight == bound
+        assert 0 < stats.main_busy_seconds <= stats.elapsed_seconds
+        ours, theirs = _tree_files(out), _tree_files(reference)
+        assert sorted(ours) == sorted(theirs)
+        for rel in ours:
+            if rel == "manifest.json":
+                assert _stable_manifest(ours[rel]) == _stable_manifest(theirs[rel])
+            else:
+                assert filecmp.cmp(ours[rel], theirs[rel], shallow=False), f"{rel} differs"
+    with pytest.raises(DataError, match="max_in_flight"):
+        convert(src, str(tmp_path / "bad"), workers=1, max_in_flight=0, progress=False)
+
+
+def test_pieces_concatenate_into_the_reference_shard():
+    from tools.shards import ShardSample, build_shard, member_bytes, shard_index, tar_end
+
+    rng = np.random.default_rng(0)
+    # Sizes on and around tar's 512-byte blocks, labels of one to four digits.
+    sizes = [1, 511, 512, 513, 1024, 3000, 70_000] + rng.integers(100, 5000, size=13).tolist()
+    samples = [
+        ShardSample(f"{i:08d}", rng.integers(0, 256, size=s, dtype=np.uint8).tobytes(), int(label))
+        for i, (s, label) in enumerate(zip(sizes, rng.choice([0, 7, 42, 999, 1000], size=len(sizes))))
+    ]
+    ref = build_shard(samples)
+    for cut in ([], [1], [3, 4, 12], list(range(1, len(samples)))):
+        bounds = [0, *cut, len(samples)]
+        pieces = [
+            b"".join(member_bytes(s.key, s.jpeg, s.label) for s in samples[a:b]) for a, b in itertools.pairwise(bounds)
+        ]
+        body = b"".join(pieces)
+        assert body + tar_end(len(body)) == ref.tar
+    index, offsets = shard_index([s.key for s in samples], [len(s.jpeg) for s in samples], [s.label for s in samples])
+    assert index == ref.index and offsets == ref.jpeg_offsets
+
+
+def _random_slices(tmp_path, sizes: list[int], seed: int):
+    """A JpegSlices over random bytes of the given sizes, spread over two files (the writers copy
+    bytes; they never decode)."""
+    from tools.beton import JpegSlices
+
+    rng = np.random.default_rng(seed)
+    files, file_ids, offsets = [], [], []
+    for f in range(2):
+        path = str(tmp_path / f"src{f}.bin")
+        mine = sizes[f::2]
+        with open(path, "wb") as fh:
+            at = 0
+            for s in mine:
+                fh.write(rng.integers(0, 256, size=s + 3, dtype=np.uint8).tobytes())  # 3 bytes of gap
+                offsets.append((f, at))
+                at += s + 3
+        files.append(path)
+    order = sorted(range(len(sizes)), key=lambda i: (i % 2, i))  # file 0's samples, then file 1's
+    file_ids = np.asarray([offsets[order.index(i)][0] for i in range(len(sizes))], dtype=np.int64)
+    offs = np.asarray([offsets[order.index(i)][1] for i in range(len(sizes))], dtype=np.int64)
+    n = len(sizes)
+    return JpegSlices(
+        files, file_ids, offs, np.asarray(sizes, dtype=np.int64),
+        rng.integers(1, 300, size=n), rng.integers(1, 300, size=n), rng.integers(0, 1000, size=n),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [5000],
+        # Many samples, pages filling up, samples landing exactly on a page's end.
+        [700_000, 700_000, 700_000, (2 << 20) - 2_100_000, 900_000, 1_200_000, 1_100_000] * 3,
+        # A sample bigger than the smallest page: the page grows.
+        [100_000, (2 << 20) + 1, 50_000, 3_000_000],
+    ],
+    ids=["one", "page-breaks", "grown-page"],
+)
+def test_in_place_beton_equals_ffcvs_one_worker_writer(tmp_path, sizes):
+    from tools.beton import plan_beton, read_jpeg_table, write_beton, write_beton_in_place
+    from tools.parallel_write import OrderedPool
+
+    sizes = [s for s in sizes if s > 0]
+    dataset = _random_slices(tmp_path, sizes, seed=len(sizes))
+    ref = str(tmp_path / "ref.beton")
+    write_beton(ref, dataset, max_resolution=300, jpeg_quality=90)
+    plan = plan_beton(dataset, max_resolution=300, jpeg_quality=90)
+    with open(ref, "rb") as f:
+        want = f.read()
+    assert plan.file_size == len(want)
+    in_process = str(tmp_path / "in_process.beton")
+    write_beton_in_place(in_process, dataset, 300, 90, lambda fn, tasks: [fn(t) for t in tasks])
+    pooled = str(tmp_path / "pooled.beton")
+    with OrderedPool(2, max_in_flight=2) as pool:
+        write_beton_in_place(pooled, dataset, 300, 90, pool.run_all, samples_per_task=2)
+    for path in (in_process, pooled):
+        with open(path, "rb") as f:
+            assert f.read() == want
+    table = read_jpeg_table(pooled)
+    assert table["sizes"].tolist() == sizes and table["labels"].tolist() == dataset.labels.tolist()
+    with open(pooled, "rb") as f:
+        for i, (ptr, size) in enumerate(zip(table["offsets"].tolist(), table["sizes"].tolist())):
+            f.seek(ptr)
+            assert f.read(size) == dataset[i][0].data.tobytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Options: --strict recorded, --merge and --verify never ignore an output option
+
+
+def test_strict_is_recorded_in_the_manifest(tmp_path):
+    src = str(tmp_path / "src")
+    make_dataset(src, train_per_class=2, val_per_class=0, size=32, num_classes=2, seed=8)
+    open(os.path.join(src, "train", "00_h_stripes", "zero.JPEG"), "wb").close()
+    for strict, code in ((True, 1), (False, 0)):
+        out = str(tmp_path / f"out-{strict}")
+        argv = [src, out, "--max-res", "32", "--workers", "0", "--no-progress"] + (["--strict"] if strict else [])
+        assert main(argv) == code
+        with open(os.path.join(out, "manifest.json")) as f:
+            assert json.load(f)["options"]["strict"] is strict
+
+
+def test_merge_checks_the_output_options_it_is_given_and_verify_refuses_them(tmp_path):
+    src = str(tmp_path / "src")
+    make_dataset(src, train_per_class=4, val_per_class=1, size=32, num_classes=2, seed=9)
+    parts = [str(tmp_path / f"part{k}") for k in range(2)]
+    for k, part in enumerate(parts):
+        convert(src, part, max_res=32, shard_size=3, workers=0, progress=False, shard=(k, 2))
+    given = [
+        ("--max-res", "64", "256"),
+        ("--quality", "80", "90"),
+        ("--formats", "wds", "ffcv,wds"),
+        ("--shard-size", "4", "1000"),
+        ("--splits", "train", "train,val"),
+        ("--seed", "1", "0"),
+        ("--max-pixels", "1000", str(DEFAULT_MAX_PIXELS)),
+    ]
+    for flag, other, _ in given:
+        target = str(tmp_path / f"merged{flag}")
+        with pytest.raises(DataError, match=f"{flag} {other} differs from the parts'"):
+            main(["--merge", *parts, target, flag, other, "--no-progress"])
+        assert not os.path.exists(target), "refused before anything is written"
+    # Default values that the parts do not use are refused too: the flag was given, so it is checked.
+    with pytest.raises(DataError, match="--max-res 256 differs from the parts' 32"):
+        main(["--merge", *parts, str(tmp_path / "m-default"), "--max-res", "256", "--no-progress"])
+    merged = str(tmp_path / "merged")
+    same = ["--max-res", "32", "--shard-size", "3", "--formats", "ffcv,wds", "--splits", "train,val", "--seed", "0"]
+    assert main(["--merge", *parts, merged, *same, "--workers", "2", "--strict", "--no-progress"]) == 0
+    with open(os.path.join(merged, "manifest.json")) as f:
+        assert json.load(f)["options"]["strict"] is True
+    assert verify(merged) == []
+    for flag, other, _ in given + [("--shard", "0/2", None), ("--strict", None, None)]:
+        with pytest.raises(DataError, match=f"{flag} does not apply"):
+            main(["--verify", merged, flag, *([other] if other else []), "--no-progress"])
