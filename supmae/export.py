@@ -30,22 +30,12 @@ from typing import Any
 
 import torch
 
-from supmae.errors import UserError
+from supmae.errors import UserError, require_package
+from supmae.train.checkpoint import SAFETENSORS_METADATA_KEY
 
 TARGETS = ("timm", "mae")
 # Pretraining-only parts of a SupMAE / MAE state dict; `head.` is a downstream classifier.
 DROPPED_PREFIXES = ("decoder_", "mask_token", "cls_head.", "head.")
-METADATA_KEY = "supmae.model_args"
-
-
-def _require(module: str, package: str) -> Any:
-    """Import `module` or raise a one-line `UserError` naming the package to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"this needs the '{package}' package: pip install {package}") from None
 
 
 def encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -105,10 +95,10 @@ def export(checkpoint: str, target: str, out: str, model_name: str = "", log=pri
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     if target == "timm":
-        st = _require("safetensors.torch", "safetensors")
+        st = require_package("safetensors.torch", "safetensors")
         tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp-{os.getpid()}")
         try:
-            st.save_file(state, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(args, sort_keys=True)})
+            st.save_file(state, tmp, metadata={"format": "pt", SAFETENSORS_METADATA_KEY: json.dumps(args, sort_keys=True)})
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, out)
@@ -118,25 +108,6 @@ def export(checkpoint: str, target: str, out: str, model_name: str = "", log=pri
     else:
         atomic_save({"model": state, "model_args": args}, out)
     return {"keys": len(state), "encoder": args, "out": out, "target": target}
-
-
-def read_safetensors(path: str) -> dict[str, Any]:
-    """A timm safetensors file as a checkpoint dict: `model` (the state dict) and, when the file
-    was written by `supmae export`, `model_args` (our encoder arguments from its metadata)."""
-    st = _require("safetensors", "safetensors")
-    try:
-        with st.safe_open(path, framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no mapping
-            meta = f.metadata() or {}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad files
-        raise UserError(f"cannot read safetensors file {path}: {type(exc).__name__}: {exc}") from None
-    ckpt: dict[str, Any] = {"model": state}
-    if METADATA_KEY in meta:
-        try:
-            ckpt["model_args"] = json.loads(meta[METADATA_KEY])
-        except json.JSONDecodeError:
-            pass  # foreign metadata under our key: the shapes still tell the encoder
-    return ckpt
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -142,7 +142,7 @@ def test_export_refusals_are_one_line_errors(tmp_path, capsys):
 
 
 def test_a_missing_package_is_named():
-    from supmae.export import _require
+    from supmae.errors import require_package
 
     with pytest.raises(UserError, match="'no-such-package'"):
-        _require("no_such_module_for_supmae", "no-such-package")
+        require_package("no_such_module_for_supmae", "no-such-package")

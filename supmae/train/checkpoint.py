@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from supmae.errors import UserError
+from supmae.errors import UserError, require_package
 from supmae.models.state import model_state
 from supmae.train import faults
 
@@ -84,13 +85,34 @@ def copy_checkpoint(src: str, dst: str) -> None:
     _fsync_dir(directory)
 
 
+# Where `supmae export --to timm` keeps our encoder arguments inside a safetensors file.
+SAFETENSORS_METADATA_KEY = "supmae.model_args"
+
+
+def read_safetensors(path: str) -> dict[str, Any]:
+    """A timm safetensors file as a checkpoint dict: `model` (the state dict) and, when the file
+    was written by `supmae export`, `model_args` (our encoder arguments from its metadata)."""
+    st = require_package("safetensors", "safetensors")
+    try:
+        with st.safe_open(path, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no mapping
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        raise UserError(f"cannot read safetensors file {path}: {type(exc).__name__}: {exc}") from None
+    ckpt: dict[str, Any] = {"model": state}
+    if SAFETENSORS_METADATA_KEY in meta:
+        try:
+            ckpt["model_args"] = json.loads(meta[SAFETENSORS_METADATA_KEY])
+        except json.JSONDecodeError:
+            pass  # foreign metadata under our key: the shapes still tell the encoder
+    return ckpt
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely; `UserError` naming the file when it is missing, corrupt or unsafe."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):  # an encoder alone, as timm stores it (`supmae export --to timm`)
-        from supmae.export import read_safetensors
-
         return read_safetensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
