@@ -505,17 +505,6 @@ assert not any(m.split(".")[0] in ("ffcv", "nvidia", "matplotlib") for m in sys.
     assert (tmp_path / "step" / "step.json").is_file()
 
 
-def test_gpu_check_script_is_valid_bash():
-    import subprocess
-
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
-    assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
-    with open(script) as fh:
-        text = fh.read()
-    assert "set -euo pipefail" in text and "pip install" not in text
-    assert "--batch-size 256" in text and "bench table1" in text and "bench step" in text
-
-
 def test_bench_cli_reports_user_errors(capsys):
     from supmae.cli import main
 
