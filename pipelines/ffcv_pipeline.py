@@ -23,17 +23,26 @@ into equal disjoint pieces, so `rank`/`world_size` work without a process group 
 `set_epoch(e)` selects epoch e's order exactly (FFCV's loader asks the order for its
 `next_epoch`, which `set_epoch` sets).
 
-Speed: normalisation on the CPU is one parallel compiled pass (normalise + HWC->CHW) in FFCV's
-worker thread into pooled output arrays (see BufferPool), about 8% on top of FFCV's uint8 output.
-JPEG decode runs at 1/2, 1/4 or 1/8 DCT scale when the crop still covers the output after
-scaling (`dct_scale`, on by default): measured 5-15% less decode time when the crop is at least
-twice the output (small outputs, large stored images); at 224 px from a 256 or 512 px dataset it
-almost never applies. Other k/8 factors were measured slower than a full decode (no SIMD path).
+Speed: a training JPEG is decoded only inside its crop window (`crop_decode`, on by default):
+our small C++ library (pipelines/_cropdecode.cpp, built by `pip install -e .`, called through
+ctypes from the compiled decoder as FFCV calls its own) skips the rows above the window, decodes
+only the iMCU columns covering it and stops after its last row, then resizes and flips in the same
+call. The decode runs at 1/2, 1/4 or 1/8 DCT scale when the crop still covers the output after
+scaling (`dct_scale`, on by default; other k/8 factors were measured slower than a full decode:
+no SIMD path), so the resize never shrinks by 2x or more and bilinear interpolation
+(`interpolation="linear"`, OpenCV's INTER_LINEAR, the default) does not alias much; "area"
+(INTER_AREA, FFCV's stock resize) costs 4-8x more per image on a downscale. `crop_decode=False`
+decodes the whole image with FFCV's decoder and cuts the same window from it: the same pixels
+(tested byte for byte), kept as the reference path. Normalisation on the CPU is one parallel
+compiled pass (normalise + HWC->CHW) in FFCV's worker thread into pooled output arrays (see
+BufferPool).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.util
 import math
 import os
 import sys
@@ -48,7 +57,10 @@ from pipelines.base import Normalizer, Pipeline, rank_order, reject_unknown
 from pipelines.constants import CROP_PCT, FFCV_FIELDS, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, beton_path
 from pipelines.errors import DataError
 
-BACKEND_OPTIONS = ("dct_scale",)
+BACKEND_OPTIONS = ("dct_scale", "crop_decode", "interpolation")
+# OpenCV's interpolation codes (cv::INTER_LINEAR, cv::INTER_AREA), passed to the C++ resize.
+INTERPOLATIONS = {"linear": 1, "area": 3}
+CROP_DECODE_MODULE = "pipelines._cropdecode"
 
 
 def _import_ffcv() -> Any:
@@ -166,16 +178,19 @@ def make_random_crop(uniform: Any) -> Any:
     return random_crop
 
 
-def make_flip_and_jitter(uniform: Any) -> Any:
-    """In place on one uint8 image [S, S, 3]: the horizontal flip (probability 1/2) and, when
-    `strength` > 0, colour jitter as torchvision's ColorJitter(s, s, s): brightness, contrast and
-    saturation factors each uniform in [max(0, 1 - s), 1 + s], applied in an order drawn per sample
-    from the six, each result rounded to uint8 as PIL does between operations. Contrast blends
-    with the mean of the ITU-R 601 grey image, saturation with each pixel's grey (PIL's "L")."""
+def make_flip_and_jitter(uniform: Any, flip: bool = True) -> Any:
+    """In place on one uint8 image [S, S, 3]: the horizontal flip (probability 1/2; skipped when
+    `flip` is False because the crop decoder has already flipped with the same draw,
+    `draws_flip`) and, when `strength` > 0, colour jitter as torchvision's ColorJitter(s, s, s):
+    brightness, contrast and saturation factors each uniform in [max(0, 1 - s), 1 + s], applied in
+    an order drawn per sample from the six, each result rounded to uint8 as PIL does between
+    operations. Contrast blends with the mean of the ITU-R 601 grey image, saturation with each
+    pixel's grey (PIL's "L"). The jitter is pointwise, so it commutes with the flip."""
+    do_flip = bool(flip)
 
     def flip_and_jitter(img, strength, seed, epoch, index):
         rows, cols, _c = img.shape
-        if uniform(seed, epoch, index, _STREAM_FLIP) < 0.5:
+        if do_flip and uniform(seed, epoch, index, _STREAM_FLIP) < 0.5:
             for y in range(rows):
                 for x in range(cols // 2):
                     for c in range(3):
@@ -215,6 +230,84 @@ def make_flip_and_jitter(uniform: Any) -> Any:
     return flip_and_jitter
 
 
+def make_draws_flip(uniform: Any) -> Any:
+    """Whether sample (seed, epoch, index) is flipped: the draw `make_flip_and_jitter` makes."""
+
+    def draws_flip(seed, epoch, index):
+        return uniform(seed, epoch, index, _STREAM_FLIP) < 0.5
+
+    return draws_flip
+
+
+@functools.cache
+def _crop_decode_functions() -> tuple[Any, Any]:
+    """The C++ library's two entry points as ctypes functions (numba calls them from compiled code):
+    (supmae_crop_decode, supmae_resize_flip). DataError when the library was not built."""
+    spec = importlib.util.find_spec(CROP_DECODE_MODULE)
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        raise DataError(
+            "the ffcv pipeline's crop decoder (pipelines/_cropdecode.cpp) is not built: run "
+            "'pip install -e .' in the project (scripts/setup.sh does), which compiles it against libjpeg-turbo and OpenCV"
+        )
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as exc:
+        raise DataError(
+            f"cannot load the crop decoder {spec.origin}: {exc} (rebuild it with 'pip install -e .')"
+        ) from None
+    i64, u64, ptr = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
+    decode = lib.supmae_crop_decode
+    decode.argtypes = [ptr, u64, i64, i64, i64, i64, i64, i64, i64, ptr, u64, ptr, i64, i64, i64, i64]
+    decode.restype = ctypes.c_int
+    resize = lib.supmae_resize_flip
+    resize.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, i64]
+    resize.restype = ctypes.c_int
+    return decode, resize
+
+
+def decode_window(
+    jpeg: np.ndarray,
+    image_size: tuple[int, int],
+    window: tuple[int, int, int, int],
+    out_size: tuple[int, int],
+    *,
+    scale_num: int = 8,
+    interpolation: str = "linear",
+    flip: bool = False,
+) -> np.ndarray:
+    """The crop decoder on one JPEG (uint8 bytes of an `image_size` (H, W) image): the `window`
+    (top, left, height, width) decoded at DCT scale `scale_num`/8, resized to `out_size` and
+    flipped when `flip`, as uint8 [H, W, 3]. With `out_size` equal to the scaled window's size the
+    resize is a copy, so this returns the decoded window's own pixels. DataError on a bad JPEG."""
+    crop_decode, _ = _crop_decode_functions()
+    data = np.ascontiguousarray(jpeg, dtype=np.uint8)
+    height, width = int(image_size[0]), int(image_size[1])
+    scratch = np.empty(height * width * 3, dtype=np.uint8)
+    out = np.empty((int(out_size[0]), int(out_size[1]), 3), dtype=np.uint8)
+    top, left, h, w = (int(v) for v in window)
+    status = crop_decode(
+        data.ctypes.data,
+        data.size,
+        height,
+        width,
+        top,
+        left,
+        h,
+        w,
+        int(scale_num),
+        scratch.ctypes.data,
+        scratch.size,
+        out.ctypes.data,
+        out.shape[0],
+        out.shape[1],
+        INTERPOLATIONS[interpolation],
+        int(bool(flip)),
+    )
+    if status != 0:
+        raise DataError(f"crop decode failed (status {status}) for window {tuple(window)} of a {height}x{width} JPEG")
+    return out
+
+
 @functools.cache
 def _compiled_kernels() -> tuple[Any, Any, Any]:
     """(random crop, flip + jitter, read_int64) compiled once per process: the per-loader decode
@@ -246,6 +339,18 @@ def _compiled_kernels() -> tuple[Any, Any, Any]:
     return crop, augment, read_int64
 
 
+@functools.cache
+def _jitter_kernels() -> tuple[Any, Any]:
+    """(colour jitter without the flip, the flip draw) compiled once per process, for the decoder
+    paths that flip inside the C++ resize."""
+    from numba import njit
+
+    from pipelines.base import counter_uniform_jit
+
+    uniform = counter_uniform_jit()
+    return njit(nogil=True)(make_flip_and_jitter(uniform, flip=False)), njit(nogil=True)(make_draws_flip(uniform))
+
+
 def _crop_decoder(
     output_size: tuple[int, int],
     *,
@@ -256,9 +361,12 @@ def _crop_decoder(
     color_jitter: float,
     seed: int,
     dct_scale: bool,
+    crop_decode: bool,
+    interpolation: str,
 ) -> Any:
-    """Our decoder for the image field: JPEG decode (at a reduced DCT scale when the crop still
-    covers the output, `dct_scale`) fused with the crop + resize and, in training, the flip and
+    """Our decoder for the image field: JPEG decode of the crop window only (`crop_decode`; else the
+    whole image with FFCV's decoder, then cut), at a reduced DCT scale when the crop still covers
+    the output (`dct_scale`), fused with the resize (`interpolation`) and, in training, the flip and
     colour jitter. Training draws every random number from the counter of (seed, epoch, dataset
     index): FFCV's own RandomResizedCrop decoder, RandomHorizontalFlip and RandomBrightness/...
     draw from numba's global RNG, whose state depends on the thread that runs a sample and on every
@@ -268,8 +376,12 @@ def _crop_decoder(
     before starting each epoch; the sample index is the dataset index FFCV passes in
     `batch_indices`, whatever the batch position, worker or rank."""
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_center_crop
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import imdecode
     from ffcv.pipeline.compiler import Compiler
+
+    # ctypes functions, called straight from the compiled decode (no numba dispatcher of their own
+    # that several loaders' threads would share); DataError here, not in a worker, when unbuilt.
+    crop_decode_c, resize_flip_c = _crop_decode_functions()
 
     class SeededCropDecoder(ResizedCropRGBImageDecoder):
         def __init__(self) -> None:
@@ -285,9 +397,9 @@ def _crop_decoder(
             mem_read = self.memory_read
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
-            resize_crop_c = Compiler.compile(resize_crop)
             center_crop_c = Compiler.compile(get_center_crop)
-            random_crop_c, augment_c, read_int64 = _compiled_kernels()
+            random_crop_c, _augment, read_int64 = _compiled_kernels()
+            jitter_c, draws_flip_c = _jitter_kernels()
             # The array lives as long as this decoder (the loader's pipeline holds it); its address
             # is a constant of the compiled code.
             epoch_address = self.epoch_cell.ctypes.data
@@ -298,6 +410,8 @@ def _crop_decoder(
             sample_seed = np.int64(seed)
             is_train = bool(train)
             use_dct = bool(dct_scale)
+            window_only = bool(crop_decode)
+            interp = np.int64(INTERPOLATIONS[interpolation])
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
@@ -306,14 +420,16 @@ def _crop_decoder(
                     source_ix = batch_indices[dst_ix]
                     field = metadata[source_ix]
                     image_data = mem_read(field["data_ptr"], storage_state)
-                    height = np.uint32(field["height"])
-                    width = np.uint32(field["width"])
+                    height = np.int64(field["height"])
+                    width = np.int64(field["width"])
                     if is_train:
                         i, j, h, w = random_crop_c(
                             height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, sample_seed, epoch, source_ix
                         )
+                        flip = draws_flip_c(sample_seed, epoch, source_ix)
                     else:
                         i, j, h, w = center_crop_c(height, width, 0.0, crop_pct)
+                        flip = False
                     if field["mode"] == jpg:
                         # Smallest k in (8, 4, 2, 1) with the scaled crop still covering the output:
                         # libjpeg-turbo has fast reduced IDCTs for these; 7/8..5/8 measured slower
@@ -321,21 +437,72 @@ def _crop_decoder(
                         k = 8
                         while use_dct and k > 1 and (h * (k // 2)) // 8 >= out_h and (w * (k // 2)) // 8 >= out_w:
                             k //= 2
-                        sh = (height * k + 7) // 8  # libjpeg-turbo's TJSCALED
-                        sw = (width * k + 7) // 8
-                        temp_buffer = temp_storage[dst_ix]
-                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, k, 8, False, False)
-                        temp_buffer = temp_buffer.reshape(-1)[: 3 * sh * sw].reshape(sh, sw, 3)
-                        i0 = (i * k) // 8
-                        j0 = (j * k) // 8
-                        i1 = min(sh, max(i0 + 1, ((i + h) * k) // 8))
-                        j1 = min(sw, max(j0 + 1, ((j + w) * k) // 8))
-                    else:
-                        temp_buffer = image_data.reshape(height, width, 3)
-                        i0, i1, j0, j1 = i, i + h, j, j + w
-                    resize_crop_c(temp_buffer, i0, i1, j0, j1, destination[dst_ix])
-                    if is_train:
-                        augment_c(destination[dst_ix], strength, sample_seed, epoch, source_ix)
+                        if window_only:
+                            scratch = temp_storage[dst_ix]
+                            status = crop_decode_c(
+                                image_data.ctypes.data,
+                                image_data.size,
+                                height,
+                                width,
+                                i,
+                                j,
+                                h,
+                                w,
+                                k,
+                                scratch.ctypes.data,
+                                scratch.size,
+                                destination[dst_ix].ctypes.data,
+                                out_h,
+                                out_w,
+                                interp,
+                                np.int64(flip),
+                            )
+                        else:
+                            sh = (height * k + 7) // 8  # libjpeg-turbo's TJSCALED
+                            sw = (width * k + 7) // 8
+                            temp_buffer = temp_storage[dst_ix]
+                            h32, w32 = np.uint32(height), np.uint32(width)
+                            imdecode_c(image_data, temp_buffer, h32, w32, h32, w32, 0, 0, k, 8, False, False)
+                            # The window at scale k/8, as the crop decoder computes it.
+                            i0 = (i * k) // 8
+                            j0 = (j * k) // 8
+                            i1 = min(sh, max(i0 + 1, ((i + h) * k) // 8))
+                            j1 = min(sw, max(j0 + 1, ((j + w) * k) // 8))
+                            status = resize_flip_c(
+                                temp_buffer.ctypes.data,
+                                sh,
+                                sw,
+                                sw * 3,
+                                i0,
+                                i1,
+                                j0,
+                                j1,
+                                destination[dst_ix].ctypes.data,
+                                out_h,
+                                out_w,
+                                interp,
+                                np.int64(flip),
+                            )
+                    else:  # raw pixels [height, width, 3]
+                        status = resize_flip_c(
+                            image_data.ctypes.data,
+                            height,
+                            width,
+                            width * 3,
+                            i,
+                            i + h,
+                            j,
+                            j + w,
+                            destination[dst_ix].ctypes.data,
+                            out_h,
+                            out_w,
+                            interp,
+                            np.int64(flip),
+                        )
+                    if status != 0:
+                        raise ValueError("ffcv pipeline: a stored image could not be decoded (corrupt .beton?)")
+                    if is_train and strength > 0.0:
+                        jitter_c(destination[dst_ix], strength, sample_seed, epoch, source_ix)
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True
@@ -447,8 +614,13 @@ class FfcvPipeline(Pipeline):
     ) -> None:
         reject_unknown(self.kind, backend_kw, BACKEND_OPTIONS)
         if randaugment:
-            raise DataError(f"randaugment ({randaugment}) runs in the dali and torchvision pipelines, not ffcv: use "
-                            f"--data.pipeline dali, or --data.randaugment '' to read with ffcv without it")
+            raise DataError(
+                f"randaugment ({randaugment}) runs in the dali and torchvision pipelines, not ffcv: use "
+                f"--data.pipeline dali, or --data.randaugment '' to read with ffcv without it"
+            )
+        interpolation = str(backend_kw.get("interpolation", "linear"))
+        if interpolation not in INTERPOLATIONS:
+            raise DataError(f"ffcv interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         fname = beton_path(path, split)
         reader = check_beton(fname)
         super().__init__(
@@ -480,6 +652,8 @@ class FfcvPipeline(Pipeline):
             color_jitter=color_jitter if train else 0.0,
             seed=seed,
             dct_scale=bool(backend_kw.get("dct_scale", True)),
+            crop_decode=bool(backend_kw.get("crop_decode", True)),
+            interpolation=interpolation,
         )
         image_ops: list[Any] = [self._decoder]
         label_ops: list[Any] = [IntDecoder(), ToTensor()]

@@ -24,8 +24,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 
-# Re-install only when the declared dependencies changed since the last successful install.
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# Re-install only when the declared dependencies or the compiled crop decoder (setup.py builds
+# pipelines/_cropdecode.cpp) changed since the last successful install.
+want=$(cat pyproject.toml setup.py pipelines/_cropdecode.cpp | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -1,0 +1,285 @@
+"""The ffcv pipeline's crop-window JPEG decoder (pipelines/_cropdecode.cpp) and the crop it is given.
+
+- Pixels: decoding only a window (rows above skipped, iMCU columns cropped, rows below never
+  decoded; at DCT scales 8/8, 4/8, 2/8, 1/8) gives exactly the bytes of a whole-image decode cut to
+  the same window, for 4:2:0, 4:2:2, 4:4:4 and grey JPEGs of awkward sizes. Exact, not "within
+  rounding": both use libjpeg-turbo's IFAST IDCT at the same scale, and the decoder asks for one
+  column of margin beyond the window on each side, the only pixels libjpeg documents as different
+  in a cropped decode (fancy chroma upsampling at the region's edges).
+- Through the pipeline: crop_decode on and off give the same batches (train with flip and colour
+  jitter, and val); "area" interpolation reproduces FFCV's own resize byte for byte.
+- Statistics: the (seed, epoch, index) counter draw of the crop window has RandomResizedCrop's
+  distribution of area fraction and log aspect ratio (two-sample KS against torchvision's
+  get_params on 20,000 draws per image shape).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ffcv")
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenet-sample", "train")
+
+
+def textured(height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth colour gradients plus noise: chroma that varies column to column, so a wrong
+    upsampling edge or a shifted window shows."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack(
+        [128 + 100 * np.sin(x / 7.0 + seed), 128 + 100 * np.cos(y / 5.0), 128 + 60 * np.sin((x + y) / 3.0)], -1
+    )
+    img += rng.normal(0, 20, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode(img: np.ndarray, subsampling: int | None) -> np.ndarray:
+    """JPEG bytes via PIL: subsampling 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0, None = greyscale."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if subsampling is None:
+        Image.fromarray(img).convert("L").save(buf, format="JPEG", quality=90)
+    else:
+        Image.fromarray(img).save(buf, format="JPEG", quality=90, subsampling=subsampling)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
+
+
+def full_decode(jpeg: np.ndarray, height: int, width: int, k: int) -> np.ndarray:
+    """FFCV's whole-image decoder (TurboJPEG) at DCT scale k/8, RGB [ceil(H k/8), ceil(W k/8), 3]."""
+    from ffcv.libffcv import imdecode
+
+    sh, sw = (height * k + 7) // 8, (width * k + 7) // 8
+    out = np.zeros(sh * sw * 3, dtype=np.uint8)
+    assert imdecode(jpeg, out, height, width, height, width, 0, 0, k, 8, False, False) == 0
+    return out.reshape(sh, sw, 3)
+
+
+def scaled_window(i: int, j: int, h: int, w: int, k: int, sh: int, sw: int) -> tuple[int, int, int, int]:
+    i0, j0 = i * k // 8, j * k // 8
+    return i0, min(sh, max(i0 + 1, (i + h) * k // 8)), j0, min(sw, max(j0 + 1, (j + w) * k // 8))
+
+
+def check_windows(jpeg: np.ndarray, height: int, width: int, rng: np.random.Generator, tries: int) -> int:
+    """Random windows (and the edge cases) at every DCT scale: the window decode equals the full
+    decode cut to it. Returns the number of windows checked."""
+    from pipelines.ffcv_pipeline import decode_window
+
+    windows = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1), (1, 1, height - 1, width - 1)]
+    for _ in range(tries):
+        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        windows.append((int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w))
+    checked = 0
+    for k in (8, 4, 2, 1):
+        full = full_decode(jpeg, height, width, k)
+        for i, j, h, w in windows:
+            i0, i1, j0, j1 = scaled_window(i, j, h, w, k, *full.shape[:2])
+            got = decode_window(jpeg, (height, width), (i, j, h, w), (i1 - i0, j1 - j0), scale_num=k)
+            np.testing.assert_array_equal(got, full[i0:i1, j0:j1], err_msg=f"k={k} window={(i, j, h, w)}")
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("subsampling", [2, 1, 0, None], ids=["420", "422", "444", "grey"])
+def test_window_decode_equals_full_decode_cut(subsampling):
+    rng = np.random.default_rng(subsampling or 7)
+    for height, width in ((203, 317), (64, 48), (17, 250)):  # sizes off the 16-px MCU grid
+        jpeg = encode(textured(height, width, seed=height), subsampling)
+        assert check_windows(jpeg, height, width, rng, tries=12) == 4 * 16
+
+
+def test_window_decode_equals_full_decode_cut_on_real_imagenet_jpegs():
+    if not os.path.isdir(SAMPLE):
+        pytest.skip("the ImageNet sample is not here")
+    from PIL import Image
+
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(SAMPLE) for f in files)[::100]  # 10 classes
+    rng = np.random.default_rng(0)
+    for path in paths:
+        jpeg = np.fromfile(path, dtype=np.uint8)
+        with Image.open(path) as im:
+            if im.mode not in ("RGB", "L"):
+                continue  # CMYK: neither decoder converts it to RGB
+            width, height = im.size
+        check_windows(jpeg, height, width, rng, tries=4)
+
+
+def test_window_decode_resizes_and_flips():
+    from pipelines.ffcv_pipeline import decode_window
+
+    jpeg = encode(textured(120, 160, 1), 2)
+    plain = decode_window(jpeg, (120, 160), (10, 20, 90, 100), (32, 40))
+    flipped = decode_window(jpeg, (120, 160), (10, 20, 90, 100), (32, 40), flip=True)
+    assert plain.shape == (32, 40, 3)
+    np.testing.assert_array_equal(flipped, plain[:, ::-1])
+    # The resize keeps the window's content: compare with cv2 on the full decode's window.
+    import cv2
+
+    ref = cv2.resize(full_decode(jpeg, 120, 160, 8)[10:100, 20:120], (40, 32), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(plain, ref)
+
+
+def test_area_interpolation_is_ffcvs_own_resize():
+    from ffcv.libffcv import resize_crop
+
+    from pipelines.ffcv_pipeline import decode_window
+
+    jpeg = encode(textured(150, 200, 2), 2)
+    full = full_decode(jpeg, 150, 200, 8)
+    for window in ((0, 0, 150, 200), (13, 29, 101, 77), (40, 50, 20, 30)):
+        i, j, h, w = window
+        ref = np.zeros((24, 24, 3), dtype=np.uint8)
+        resize_crop(full, i, i + h, j, j + w, ref)
+        np.testing.assert_array_equal(decode_window(jpeg, (150, 200), window, (24, 24), interpolation="area"), ref)
+
+
+def test_window_decode_rejects_bad_input_with_an_error():
+    from pipelines.errors import DataError
+    from pipelines.ffcv_pipeline import decode_window
+
+    jpeg = encode(textured(40, 40, 3), 2)
+    with pytest.raises(DataError, match="crop decode failed"):
+        decode_window(np.frombuffer(b"not a jpeg at all" * 8, dtype=np.uint8), (40, 40), (0, 0, 40, 40), (8, 8))
+    with pytest.raises(DataError, match="crop decode failed"):
+        decode_window(jpeg[: len(jpeg) // 3], (40, 40), (0, 0, 40, 40), (8, 8))  # truncated
+    with pytest.raises(DataError, match="crop decode failed"):
+        decode_window(jpeg, (40, 40), (30, 30, 20, 20), (8, 8))  # window outside the image
+    with pytest.raises(DataError, match="crop decode failed"):
+        decode_window(jpeg, (41, 40), (0, 0, 40, 40), (8, 8))  # metadata disagrees with the header
+
+
+def test_unbuilt_decoder_is_a_clear_error(monkeypatch):
+    from pipelines import ffcv_pipeline
+    from pipelines.errors import DataError
+
+    ffcv_pipeline._crop_decode_functions.cache_clear()
+    monkeypatch.setattr(ffcv_pipeline, "CROP_DECODE_MODULE", "pipelines._no_such_cropdecode")
+    try:
+        with pytest.raises(DataError, match="pip install -e"):
+            ffcv_pipeline._crop_decode_functions()
+    finally:
+        ffcv_pipeline._crop_decode_functions.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the pipeline
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory) -> str:
+    """A converted dataset of textured JPEGs of varied, non-square sizes, large enough against a
+    24 px output that the decoder takes every DCT scale."""
+    from PIL import Image
+
+    from tools.convert import convert
+
+    root = tmp_path_factory.mktemp("cropdecode")
+    sizes = [(240, 180), (97, 131), (250, 250), (60, 200), (180, 240), (33, 47), (200, 140), (128, 96)]
+    for split, per_class in (("train", 6), ("val", 2)):
+        for cls in range(2):
+            folder = root / "src" / split / f"c{cls}"
+            folder.mkdir(parents=True)
+            for n in range(per_class):
+                height, width = sizes[(n + 3 * cls) % len(sizes)]
+                Image.fromarray(textured(height, width, 10 * cls + n)).save(folder / f"{n}.jpg", quality=90)
+    out = str(root / "out")
+    convert(str(root / "src"), out, formats=("ffcv",), workers=0, progress=False)
+    return out
+
+
+def batches(root: str, split: str, **kw) -> list[torch.Tensor]:
+    from pipelines import build_pipeline
+
+    pipe = build_pipeline(
+        "ffcv",
+        root,
+        split=split,
+        batch_size=4,
+        img_size=24,
+        seed=5,
+        num_workers=1,
+        color_jitter=0.4 if split == "train" else 0.0,
+        **kw,
+    )
+    out = []
+    for epoch in (0, 1):
+        pipe.set_epoch(epoch)
+        out += [images.clone() for images, _ in pipe]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interpolation", ["linear", "area"])
+def test_pipeline_window_decode_equals_whole_image_decode(varied, interpolation):
+    for split in ("train", "val"):
+        window = batches(varied, split, interpolation=interpolation)
+        whole = batches(varied, split, crop_decode=False, interpolation=interpolation)
+        assert len(window) == len(whole) > 0
+        for a, b in zip(window, whole):
+            assert torch.equal(a, b)
+    # Not a degenerate comparison: the two interpolations differ.
+    if interpolation == "area":
+        linear = batches(varied, "train")
+        assert any(not torch.equal(a, b) for a, b in zip(linear, batches(varied, "train", interpolation="area")))
+
+
+def test_pipeline_rejects_an_unknown_interpolation(varied):
+    from pipelines import build_pipeline
+    from pipelines.errors import DataError
+
+    with pytest.raises(DataError, match="interpolation must be one of linear, area, got 'cubic'"):
+        build_pipeline("ffcv", varied, batch_size=4, img_size=24, num_workers=1, interpolation="cubic")
+
+
+# ----------------------------------------------------------------------------------------------
+# The crop window's statistics are RandomResizedCrop's
+
+DRAWS = 20000
+SCALE = (0.2, 1.0)
+RATIO = (3 / 4, 4 / 3)
+# Two-sample KS critical value at alpha = 0.001 for 20,000 + 20,000 draws: 1.95 * sqrt(2 / 20000).
+KS_BOUND = 1.95 * math.sqrt(2 / DRAWS)
+
+
+def ours(height: int, width: int, scale: tuple[float, float] = SCALE) -> tuple[np.ndarray, np.ndarray]:
+    """Area fraction and log aspect ratio (log w/h) of the decoder's crop for DRAWS sample indices."""
+    from pipelines.ffcv_pipeline import _compiled_kernels
+
+    crop = _compiled_kernels()[0]
+    lr = (math.log(RATIO[0]), math.log(RATIO[1]))
+    wins = np.array([crop(height, width, scale[0], scale[1], lr[0], lr[1], 3, 0, n) for n in range(DRAWS)], dtype=float)
+    return wins[:, 2] * wins[:, 3] / (height * width), np.log(wins[:, 3] / wins[:, 2])
+
+
+def torchvisions(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    img = torch.empty(1, height, width)
+    wins = np.array([RandomResizedCrop.get_params(img, list(SCALE), list(RATIO)) for _ in range(DRAWS)], dtype=float)
+    return wins[:, 2] * wins[:, 3] / (height * width), np.log(wins[:, 3] / wins[:, 2])
+
+
+@pytest.mark.parametrize("shape", [(256, 192), (375, 500), (224, 224), (60, 400)])
+def test_crop_window_statistics_are_random_resized_crops(shape):
+    from scipy.stats import ks_2samp
+
+    area, log_ratio = ours(*shape)
+    ref_area, ref_log_ratio = torchvisions(*shape)
+    assert ks_2samp(area, ref_area).statistic < KS_BOUND
+    assert ks_2samp(log_ratio, ref_log_ratio).statistic < KS_BOUND
+    qs = [0.05, 0.25, 0.5, 0.75, 0.95]
+    np.testing.assert_allclose(np.quantile(area, qs), np.quantile(ref_area, qs), atol=0.02)
+    np.testing.assert_allclose(np.quantile(log_ratio, qs), np.quantile(ref_log_ratio, qs), atol=0.02)
+    assert abs(area.mean() - ref_area.mean()) < 0.01 and abs(log_ratio.mean() - ref_log_ratio.mean()) < 0.01
+    if max(shape) / min(shape) < 2:  # (60 x 400 mostly falls back to the clamped centre crop)
+        # The test can tell a different crop apart: torchvision's default scale (0.08, 1) is far outside the bound.
+        other_area, _ = ours(*shape, scale=(0.08, 1.0))
+        assert ks_2samp(other_area, ref_area).statistic > 5 * KS_BOUND
