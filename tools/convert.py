@@ -28,24 +28,25 @@ JPEG at --quality (see `tools/imageio.py` for the exact rules: alpha is composit
 every requested format.
 
 Output (layout in `pipelines/constants.py`): per split, samples in a seeded random order (the
-permutation of the split's sources, seeded by --seed and the split name, is in the manifest),
-cut into chunks of --shard-size source files. Chunk k of split s becomes the webdataset shard
-`wds/s/s-kkkkkk.tar` (+ its DALI index `.idx`); the `.beton` is assembled from the finished
-chunks at the end. Sample keys are the sample's position in the permutation (gaps where a file
-was skipped). `sources/<split>.tsv` lists every file seen (index, label, path relative to SRC);
-`manifest.json["splits"][s]["permutation"]` lists, in output order, the source index of each
-sample. `skipped.tsv` lists every file not converted with a reason code and detail; the counts
-reconcile: converted + skipped = files seen. Files directly inside a split folder (outside any
-class folder) are not samples: they are listed as skipped ("outside-class-folder").
+permutation of the split's sources, seeded by --seed and the split name, is in the manifest), cut
+into chunks of --shard-size source files. Chunk k of split s becomes the webdataset shard
+`wds/s/s-kkkkkk.tar` (+ its DALI index `.idx`); the `.beton` is assembled from the finished chunks
+at the end, as FFCV's one-worker writer lays it out. Sample keys are the sample's position in the
+permutation (gaps where a file was skipped). `sources/<split>.tsv` lists every file seen (index,
+label, path relative to SRC); `manifest.json["splits"][s]["permutation"]` lists, in output order,
+the source index of each sample. `skipped.tsv` lists every file not converted with a reason code
+and detail; the counts reconcile: converted + skipped = files seen. Files directly inside a split
+folder (outside any class folder) are not samples: they are listed as skipped
+("outside-class-folder").
 
 Resumability. Work state lives in `OUT/.work/`: the options of the run, a fingerprint of the
 source listing, and one small JSON record per finished chunk, written only after the chunk's tar
 and index are complete under their final names. Every file is written to `<name>.tmp-<pid>`,
 fsynced and renamed, so after a `kill -9` at any moment, rerunning the same command redoes only
-unfinished chunks and produces byte-identical outputs (JPEG encoding is deterministic and FFCV's
-writer runs single-process). A finished conversion is marked by `manifest.json`; rerunning then
-does nothing. Changing an output-affecting option or the source tree under an unfinished
-conversion is refused.
+unfinished chunks and produces byte-identical outputs (JPEG encoding is deterministic, and where
+each byte goes is a function of the samples' sizes, never of timing). A finished conversion is
+marked by `manifest.json`; rerunning then does nothing. Changing an output-affecting option or the
+source tree under an unfinished conversion is refused.
 
 Sharding over machines. `--shard K/N` (0 <= K < N: a job array's task index and count) converts
 chunks [K*C/N, (K+1)*C/N) of each split's C chunks into a part folder (its own manifest, shards,
@@ -53,9 +54,16 @@ chunks [K*C/N, (K+1)*C/N) of each split's C chunks into a part folder (its own m
 the split into chunks is the same everywhere. `--merge PART_DIR... OUT` checks that the N parts
 come from one listing and the same options, copies the webdataset shards (global chunk numbers, so
 names never collide) and rewrites one `.beton` per split from the JPEG bytes stored in the parts'
-`.beton` files (FFCV's reader locates them, FFCV's writer stores them; nothing is decoded or
-re-encoded). The merged folder is byte-identical to an unsharded conversion (manifest timings
-aside).
+`.beton` files (FFCV's reader locates them; nothing is decoded or re-encoded). The merged folder
+is byte-identical to an unsharded conversion (manifest timings aside).
+
+Parallel work and memory (`tools/parallel_write.py`). Workers read and encode runs of samples and
+write them as tar members to piece files; a worker stitches a chunk's pieces into its shard,
+index and record; after the last chunk, workers copy every JPEG into its place in the `.beton`,
+whose layout, header and tables the main process computes from the sizes. The main process routes
+small records only (sizes, skip reasons), at most `4 x --workers` tasks of 32 images are out at
+once, and no process ever holds more than one piece of image bytes: memory stays bounded whatever
+the worker count and however slow the disk.
 
 Bad input never stops the run and is never dropped silently; each file not converted is a row of
 `skipped.tsv` (split, path, reason, detail):
@@ -1054,7 +1062,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=_default_workers(),
-        help="encoding processes (default: usable CPUs; 0 = in the main process)",
+        help="worker processes: encoding, and with --merge copying into the .beton "
+        "(default: usable CPUs; 0 = in the main process)",
     )
     p.add_argument(
         "--shard-size",
