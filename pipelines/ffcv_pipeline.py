@@ -538,17 +538,46 @@ class BufferPool:
     recycled while the consumer may still hold a batch. `torch.from_numpy` keeps the array alive
     (through every view of the tensor), so an array whose only holder is this pool is free."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: Any = np.float32) -> None:
         self.arrays: list[np.ndarray] = []
+        self.dtype = np.dtype(dtype)
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
         for arr in self.arrays:
             # References: the pool's list, the loop variable and getrefcount's argument.
             if arr.shape[1:] == shape[1:] and arr.shape[0] >= shape[0] and sys.getrefcount(arr) <= 3:
                 return arr[: shape[0]]
-        arr = np.empty(shape, dtype=np.float32)
+        arr = np.empty(shape, dtype=self.dtype)
         self.arrays.append(arr)
         return arr
+
+
+def _pooled_uint8_op() -> Any:
+    """FFCV operation: the decoded uint8 [B, H, W, 3] batch copied out of FFCV's buffer (which FFCV
+    rewrites batches later) into a pooled array, in FFCV's worker thread. A fresh tensor per batch
+    (a clone in the consumer's thread) page-faults its 9.6 MB in again every batch (64 x 224 px)."""
+    from ffcv.pipeline.operation import Operation
+
+    class PooledCopy(Operation):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = BufferPool(np.uint8)
+
+        def generate_code(self) -> Any:
+            pool = self.pool
+
+            def copy(images, _unused):
+                out = pool.take(images.shape)
+                ctypes.memmove(out.ctypes.data, images.ctypes.data, images.nbytes)  # a ctypes call: GIL released
+                return out
+
+            return copy
+
+        def declare_state_and_memory(self, previous_state: Any) -> Any:
+            # Not JIT-fused: the pool is Python.
+            return replace(previous_state, jit_mode=False), None
+
+    return PooledCopy()
 
 
 def _normalize_chw_op() -> Any:
@@ -666,7 +695,7 @@ class FfcvPipeline(Pipeline):
             self._normalize = Normalizer(device, dtype)
             self._copy_stream = torch.cuda.Stream(device)
         elif dtype == torch.uint8:
-            image_ops += [ToTensor()]  # raw uint8 [B, S, S, 3]: __iter__ copies it out of FFCV's buffer
+            image_ops += [_pooled_uint8_op(), ToTensor()]  # raw uint8 [B, S, S, 3], out of FFCV's buffer
         else:
             image_ops += [_normalize_chw_op(), ToTensor()]
 
@@ -712,8 +741,8 @@ class FfcvPipeline(Pipeline):
                     # fresh tensor after the dtype cast. Labels: FFCV recycles its buffers batches
                     # later, so hand out a copy.
                     if self.dtype == torch.uint8:
-                        # FFCV rewrites this buffer batches later: a copy, [B, 3, S, S] in channels-last memory.
-                        images = images.clone().permute(0, 3, 1, 2)
+                        # A pooled array (see _pooled_uint8_op): [B, 3, S, S] in channels-last memory.
+                        images = images.permute(0, 3, 1, 2)
                     elif images.dtype != self.dtype:
                         images = images.to(self.dtype)
                     yield images, labels.view(-1).clone()

@@ -283,3 +283,20 @@ def test_crop_window_statistics_are_random_resized_crops(shape):
         # The test can tell a different crop apart: torchvision's default scale (0.08, 1) is far outside the bound.
         other_area, _ = ours(*shape, scale=(0.08, 1.0))
         assert ks_2samp(other_area, ref_area).statistic > 5 * KS_BOUND
+
+
+def test_uint8_batches_are_pooled_and_keep_their_values(varied):
+    """dtype=torch.uint8 on the CPU: the batch leaves FFCV's buffer through a pooled copy made in
+    FFCV's thread; a batch the consumer still holds is never rewritten by later batches."""
+    from pipelines import build_pipeline
+
+    pipe = build_pipeline("ffcv", varied, batch_size=4, img_size=24, seed=5, num_workers=1, dtype=torch.uint8)
+    held = []
+    for epoch in (0, 1):
+        pipe.set_epoch(epoch)
+        for images, _ in pipe:
+            assert images.dtype == torch.uint8 and tuple(images.shape) == (4, 3, 24, 24)
+            held.append((images, images.clone()))
+    assert len({images.data_ptr() for images, _ in held}) >= 2  # several pooled arrays in turn
+    for images, copy in held:
+        assert torch.equal(images, copy)
