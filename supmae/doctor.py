@@ -346,6 +346,33 @@ def measure_step(cfg: Any, device: Any, num_classes: int, accum: int, seconds: f
             "compiled": bool(step.compiled), "compile_reason": step.compile_reason}, step
 
 
+class _SavedBytes:
+    """Bytes of the distinct tensor storages autograd saves for the backward inside the block (the
+    activations, plus the weights, which do not depend on the batch): the same on every device."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[int] = set()
+        self._ctx: Any = None
+
+    def _pack(self, t: Any) -> Any:
+        st = t.untyped_storage()
+        if st.data_ptr() not in self._seen:
+            self._seen.add(st.data_ptr())
+            self.bytes += st.nbytes()
+        return t
+
+    def __enter__(self) -> _SavedBytes:  # noqa: PYI034 (typing.Self needs Python 3.11; we support 3.10)
+        import torch
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
 class MemoryMeter:
     """The one device-specific part of the batch probe: memory a block of work adds at its peak.
 
@@ -357,7 +384,8 @@ class MemoryMeter:
     def __init__(self, device: Any) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.added = 0
+        self.added = 0  # peak bytes above what was allocated when the block began
+        self.kept = 0  # bytes the block left allocated (a backward's gradients)
         self._mode: Any = None
         self._before = 0
 
@@ -381,9 +409,11 @@ class MemoryMeter:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.added = torch.cuda.max_memory_allocated(self.device) - self._before
+            self.kept = torch.cuda.memory_allocated(self.device) - self._before
         else:
             self._mode.__exit__(*exc)
             self.added = self._mode.peak
+            self.kept = self._mode.live
 
     def available(self) -> int:
         """Bytes the device could still give: free CUDA memory plus what torch caches, or what psutil
@@ -410,13 +440,16 @@ def probe_batch(cfg: Any, device: Any, num_classes: int, limit: int | None = Non
     The trainer's step, built uncompiled (a compiled step would recompile for every new batch
     size; compiled code needs no more memory than eager, so the answer errs on the safe side), runs
     one warm step first: AdamW allocates its state at the first update, and a measurement that
-    included that allocation made per-image memory come out about twice too high. Then the memory
-    each step adds at its peak is measured at half the recipe's batch and at the batch itself:
-    memory = fixed + per image x batch. Then batches double from the recipe's while the line says
-    they fit, up to `limit` (default: 4096 on CUDA; on the CPU the recipe's batch, where running
-    far larger batches would take minutes per step), until one runs out of memory; the largest that
-    ran is the answer, or, when none ran out, the line's estimate of what fits 90% of the memory
-    still available."""
+    included that allocation made per-image memory come out about twice too high. Then, at half the
+    recipe's batch and at the batch itself, the memory the micro-batch (forward + backward) adds at
+    its peak, and the update's peak on top of the gradients the backward left: the micro-batch
+    grows as fixed + per image x batch, the update does not grow with the batch (at small batches
+    its peak is the step's, so one line through the whole step's peaks would miss the per-image
+    part). A step at b needs max(micro line at b, update). Then batches double from the recipe's
+    while that says they fit, up to `limit` (default: 4096 on CUDA; on the CPU the recipe's batch,
+    where far larger batches take minutes per step), until one runs out of memory; the largest that
+    ran is the answer, or, when none ran out, the estimate of what fits 90% of the memory still
+    available."""
     import copy
 
     from supmae.train.steps import build_pretrain_step
@@ -430,31 +463,42 @@ def probe_batch(cfg: Any, device: Any, num_classes: int, limit: int | None = Non
     small = max(2, batch // 2)
     steps = [build_pretrain_step(cfg, device, num_classes)]
 
-    def run(b: int) -> int:
+    def run(b: int) -> tuple[int, int, int]:
+        """(what the micro-batch adds at its peak, the bytes its forward saves for the backward, what the
+        update needs: the gradients + its own peak)."""
         imgs, labels = _batch(b, size, num_classes, device)
-        with MemoryMeter(device) as m:
+        with MemoryMeter(device) as micro, _SavedBytes() as saved:
             steps[0].micro(imgs, labels)
-            steps[0].update()
         del imgs, labels
-        return m.added
+        with MemoryMeter(device) as update:
+            steps[0].update()
+        return micro.added, saved.bytes, micro.kept + update.added
 
     try:
         run(small)  # the warm step: AdamW's state exists from here on
         if small == batch:
             return {"max_batch": None, "method": "not estimated (the recipe's batch is too small to measure two "
                     "sizes)", "per_image_bytes": None}
-        added_small, added_full = run(small), run(batch)
-        per_image = (added_full - added_small) / (batch - small)
+        (added_small, saved_small, update_small), (added_full, saved_full, update_full) = run(small), run(batch)
+        # Per image: the larger of the peaks' slope and the slope of the activations saved for the
+        # backward. At small batches the backward's peak is the gradients (fixed), so the peaks hardly
+        # grow until the activations take over (ViT-B at 4 -> 8: 3 MiB per image by the peaks, 37.5 by
+        # the saved activations); once they lead, the peaks grow a little faster than the saved
+        # activations (the backward's per-image temporaries).
+        per_image = max(saved_full - saved_small, added_full - added_small) / (batch - small)
+        update_need = max(update_small, update_full)
         available = meter.available()
         out: dict[str, Any] = {"per_image_bytes": per_image, "available_bytes": available,
-                               "added_bytes": {str(small): added_small, str(batch): added_full}, "limit": limit}
+                               "added_bytes": {str(small): added_small, str(batch): added_full},
+                               "saved_bytes": {str(small): saved_small, str(batch): saved_full},
+                               "update_bytes": update_need, "limit": limit}
         if per_image <= 0:
             out.update(max_batch=None, method=f"not estimated: the step's memory did not grow from batch {small} "
                        f"to {batch}")
             return out
         # What the step at `batch` adds is the only room it needs; everything else is already held.
-        # A step at b adds added_full + (b - batch) x per_image; it fits while that stays within 90%
-        # of what is available now (the rest for the loaders and the allocator's slack).
+        # A micro-batch at b adds added_full + (b - batch) x per_image; it fits while that stays within
+        # 90% of what is available now (the rest for the loaders and the allocator's slack).
         estimate = max(batch, batch + int((0.9 * available - added_full) / per_image))
         fits, tried, oom = batch, batch * 2, False
         while tried <= limit and tried <= estimate:
@@ -473,8 +517,10 @@ def probe_batch(cfg: Any, device: Any, num_classes: int, limit: int | None = Non
         else:
             max_batch = max(fits, estimate)
             how = ((f"ran batches up to {fits} (limit {limit})" if fits > batch else f"ran batch {batch}") +
-                   f"; memory a step adds: {added_small / 2**20:.0f} MiB at batch {small}, {added_full / 2**20:.0f} "
-                   f"MiB at {batch}, so {per_image / 2**20:.2f} MiB per image; 90% of the "
+                   f"; a micro-batch adds {added_full / 2**20:.0f} MiB at its peak at batch {batch} and saves "
+                   f"{(saved_full - saved_small) / (batch - small) / 2**20:.2f} MiB per image for its backward (measured at "
+                   f"{small} and {batch}), so {per_image / 2**20:.2f} MiB per image is counted; the "
+                   f"update needs {update_need / 2**20:.0f} MiB whatever the batch; 90% of the "
                    f"{available / 2**30:.1f} GiB still available holds batch {estimate}")
         out.update(max_batch=max_batch, largest_run=fits, hit_oom=oom, estimate=estimate, method=how)
         return out
@@ -488,9 +534,9 @@ def probe_batch(cfg: Any, device: Any, num_classes: int, limit: int | None = Non
 
 
 def predicted_added_bytes(memory: dict[str, Any], batch: int) -> float:
-    """What a step at `batch` adds at its peak, by the probe's line."""
+    """What a whole step (micro-batch + update) at `batch` adds at its peak, by the probe's measurements."""
     largest, added = max((int(k), v) for k, v in memory["added_bytes"].items())
-    return added + (batch - largest) * memory["per_image_bytes"]
+    return max(added + (batch - largest) * memory["per_image_bytes"], memory["update_bytes"])
 
 
 # ---------------------------------------------------------------------------------------------- verdict
