@@ -823,7 +823,8 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
                             cores_per_node or machine["physical_cores"] or machine["usable_cores"], consumed, per_core,
                             scaling, why, storage)
         node.update(consumed_from=how, mfu=mfu if gpu is not None else None,
-                    loader_dtype="uint8" if loader_dtype is not None else "float32")
+                    loader_dtype="uint8" if loader_dtype is not None else "float32",
+                    measured_on_cores=machine["usable_cores"])
     result = {
         "data": os.path.abspath(data),
         "recipe": recipe,
@@ -985,6 +986,9 @@ def render_node(n: dict[str, Any]) -> list[str]:
     for p, why in n["not_measured"].items():
         if p not in n["supplied_images_per_sec"]:
             lines.append(f"| {p} | {why} | | | |")
+    if (n.get("measured_on_cores") or 3) < 3:
+        lines += ["", (f"This machine has {n['measured_on_cores']} usable cores: 2 workers and the process reading "
+                  "their batches share them, so the scaling measured here (and the supply) is a lower bound.")]
     lines += ["", f"Loaders measured with {n['loader_dtype']} batches"
               + (" (what a worker hands a GPU: normalisation left to the device)." if n["loader_dtype"] == "uint8"
                  else ".")]
