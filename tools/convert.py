@@ -119,7 +119,8 @@ from pipelines.errors import DataError
 from tools.beton import JpegSlices, write_beton_in_place
 from tools.files import atomic_path, atomic_write, fsync_dir, remove_stale_temporaries
 from tools.imageio import ALPHA_BACKGROUND, DEFAULT_MAX_PIXELS, JPEG_SUBSAMPLING, RESAMPLE_NAME
-from tools.layouts import Source, SplitPlan, list_source
+from tools.layouts import list_source
+from tools.listing import Source, SplitPlan
 from tools.parallel_write import (
     DEFAULT_PIECE_SIZE,
     OrderedPool,
@@ -231,8 +232,9 @@ def _pieces(plan: SplitPlan, k: int, src: str, out: str, piece_size: int) -> Ite
             s = plan.sources[plan.permutation[pos]]
             if s.archive is None:
                 items.append((prefix + s.rel, -1, -1, f"{pos:0{width}d}", s.label))
-            else:
-                items.append((prefix + s.archive, s.offset, s.size, f"{pos:0{width}d}", s.label))
+            else:  # an archive in SRC, or (staged parquet rows) an absolute path in OUT/.work
+                where = s.archive if os.path.isabs(s.archive) else prefix + s.archive
+                items.append((where, s.offset, s.size, f"{pos:0{width}d}", s.label))
         yield PieceTask(f"{base}.piece-{j:05d}", items)
 
 
