@@ -6,10 +6,10 @@ among the sorted wnids; -1 on the unlabelled test split, which is therefore not 
 
 Listing reads only the `label` and `image.path` columns, one row group at a time (a 500 MB file
 is never loaded whole; the image bytes are not read at all). Rows are checked as
-`tools.layouts.index_rows` says: a row without a label, or whose file name starts with a wnid
+`tools.listing.index_rows` says: a row without a label, or whose file name starts with a wnid
 other than its label's class, is a skipped row with its reason; the class names come from the
 repository's `classes.py` when it sits beside `data/`, else from the train file names (see
-`tools.layouts.hub_classes`). Samples are ordered as ImageFolder would order the same files
+`tools.listing.hub_classes`). Samples are ordered as ImageFolder would order the same files
 in class folders, so the output is byte-identical to converting the extracted tree.
 
 A file whose footer cannot be read (a truncated download: parquet keeps its index at the end)
@@ -44,7 +44,7 @@ from pipelines.constants import SPLITS
 from pipelines.errors import DataError
 from tools import archives as A
 from tools.files import atomic_path, atomic_write
-from tools.layouts import Listing, Row, Source, SplitPlan, hub_listing
+from tools.listing import Listing, Row, Source, SplitPlan, hub_listing
 
 DATA_DIR = "data"
 FILE_NAME = re.compile(r"(train|validation|test)-(\d+)-of-(\d+)\.parquet")

@@ -10,7 +10,7 @@ everything before the cut (the cut is a skipped `truncated-archive` entry), a da
 compressed one is one skipped entry and the other tars are converted. A key without an image
 is `missing-image`, an image without a readable `.cls` is `no-label`, an image whose file name
 starts with another class's wnid is `label-mismatch`. Class names and order as for the
-parquet layout: `tools.layouts.hub_classes`.
+parquet layout: `tools.listing.hub_classes`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pipelines.constants import SPLITS
 from pipelines.errors import DataError
 from tools import archives as A
-from tools.layouts import Listing, Row, hub_listing
+from tools.listing import Listing, Row, hub_listing
 
 TAR_NAME = re.compile(r".+-(train|validation|val)-\d+\.tar")
 HUB_SPLITS = {"train": "train", "validation": "val", "val": "val"}  # their split name -> ours
