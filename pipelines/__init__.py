@@ -94,7 +94,8 @@ def build_pipeline(
     resized to img_size / 0.875 and the centre img_size square kept. `drop_last` (default: train)
     drops the last partial batch. `len()` is the number of batches per epoch, equal on every rank;
     `set_epoch(e)` selects epoch e's seeded order. Backend options (`**backend_kw`):
-    ffcv `dct_scale`; dali `hw_decoder_load`, `initial_fill`, `preallocate_hint`; torchvision `pin_memory`,
+    ffcv `dct_scale`, `crop_decode`, `interpolation` ("linear" or "area"); dali `hw_decoder_load`, `initial_fill`,
+    `preallocate_hint`; torchvision `pin_memory`,
     `source` ("auto", "raw" or "converted": see pipelines/torchvision_pipeline.py).
     Raises DataError (one line, naming the file) for a missing or unreadable dataset."""
     if kind not in KINDS:
