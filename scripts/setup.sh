@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 stamp="$VENV/.supmae-installed"
 
 need_apt=()
-for pkg in libopencv-dev libturbojpeg0-dev pkg-config; do
+for pkg in libopencv-dev libturbojpeg0-dev libjpeg-dev pkg-config; do  # libjpeg-dev: jpeglib.h for pipelines/_cropdecode.cpp
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
