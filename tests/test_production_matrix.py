@@ -1,16 +1,27 @@
 """The paths users run, as they run them: every job x pipeline x rank count, killed with SIGKILL
-in the middle of the run and resumed with `--resume auto`, against an uninterrupted run.
+and resumed with `--resume auto`, against an uninterrupted run.
 
-Each case runs three processes (the reference, the killed one, the resumed one) on a tiny model
-and dataset, with gradient accumulation 2 and deterministic CPU kernels, and requires the
-resumed run to end with exactly the reference's weights, optimiser state and logged losses. Two
-ranks run under torchrun (gloo); the kill takes the whole process group, as a lost node would.
+Each case runs the killed process and the resumed one on a tiny model and dataset, with gradient
+accumulation 2 and deterministic CPU kernels, and requires the resumed run to end with exactly
+the uninterrupted reference's weights, optimiser state and logged losses (one reference per job x
+pipeline x ranks, shared by that cell's kill points). Two ranks run under torchrun (gloo).
+
+Kill points:
+- `mid` (every cell): every process of the job (torchrun and its ranks) is SIGKILLed from outside,
+  as a lost node would be, as soon as a step of epoch 1 is logged (so after the first checkpoint);
+- `step1`: rank 0 SIGKILLs itself right after step 1 of epoch 0, before any checkpoint: `--resume
+  auto` must move the books aside and start over;
+- `save0` / `save1`: rank 0 SIGKILLs itself half-way through writing epoch 0's / 1's checkpoint
+  (a torn temporary file on disk): it must never be taken for a checkpoint.
+The last three are exact through the trainer's test hook `SUPMAE_TEST_KILL_AT` (`supmae.train.faults`);
+a poller outside the process could hit them only by luck.
 
 The matrix is marked `slow` (CI runs it; `-m "not slow"` skips it on a laptop).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -21,8 +32,9 @@ import time
 
 import pytest
 import torch
-from procs import REPO, subprocess_env, torchrun_command
+from procs import REPO, kill_job, subprocess_env, torchrun_command
 
+from supmae.train import faults
 from supmae.train.checkpoint import load_checkpoint
 from supmae.train.run_dir import read_jsonl
 
@@ -75,6 +87,23 @@ def _command(ranks: int, args: list[str]) -> list[str]:
     return torchrun_command(ranks, ["-m", "supmae.cli", *args])
 
 
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict:
+    """The uninterrupted run of each (job, pipeline, ranks), made once for all its kill points."""
+    return {"root": tmp_path_factory.mktemp("matrix-references"), "done": {}}
+
+
+def _reference(references: dict, job: str, pipeline: str, ranks: int, data: str, ckpt: str) -> str:
+    key = (job, pipeline, ranks)
+    if key not in references["done"]:
+        ref_dir = str(references["root"] / f"{job}-{pipeline}-{ranks}")
+        ref = _run(ranks, _job_args(job, pipeline, data, ref_dir, ckpt))
+        if ranks > 1:
+            assert "weights identical on all 2 ranks" in ref.stdout
+        references["done"][key] = ref_dir
+    return references["done"][key]
+
+
 def _run(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(_command(ranks, args), capture_output=True, text=True, check=False, timeout=600,
                           env=subprocess_env(), cwd=REPO)
@@ -83,7 +112,7 @@ def _run(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _kill_mid_run(ranks: int, args: list[str], run_dir: str) -> int:
-    """Start the job, SIGKILL its whole process group as soon as a step of epoch 1 is logged;
+    """Start the job, SIGKILL all its processes as soon as a step of epoch 1 is logged;
     returns how many step lines had been written (some of them after the last checkpoint)."""
     steps_path = os.path.join(run_dir, "steps.jsonl")
     proc = subprocess.Popen(_command(ranks, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -98,11 +127,11 @@ def _kill_mid_run(ranks: int, args: list[str], run_dir: str) -> int:
             time.sleep(0.005)
         else:
             raise AssertionError("no step of epoch 1 within 300 s")
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc.pid)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc.pid)
             proc.wait(timeout=60)
     return len(read_jsonl(steps_path))
 
@@ -125,36 +154,93 @@ def _assert_same_run(ref_dir: str, run_dir: str, loss_keys: tuple[str, ...]) -> 
         assert [r.get(key) for r in rows] == [r.get(key) for r in ref_rows], key
 
 
-CASES = [
+def _kill_at(ranks: int, args: list[str], run_dir: str, point: str) -> None:
+    """Run the job with the test hook armed at `point` (step=N or save=E) and check it died there."""
+    proc = subprocess.Popen(_command(ranks, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**subprocess_env(), faults.ENV: point}, cwd=REPO, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        # Under torchrun the agent tears the other rank down; anything left of the job goes too.
+        kill_job(proc.pid)
+        if proc.poll() is None:
+            proc.wait(timeout=60)
+    if ranks == 1:
+        assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+    else:
+        assert proc.returncode != 0, stderr[-3000:]
+    name, value = point.split("=")
+    checkpoints = glob.glob(os.path.join(run_dir, "checkpoint-*.pth"))
+    if name == "step":  # died right after that step's line, before any checkpoint of its epoch
+        assert read_jsonl(os.path.join(run_dir, "steps.jsonl"))[-1]["step"] == int(value)
+        assert not checkpoints
+    else:  # a torn temporary file on disk; the finished checkpoints are the previous epoch's
+        torn = glob.glob(os.path.join(run_dir, ".checkpoint-last.pth.tmp-*"))
+        assert len(torn) == 1 and os.path.getsize(torn[0]) > 0, os.listdir(run_dir)
+        if int(value) == 0:
+            assert not checkpoints
+        else:
+            assert load_checkpoint(os.path.join(run_dir, "checkpoint-last.pth"))["epoch"] == int(value) - 1
+
+
+KILL_POINTS = {"step1": "step=1", "save0": "save=0", "save1": "save=1"}  # step 1 is in epoch 0 (of 2 steps)
+CELLS = [
     *[("pretrain", p, r) for p in ("ffcv", "dali", "torchvision") for r in (1, 2)],
-    ("finetune", "torchvision", 2),
-    ("finetune", "dali", 2),
-    ("finetune", "dali", 1),
-    ("linprobe", "ffcv", 2),
-    ("linprobe", "dali", 1),
+    *[(job, p, r) for job in ("finetune", "linprobe") for p in ("ffcv", "dali", "torchvision") for r in (1, 2)],
+]
+CASES = [
+    *[(*cell, "mid") for cell in CELLS],
+    # Each job killed before its first checkpoint, on 1 and 2 ranks between them; each in a save.
+    ("pretrain", "torchvision", 1, "step1"),
+    ("pretrain", "dali", 2, "step1"),
+    ("finetune", "ffcv", 1, "step1"),
+    ("linprobe", "torchvision", 2, "step1"),
+    ("pretrain", "ffcv", 2, "save0"),
+    ("finetune", "torchvision", 1, "save0"),
+    ("linprobe", "dali", 1, "save0"),
+    ("pretrain", "ffcv", 1, "save1"),
+    ("finetune", "dali", 2, "save1"),
+    ("linprobe", "ffcv", 2, "save1"),
 ]
 
 
-@pytest.mark.parametrize(("job", "pipeline", "ranks"), CASES, ids=[f"{j}-{p}-{r}rank" for j, p, r in CASES])
-def test_kill_then_resume_equals_uninterrupted(job, pipeline, ranks, converted, encoder_ckpt, tmp_path):
-    ref_dir, run_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
-    ref = _run(ranks, _job_args(job, pipeline, converted, ref_dir, encoder_ckpt))
-    if ranks > 1:
-        assert "weights identical on all 2 ranks" in ref.stdout
+def _case_id(job: str, pipeline: str, ranks: int, kill: str) -> str:
+    return f"{job}-{pipeline}-{ranks}rank" + ("" if kill == "mid" else f"-kill-{kill}")
 
-    # Under a loaded machine the poller may see epoch 1 only after the run has finished its last
-    # checkpoint; such a try tests nothing, so it is made again in a clean directory.
-    for _attempt in range(3):
-        logged = _kill_mid_run(ranks, _job_args(job, pipeline, converted, run_dir, encoder_ckpt), run_dir)
-        last = os.path.join(run_dir, "checkpoint-last.pth")
-        if not os.path.exists(last) or load_checkpoint(last)["epoch"] < EPOCHS - 1:
-            break
-        shutil.rmtree(run_dir)
+
+@pytest.mark.parametrize(("job", "pipeline", "ranks", "kill"), CASES, ids=[_case_id(*c) for c in CASES])
+def test_kill_then_resume_equals_uninterrupted(job, pipeline, ranks, kill, converted, encoder_ckpt, references,
+                                               tmp_path):
+    ref_dir = _reference(references, job, pipeline, ranks, converted, encoder_ckpt)
+    run_dir = str(tmp_path / "killed")
+    args = _job_args(job, pipeline, converted, run_dir, encoder_ckpt)
+
+    if kill == "mid":
+        # Under a loaded machine the poller may see epoch 1 only after the run has finished its last
+        # checkpoint; such a try tests nothing, so it is made again in a clean directory.
+        for _attempt in range(3):
+            logged = _kill_mid_run(ranks, args, run_dir)
+            last = os.path.join(run_dir, "checkpoint-last.pth")
+            if not os.path.exists(last) or load_checkpoint(last)["epoch"] < EPOCHS - 1:
+                break
+            shutil.rmtree(run_dir)
+        else:
+            pytest.fail("three runs finished before the kill reached them")
+        assert logged >= 1
     else:
-        pytest.fail("three runs finished before the kill reached them")
-    assert logged >= 1
-    resumed = _run(ranks, [*_job_args(job, pipeline, converted, run_dir, encoder_ckpt), "--resume", "auto"])
-    assert "resum" in resumed.stdout, resumed.stdout[-2000:]
+        _kill_at(ranks, args, run_dir, KILL_POINTS[kill])
+    resumed = _run(ranks, [*args, "--resume", "auto"])
+    if kill in ("step1", "save0"):
+        # No checkpoint yet: the books are moved aside (kept, not overwritten) and the run starts over.
+        assert "stopped before its first checkpoint" in resumed.stdout, resumed.stdout[-2000:]
+        aside = os.path.join(run_dir, "interrupted-1")
+        assert read_jsonl(os.path.join(aside, "steps.jsonl")), os.listdir(aside)
+    else:
+        assert "resum" in resumed.stdout, resumed.stdout[-2000:]
+    assert not glob.glob(os.path.join(run_dir, ".checkpoint-*"))  # the torn file was never taken for a checkpoint
+    # starts.jsonl is the run's history: the killed process's start and the resumed one's.
+    starts = read_jsonl(os.path.join(run_dir, "starts.jsonl"))
+    assert [s["job"] for s in starts] == [job, job], (starts, resumed.stdout[-2000:])
 
     loss_keys = ("loss", "rec_loss", "cls_loss", "val_cls_acc1") if job == "pretrain" else (
         "train_loss", "test_loss", "test_acc1")
@@ -162,7 +248,7 @@ def test_kill_then_resume_equals_uninterrupted(job, pipeline, ranks, converted, 
     # The killed epoch's step lines were replaced, not duplicated.
     steps = [s["step"] for s in read_jsonl(os.path.join(run_dir, "steps.jsonl"))]
     assert steps == sorted(set(steps)), steps
-    if ranks > 1 and pipeline == "dali":
+    if ranks > 1 and pipeline == "dali" and kill == "mid":
         # A finished run resumed again is a no-op on every rank, and the ranks leave together
         # (an early rank tearing down its gloo group used to abort its peer).
         again = _run(ranks, [*_job_args(job, pipeline, converted, run_dir, encoder_ckpt), "--resume", "auto"])
