@@ -267,6 +267,7 @@ def torchvisions(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return wins[:, 2] * wins[:, 3] / (height * width), np.log(wins[:, 3] / wins[:, 2])
 
 
+@pytest.mark.slow  # 20,000 torchvision draws per shape
 @pytest.mark.parametrize("shape", [(256, 192), (375, 500), (224, 224), (60, 400)])
 def test_crop_window_statistics_are_random_resized_crops(shape):
     from scipy.stats import ks_2samp
