@@ -353,7 +353,7 @@ class TorchvisionPipeline(Pipeline):
             raise DataError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         converted = is_converted(path) if os.path.exists(path) else False
         if converted:
-            reading = _choose_source(ConvertedDataset(path), source)
+            reading = choose_source(ConvertedDataset(path), source)
         elif source == "converted":
             raise DataError(f"source='converted' needs a directory written by 'supmae convert': {path}")
         else:
@@ -415,7 +415,7 @@ class TorchvisionPipeline(Pipeline):
             yield images, labels.to(self.device, non_blocking=non_blocking)
 
 
-def _choose_source(converted: ConvertedDataset, source: str) -> str:
+def choose_source(converted: ConvertedDataset, source: str) -> str:
     """Which bytes to read of a converted directory, "raw" or "converted" (see the module docstring)."""
     layout = str(converted.manifest.get("layout", "imagefolder"))
     raw = converted.source_root

@@ -126,11 +126,17 @@ def dataset_files(path: str, split: str) -> dict[str, tuple[list[str], str | Non
     shards = wds_dir(ds.root, split)
     tars = [f for f in tree(shards) if f.endswith(".tar")] if os.path.isdir(shards) else []
     out["dali"] = (tars, None) if tars else ([], f"no webdataset shards in {os.path.relpath(shards, ds.root)}")
-    src = ds.source_root
-    raw = os.path.join(src, split) if src else ""
-    found = tree(raw) if raw and os.path.isdir(raw) else []
-    out["torchvision"] = (found, None) if found else ([], (f"the raw JPEG tree the manifest names ({raw or 'none'}) "
-                                                        "is not here"))
+    # The torchvision baseline reads the raw ImageFolder tree when the conversion came from one that
+    # is still here, otherwise the JPEG bytes the conversion stored (its shards, else its .beton).
+    from pipelines.torchvision_pipeline import choose_source
+
+    if choose_source(ds, "auto") == "raw":
+        raw = os.path.join(ds.source_root, split)
+        found = tree(raw) if os.path.isdir(raw) else []
+        out["torchvision"] = (found, None) if found else ([], f"no {split}/ folder in the raw tree {ds.source_root}")
+    else:
+        stored = out["dali"][0] or out["ffcv"][0]
+        out["torchvision"] = (stored, None) if stored else ([], "the conversion stored neither shards nor a .beton")
     return out
 
 

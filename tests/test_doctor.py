@@ -246,3 +246,22 @@ def test_doctor_out_empty_writes_no_files(big_jpegs, tmp_path, monkeypatch, caps
     assert main(argv) == 0
     assert "# supmae doctor" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
+
+
+def test_torchvision_is_measured_on_the_stored_bytes_when_the_raw_tree_is_gone(tmp_path):
+    """A conversion whose source has no ImageFolder tree here (official archives, Kaggle, hub
+    layouts, or a tree moved away) is read by the torchvision baseline from its stored JPEGs: the
+    doctor measures those files instead of calling the pipeline unavailable."""
+    from supmae.doctor import dataset_files
+    from tools.convert import convert
+    from tools.synthetic import make_dataset
+
+    raw = make_dataset(str(tmp_path / "raw"), train_per_class=3, val_per_class=0, size=32, seed=0)
+    out = str(tmp_path / "out")
+    convert(raw, out, max_res=32, workers=0, progress=False)
+    files, why = dataset_files(out, "train")["torchvision"]
+    assert why is None and len(files) == 30 and all(f.startswith(os.path.join(raw, "train")) for f in files)
+
+    os.rename(raw, str(tmp_path / "moved"))
+    files, why = dataset_files(out, "train")["torchvision"]
+    assert why is None and files == dataset_files(out, "train")["dali"][0] and files[0].endswith(".tar")
