@@ -11,8 +11,9 @@ from supmae.errors import UserError
 @dataclass
 class DataConfig:
     """Where the data is and how it is read. `path` is a directory written by `supmae convert`
-    (ffcv / dali read it; torchvision reads the raw JPEG tree recorded in its manifest) or, for
-    the torchvision pipeline only, an ImageFolder root."""
+    (ffcv / dali read it; torchvision reads the raw ImageFolder tree its manifest names when that is
+    still there, else the JPEG bytes it stored) or, for the torchvision pipeline only, an ImageFolder
+    root."""
 
     path: str = ""
     pipeline: str = "ffcv"  # ffcv | dali | torchvision
