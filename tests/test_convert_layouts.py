@@ -291,6 +291,23 @@ def test_sharded_parts_merge_into_the_unsharded_conversion(layouts, tmp_path):
         main(["--merge", parts[0], str(tmp_path / "incomplete"), "--no-progress"])
 
 
+def kill_after_chunks(cmd: list[str], out: str, chunks: int = 3) -> None:
+    """Start the conversion `cmd` writing to `out` and SIGKILL it once `chunks` train chunks are
+    recorded as done (mid-run, with work in flight)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    work = os.path.join(out, ".work", "train")
+    killed = False
+    t0 = time.monotonic()
+    while proc.poll() is None and time.monotonic() - t0 < 60:
+        if os.path.isdir(work) and sum(n.endswith(".json") and ".tmp-" not in n for n in os.listdir(work)) >= chunks:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed, "the run finished before it could be interrupted"
+
+
 @pytest.mark.slow
 def test_kill_9_during_an_archive_conversion_then_resume_is_byte_identical(tmp_path):
     src = make_layouts(str(tmp_path / "src"), per_class=16, val_per_class=2)["archives"]
@@ -299,18 +316,7 @@ def test_kill_9_during_an_archive_conversion_then_resume_is_byte_identical(tmp_p
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "supmae.cli", "convert", src, out, "--max-res", "32", "--shard-size", "4"]
     cmd += ["--workers", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    work = os.path.join(out, ".work", "train")
-    killed = False
-    t0 = time.monotonic()
-    while proc.poll() is None and time.monotonic() - t0 < 60:
-        if os.path.isdir(work) and sum(n.endswith(".json") and ".tmp-" not in n for n in os.listdir(work)) >= 3:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert killed, "the run finished before it could be interrupted"
+    kill_after_chunks(cmd, out)
     final = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
     fa, fb = _files(out), _files(reference)

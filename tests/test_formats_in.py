@@ -8,14 +8,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
-from test_convert_layouts import REPO, WNIDS, _files, _jpeg, _same_outputs, _samples, make_layouts
+from test_convert_layouts import REPO, WNIDS, _files, _jpeg, _same_outputs, _samples, kill_after_chunks, make_layouts
 
 from pipelines.errors import DataError
 from supmae.cli import main as cli_main
@@ -253,18 +251,7 @@ def test_kill_9_during_a_parquet_conversion_then_resume_is_byte_identical(tmp_pa
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "supmae.cli", "convert", src, out, "--max-res", "32", "--shard-size", "4"]
     cmd += ["--workers", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    work = os.path.join(out, ".work", "train")
-    killed = False
-    t0 = time.monotonic()
-    while proc.poll() is None and time.monotonic() - t0 < 60:
-        if os.path.isdir(work) and sum(n.endswith(".json") and ".tmp-" not in n for n in os.listdir(work)) >= 3:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert killed, "the run finished before it could be interrupted"
+    kill_after_chunks(cmd, out)
     assert os.listdir(os.path.join(out, ".work", "hf-parquet"))  # the unpacked rows, reused by the resume
     final = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
