@@ -615,6 +615,75 @@ def _normalize_chw_op() -> Any:
     return NormalizeCHW()
 
 
+# How often the consumer, waiting for a batch, checks that FFCV's epoch thread is still alive (s).
+_WORKER_CHECK_S = 0.5
+
+
+@functools.cache
+def _guarded_loader_class() -> Any:
+    """FFCV's Loader whose epoch thread, when it dies, is an error in the consumer instead of a hang.
+
+    FFCV 1.0.2's EpochIterator (a Thread) runs the whole pipeline; an exception there (a corrupt
+    record the compiled decode rejects, a numba or memory error) ends the thread, Python prints it
+    to stderr, and the consumer's `output_queue.get()` (no timeout) waits forever. Here the thread
+    keeps its exception, and the consumer waits with a timeout and checks the thread is alive
+    between waits: a wait that finds the queue empty and the thread gone raises DataError with
+    the thread's exception. A timed get costs nothing per batch worth measuring (one Condition
+    wait with a deadline instead of without). The Loader's `__iter__` is FFCV's own, repeated
+    because it names EpochIterator directly; the thread is started by its constructor, so it
+    cannot be wrapped afterwards."""
+    import queue
+
+    from ffcv.loader import Loader, epoch_iterator
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class GuardedEpochIterator(EpochIterator):
+        error: BaseException | None = None  # the exception that ended run(), set before the thread ends
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                self.error = exc
+
+        def __next__(self) -> Any:
+            while True:
+                try:
+                    result = self.output_queue.get(timeout=_WORKER_CHECK_S)
+                    break
+                except queue.Empty:
+                    if self.is_alive():
+                        continue
+                    try:  # the thread may have put its last item just before ending
+                        result = self.output_queue.get_nowait()
+                        break
+                    except queue.Empty:
+                        self.close()
+                        exc = self.error
+                        what = f"{type(exc).__name__}: {exc}" if exc is not None else "no exception recorded"
+                        raise DataError(f"the ffcv worker thread died ({what})") from exc
+            if result is None:
+                self.close()
+                raise StopIteration()
+            slot, batch = result
+            if epoch_iterator.IS_CUDA:  # as FFCV's own __next__: wait for the slot's copy stream
+                self.current_stream.wait_stream(self.cuda_streams[slot])
+            return batch
+
+    class GuardedLoader(Loader):
+        def __iter__(self) -> Any:
+            Compiler.set_num_threads(self.num_workers)
+            order = self.next_traversal_order()
+            selected_order = order[: len(self) * self.batch_size]
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return GuardedEpochIterator(self, selected_order)
+
+    return GuardedLoader
+
+
 class FfcvPipeline(Pipeline):
     kind = "ffcv"
 
@@ -667,7 +736,6 @@ class FfcvPipeline(Pipeline):
         self.train = train
 
         from ffcv.fields.decoders import IntDecoder
-        from ffcv.loader import Loader
         from ffcv.transforms import ToTensor
 
         # Validation: a centre square of side CROP_PCT * shorter side, resized to img_size: the same
@@ -705,7 +773,7 @@ class FfcvPipeline(Pipeline):
         # (--train.cpu_threads).
         torch_threads = torch.get_num_threads()
         try:
-            self.loader = Loader(
+            self.loader = _guarded_loader_class()(
                 fname,
                 batch_size=batch_size,
                 num_workers=max(1, num_workers),

@@ -301,3 +301,46 @@ def test_uint8_batches_are_pooled_and_keep_their_values(varied):
     assert len({images.data_ptr() for images, _ in held}) >= 2  # several pooled arrays in turn
     for images, copy in held:
         assert torch.equal(images, copy)
+
+
+# ----------------------------------------------------------------------------------------------
+# A worker that dies is an error, not a hang
+
+
+def corrupt_copy(root: str, dest: str, sample: int) -> str:
+    """A copy of the converted dataset `root` whose .beton has sample `sample`'s JPEG bytes zeroed
+    (FFCV's own index still points at them, so only the decode fails)."""
+    import shutil
+
+    from ffcv.reader import Reader
+
+    from pipelines.constants import beton_path
+
+    shutil.copytree(root, dest)
+    fname = beton_path(dest, "train")
+    field = Reader(fname).metadata[sample]["f0"]  # the image, the first field
+    assert field["mode"] == 0  # stored as JPEG: libjpeg rejects the zeroed bytes
+    with open(fname, "r+b") as f:
+        f.seek(int(field["data_ptr"]))
+        f.write(b"\0" * 64)
+    return dest
+
+
+@pytest.mark.timeout(60)  # FFCV's consumer waited on its queue forever before
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_a_failing_decode_in_ffcvs_worker_thread_is_an_error_not_a_hang(varied, tmp_path, dtype):
+    import time
+
+    from pipelines import build_pipeline
+    from pipelines.errors import DataError
+
+    root = corrupt_copy(varied, str(tmp_path / "corrupt"), sample=3)
+    pipe = build_pipeline("ffcv", root, batch_size=4, img_size=24, seed=5, num_workers=1, dtype=dtype)
+    for _ in range(2):  # and again: the dead thread leaves nothing behind that hangs the next epoch
+        pipe.set_epoch(0)
+        start = time.monotonic()
+        with pytest.raises(DataError, match="ffcv worker thread died.*a stored image could not be decoded") as info:
+            for _ in pipe:
+                pass
+        assert time.monotonic() - start < 10
+        assert isinstance(info.value.__cause__, ValueError)  # the thread's own exception, chained
