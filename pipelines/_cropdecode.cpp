@@ -21,6 +21,8 @@
 #include <csetjmp>
 #include <cstdint>
 #include <cstdio>  // jpeglib.h needs FILE and size_t declared first
+#include <cstring>
+#include <vector>
 
 #include <jpeglib.h>
 
@@ -74,19 +76,31 @@ struct ThreadDecoder {
 
 thread_local ThreadDecoder tls_decoder;
 
+// Mirror each row of an RGB image in place. A pixel is 3 bytes, so a byte-wise swap costs six
+// loads and six stores per pixel pair (measured: 11% of a worker's time at 256 px storage, half
+// the images flipped). Instead each row is copied to a small buffer and written back reversed one
+// pixel per 4-byte load and store: each store's 4th byte lands on the next pixel, which the next
+// store overwrites; the row's last pixel is copied byte-wise so nothing past the row is written.
+// The buffer has one byte of padding, so the 4-byte load of its last pixel stays inside it.
 void flip_rows(uint8_t* image, int64_t rows, int64_t cols) {
+    if (cols < 2) return;
+    thread_local std::vector<uint8_t> row_copy;
+    const size_t row_bytes = static_cast<size_t>(cols) * 3;
+    if (row_copy.size() < row_bytes + 1) row_copy.resize(row_bytes + 1);
+    uint8_t* tmp = row_copy.data();
     for (int64_t y = 0; y < rows; ++y) {
-        uint8_t* left = image + y * cols * 3;
-        uint8_t* right = left + (cols - 1) * 3;
-        while (left < right) {
-            for (int c = 0; c < 3; ++c) {
-                const uint8_t t = left[c];
-                left[c] = right[c];
-                right[c] = t;
-            }
-            left += 3;
-            right -= 3;
+        uint8_t* row = image + y * static_cast<int64_t>(row_bytes);
+        std::memcpy(tmp, row, row_bytes);
+        const uint8_t* src = tmp + row_bytes - 3;  // the row's last pixel
+        uint8_t* dst = row;
+        for (int64_t x = 0; x + 1 < cols; ++x, src -= 3, dst += 3) {
+            uint32_t pixel;
+            std::memcpy(&pixel, src, 4);
+            std::memcpy(dst, &pixel, 4);
         }
+        dst[0] = src[0];
+        dst[1] = src[1];
+        dst[2] = src[2];
     }
 }
 
@@ -190,5 +204,17 @@ int supmae_crop_decode(const uint8_t* jpeg, uint64_t size, int64_t image_h, int6
     return supmae_resize_flip(scratch, rows, decoded_w, stride, 0, rows, col0 - xoff, col1 - xoff, dst, dst_h, dst_w,
                               interpolation, flip);
 }
+
+// Where this thread's next batch of decoded images goes (an address, 0 for none), set by the
+// pipeline's Python stage in FFCV's epoch thread after each batch and read by the compiled decode
+// at the start of the next one, in the same thread. Thread-local, so an epoch thread still
+// finishing its batch after the consumer moved on to a new epoch (a new thread) never shares it.
+namespace {
+thread_local int64_t tls_batch_output = 0;
+}  // namespace
+
+void supmae_set_batch_output(int64_t address) { tls_batch_output = address; }
+
+int64_t supmae_batch_output() { return tls_batch_output; }
 
 }  // extern "C"

@@ -46,6 +46,7 @@ import importlib.util
 import math
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -240,9 +241,10 @@ def make_draws_flip(uniform: Any) -> Any:
 
 
 @functools.cache
-def _crop_decode_functions() -> tuple[Any, Any]:
-    """The C++ library's two entry points as ctypes functions (numba calls them from compiled code):
-    (supmae_crop_decode, supmae_resize_flip). DataError when the library was not built."""
+def _crop_decode_functions() -> tuple[Any, Any, Any, Any]:
+    """The C++ library's entry points as ctypes functions (numba calls them from compiled code):
+    (supmae_crop_decode, supmae_resize_flip, supmae_set_batch_output, supmae_batch_output).
+    DataError when the library was not built."""
     spec = importlib.util.find_spec(CROP_DECODE_MODULE)
     if spec is None or not spec.origin or not os.path.isfile(spec.origin):
         raise DataError(
@@ -262,7 +264,13 @@ def _crop_decode_functions() -> tuple[Any, Any]:
     resize = lib.supmae_resize_flip
     resize.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, i64]
     resize.restype = ctypes.c_int
-    return decode, resize
+    set_output = lib.supmae_set_batch_output
+    set_output.argtypes = [i64]
+    set_output.restype = None
+    get_output = lib.supmae_batch_output
+    get_output.argtypes = []
+    get_output.restype = i64
+    return decode, resize, set_output, get_output
 
 
 def decode_window(
@@ -279,7 +287,7 @@ def decode_window(
     (top, left, height, width) decoded at DCT scale `scale_num`/8, resized to `out_size` and
     flipped when `flip`, as uint8 [H, W, 3]. With `out_size` equal to the scaled window's size the
     resize is a copy, so this returns the decoded window's own pixels. DataError on a bad JPEG."""
-    crop_decode, _ = _crop_decode_functions()
+    crop_decode = _crop_decode_functions()[0]
     data = np.ascontiguousarray(jpeg, dtype=np.uint8)
     height, width = int(image_size[0]), int(image_size[1])
     scratch = np.empty(height * width * 3, dtype=np.uint8)
@@ -340,6 +348,32 @@ def _compiled_kernels() -> tuple[Any, Any, Any]:
 
 
 @functools.cache
+def _image_at_kernel() -> Any:
+    """Compiled `image_at(address, height, width)`: the uint8 [height, width, 3] array at `address`
+    (an integer), for the colour jitter on an image decoded into memory the decoder was handed by
+    address (the batch output set with supmae_set_batch_output)."""
+    from llvmlite import ir
+    from numba import carray, njit, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def as_uint8_pointer(typingctx, address):  # pragma: no cover - runs compiled
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+        return types.CPointer(types.uint8)(address), codegen
+
+    @njit(nogil=True)
+    def image_at(address, height, width):  # pragma: no cover - runs compiled
+        return carray(as_uint8_pointer(address), (height, width, 3))
+
+    return image_at
+
+
+@functools.cache
 def _jitter_kernels() -> tuple[Any, Any]:
     """(colour jitter without the flip, the flip draw) compiled once per process, for the decoder
     paths that flip inside the C++ resize."""
@@ -381,7 +415,7 @@ def _crop_decoder(
 
     # ctypes functions, called straight from the compiled decode (no numba dispatcher of their own
     # that several loaders' threads would share); DataError here, not in a worker, when unbuilt.
-    crop_decode_c, resize_flip_c = _crop_decode_functions()
+    crop_decode_c, resize_flip_c, _set_output, batch_output_c = _crop_decode_functions()
 
     class SeededCropDecoder(ResizedCropRGBImageDecoder):
         def __init__(self) -> None:
@@ -400,10 +434,12 @@ def _crop_decoder(
             center_crop_c = Compiler.compile(get_center_crop)
             random_crop_c, _augment, read_int64 = _compiled_kernels()
             jitter_c, draws_flip_c = _jitter_kernels()
+            image_at_c = _image_at_kernel()
             # The array lives as long as this decoder (the loader's pipeline holds it); its address
             # is a constant of the compiled code.
             epoch_address = self.epoch_cell.ctypes.data
             out_h, out_w = int(output_size[0]), int(output_size[1])
+            image_bytes = np.uint64(out_h * out_w * 3)
             scale_lo, scale_hi = float(scale[0]), float(scale[1])
             log_ratio_lo, log_ratio_hi = math.log(ratio[0]), math.log(ratio[1])
             strength = float(color_jitter)
@@ -416,7 +452,14 @@ def _crop_decoder(
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
                 epoch = read_int64(epoch_address)
+                # A batch array handed over by address (the uint8 hand-off, _pooled_uint8_op), read
+                # here in FFCV's epoch thread, or 0: FFCV's own buffer.
+                batch_output = batch_output_c()
                 for dst_ix in my_range(len(batch_indices)):
+                    if batch_output != 0:
+                        target = np.uint64(batch_output) + np.uint64(dst_ix) * image_bytes
+                    else:
+                        target = np.uint64(destination[dst_ix].ctypes.data)
                     source_ix = batch_indices[dst_ix]
                     field = metadata[source_ix]
                     image_data = mem_read(field["data_ptr"], storage_state)
@@ -451,7 +494,7 @@ def _crop_decoder(
                                 k,
                                 scratch.ctypes.data,
                                 scratch.size,
-                                destination[dst_ix].ctypes.data,
+                                target,
                                 out_h,
                                 out_w,
                                 interp,
@@ -477,7 +520,7 @@ def _crop_decoder(
                                 i1,
                                 j0,
                                 j1,
-                                destination[dst_ix].ctypes.data,
+                                target,
                                 out_h,
                                 out_w,
                                 interp,
@@ -493,7 +536,7 @@ def _crop_decoder(
                             i + h,
                             j,
                             j + w,
-                            destination[dst_ix].ctypes.data,
+                            target,
                             out_h,
                             out_w,
                             interp,
@@ -502,7 +545,7 @@ def _crop_decoder(
                     if status != 0:
                         raise ValueError("ffcv pipeline: a stored image could not be decoded (corrupt .beton?)")
                     if is_train and strength > 0.0:
-                        jitter_c(destination[dst_ix], strength, sample_seed, epoch, source_ix)
+                        jitter_c(image_at_c(target, out_h, out_w), strength, sample_seed, epoch, source_ix)
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True
@@ -541,43 +584,68 @@ class BufferPool:
     def __init__(self, dtype: Any = np.float32) -> None:
         self.arrays: list[np.ndarray] = []
         self.dtype = np.dtype(dtype)
+        # An epoch thread finishing its batch after the consumer started the next epoch's thread
+        # takes from the same pool: one array must not go to both.
+        self.lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        for arr in self.arrays:
-            # References: the pool's list, the loop variable and getrefcount's argument.
-            if arr.shape[1:] == shape[1:] and arr.shape[0] >= shape[0] and sys.getrefcount(arr) <= 3:
-                return arr[: shape[0]]
-        arr = np.empty(shape, dtype=self.dtype)
-        self.arrays.append(arr)
-        return arr
+        with self.lock:
+            for arr in self.arrays:
+                # References: the pool's list, the loop variable and getrefcount's argument.
+                if arr.shape[1:] == shape[1:] and arr.shape[0] >= shape[0] and sys.getrefcount(arr) <= 3:
+                    return arr[: shape[0]]
+            arr = np.empty(shape, dtype=self.dtype)
+            self.arrays.append(arr)
+            return arr
 
 
 def _pooled_uint8_op() -> Any:
-    """FFCV operation: the decoded uint8 [B, H, W, 3] batch copied out of FFCV's buffer (which FFCV
-    rewrites batches later) into a pooled array, in FFCV's worker thread. A fresh tensor per batch
-    (a clone in the consumer's thread) page-faults its 9.6 MB in again every batch (64 x 224 px)."""
+    """FFCV operation, in FFCV's epoch thread after the decoder: hands out the uint8 [B, H, W, 3]
+    batch in a pooled array (BufferPool) that FFCV never rewrites, and hands the decoder the array
+    for the thread's next batch (supmae_set_batch_output), so the decoder writes there directly.
+    Only the thread's first batch is decoded into FFCV's buffer and copied out (9.6 MB per batch of
+    64 x 224 px: 3% of a worker's time at 256 px storage). A fresh tensor per batch (a clone in the
+    consumer's thread) would page-fault its 9.6 MB in again every batch."""
     from ffcv.pipeline.operation import Operation
 
-    class PooledCopy(Operation):
+    _decode, _resize, set_output, _get_output = _crop_decode_functions()
+
+    class PooledHandOff(Operation):
         def __init__(self) -> None:
             super().__init__()
             self.pool = BufferPool(np.uint8)
+            # The array the decoder of this thread writes its next batch into. Per thread: an epoch
+            # thread still finishing a batch after the consumer started the next epoch (a new
+            # thread) keeps its own, as the C side's address is thread-local too.
+            self.next = threading.local()
 
         def generate_code(self) -> Any:
             pool = self.pool
+            per_thread = self.next
 
-            def copy(images, _unused):
-                out = pool.take(images.shape)
-                ctypes.memmove(out.ctypes.data, images.ctypes.data, images.nbytes)  # a ctypes call: GIL released
+            def hand_off(images, _unused):
+                n = images.shape[0]
+                prepared = getattr(per_thread, "array", None)
+                if prepared is not None:
+                    out = prepared[:n]  # the decoder wrote this batch there
+                else:
+                    out = pool.take(images.shape)
+                    ctypes.memmove(out.ctypes.data, images.ctypes.data, images.nbytes)  # GIL released
+                # The next batch's array: full batch size (the first batch of an epoch is full).
+                size = prepared.shape[0] if prepared is not None else n
+                per_thread.array = None  # out alone holds `prepared` now, so the pool skips it
+                nxt = pool.take((size, *images.shape[1:]))
+                per_thread.array = nxt
+                set_output(nxt.ctypes.data)
                 return out
 
-            return copy
+            return hand_off
 
         def declare_state_and_memory(self, previous_state: Any) -> Any:
             # Not JIT-fused: the pool is Python.
             return replace(previous_state, jit_mode=False), None
 
-    return PooledCopy()
+    return PooledHandOff()
 
 
 def _normalize_chw_op() -> Any:

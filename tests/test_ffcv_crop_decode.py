@@ -126,6 +126,18 @@ def test_window_decode_resizes_and_flips():
     np.testing.assert_array_equal(plain, ref)
 
 
+@pytest.mark.parametrize("out_w", [1, 2, 3, 41, 224])
+def test_flip_mirrors_every_output_width(out_w):
+    """The flip writes 4 bytes per 3-byte pixel from a row copy: every width, the odd and the
+    one-pixel ones included, comes out as the exact mirror, with nothing written past the row."""
+    from pipelines.ffcv_pipeline import decode_window
+
+    jpeg = encode(textured(120, 160, 2), 2)
+    plain = decode_window(jpeg, (120, 160), (5, 7, 100, 130), (9, out_w))
+    flipped = decode_window(jpeg, (120, 160), (5, 7, 100, 130), (9, out_w), flip=True)
+    np.testing.assert_array_equal(flipped, plain[:, ::-1])
+
+
 def test_area_interpolation_is_ffcvs_own_resize():
     from ffcv.libffcv import resize_crop
 
@@ -301,6 +313,34 @@ def test_uint8_batches_are_pooled_and_keep_their_values(varied):
     assert len({images.data_ptr() for images, _ in held}) >= 2  # several pooled arrays in turn
     for images, copy in held:
         assert torch.equal(images, copy)
+
+
+def test_uint8_batches_are_decoded_straight_into_the_pooled_arrays(varied, monkeypatch):
+    """After an epoch thread's first batch (decoded into FFCV's buffer and copied out), the decoder
+    writes each batch into the pooled array it is handed: one copy per epoch, not per batch, and
+    the same pixels (flip and colour jitter included) as the float32 path, which decodes into
+    FFCV's own buffer and normalises."""
+    import ctypes
+
+    from pipelines import build_pipeline
+    from pipelines.base import Normalizer
+
+    args = {"batch_size": 2, "img_size": 24, "seed": 5, "num_workers": 1, "color_jitter": 0.4}
+    raw = build_pipeline("ffcv", varied, dtype=torch.uint8, **args)
+    ref = build_pipeline("ffcv", varied, **args)
+    copies = []
+    memmove = ctypes.memmove
+    monkeypatch.setattr(ctypes, "memmove", lambda dst, src, n: copies.append(n) or memmove(dst, src, n))
+    count = 0
+    for epoch in (0, 1):
+        raw.set_epoch(epoch)
+        ref.set_epoch(epoch)
+        for (x8, y8), (xf, yf) in zip(raw, ref, strict=True):
+            assert torch.equal(y8, yf)
+            assert (Normalizer(torch.device("cpu"), torch.float32)(x8) - xf).abs().max() < 1e-5
+            count += 1
+    assert count == 2 * len(raw) >= 6
+    assert copies == [2 * 24 * 24 * 3] * 2  # the first batch of each epoch only
 
 
 # ----------------------------------------------------------------------------------------------
