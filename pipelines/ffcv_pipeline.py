@@ -35,7 +35,11 @@ no SIMD path), so the resize never shrinks by 2x or more and bilinear interpolat
 decodes the whole image with FFCV's decoder and cuts the same window from it: the same pixels
 (tested byte for byte), kept as the reference path. Normalisation on the CPU is one parallel
 compiled pass (normalise + HWC->CHW) in FFCV's worker thread into pooled output arrays (see
-BufferPool).
+BufferPool); uint8 batches on the CPU are decoded straight into pooled arrays (_pooled_uint8_op).
+
+Failure: an exception in FFCV's epoch thread (a corrupt record the decoder rejects, a numba error)
+is a DataError in the consumer carrying that exception, within a second (_guarded_loader_class);
+FFCV alone would leave the consumer waiting on its queue forever.
 """
 
 from __future__ import annotations
