@@ -459,6 +459,7 @@ def _crop_decoder(
                 # A batch array handed over by address (the uint8 hand-off, _pooled_uint8_op), read
                 # here in FFCV's epoch thread, or 0: FFCV's own buffer.
                 batch_output = batch_output_c()
+                failures = 0
                 for dst_ix in my_range(len(batch_indices)):
                     if batch_output != 0:
                         target = np.uint64(batch_output) + np.uint64(dst_ix) * image_bytes
@@ -547,9 +548,13 @@ def _crop_decoder(
                             np.int64(flip),
                         )
                     if status != 0:
-                        raise ValueError("ffcv pipeline: a stored image could not be decoded (corrupt .beton?)")
-                    if is_train and strength > 0.0:
+                        failures += 1
+                    elif is_train and strength > 0.0:
                         jitter_c(image_at_c(target, out_h, out_w), strength, sample_seed, epoch, source_ix)
+                # Raised after the loop: a `raise` inside it is a second exit, and numba then runs the
+                # prange serially (one core per loader whatever its workers).
+                if failures > 0:
+                    raise ValueError("ffcv pipeline: a stored image could not be decoded (corrupt .beton?)")
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True

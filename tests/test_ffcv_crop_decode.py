@@ -209,6 +209,7 @@ def varied(tmp_path_factory) -> str:
 def batches(root: str, split: str, **kw) -> list[torch.Tensor]:
     from pipelines import build_pipeline
 
+    kw.setdefault("num_workers", 1)
     pipe = build_pipeline(
         "ffcv",
         root,
@@ -216,7 +217,6 @@ def batches(root: str, split: str, **kw) -> list[torch.Tensor]:
         batch_size=4,
         img_size=24,
         seed=5,
-        num_workers=1,
         color_jitter=0.4 if split == "train" else 0.0,
         **kw,
     )
@@ -225,6 +225,22 @@ def batches(root: str, split: str, **kw) -> list[torch.Tensor]:
         pipe.set_epoch(epoch)
         out += [images.clone() for images, _ in pipe]
     return out
+
+
+@pytest.mark.parametrize("crop_decode", [True, False])
+def test_the_decode_loop_runs_in_parallel_over_workers(varied, crop_decode):
+    """With 2 workers FFCV compiles the decode loop as a numba prange; anything that gives the loop a
+    second exit (a `raise` inside it) makes numba run it serially, one core whatever the workers,
+    and say so with a NumbaPerformanceWarning."""
+    import warnings
+
+    from numba.core.errors import NumbaPerformanceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches(varied, "train", num_workers=2, crop_decode=crop_decode)
+    serial = [str(w.message).strip().splitlines()[0] for w in caught if issubclass(w.category, NumbaPerformanceWarning)]
+    assert not serial, serial
 
 
 @pytest.mark.slow
