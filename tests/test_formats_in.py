@@ -14,6 +14,7 @@ import tarfile
 
 import pytest
 from test_convert_layouts import REPO, WNIDS, _files, _jpeg, _same_outputs, _samples, kill_after_chunks, make_layouts
+from test_convert_layouts import _tar_bytes as tar_bytes
 
 from pipelines.errors import DataError
 from supmae.cli import main as cli_main
@@ -53,16 +54,6 @@ def make_parquet(folder: str, root: str) -> str:
     write_parquet(os.path.join(root, "data", "validation-00000-of-00001.parquet"), folder_images(folder, "val"))
     write_parquet(os.path.join(root, "data", "test-00000-of-00001.parquet"), [("test_1.JPEG", -1, _jpeg(5))])
     return root
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def wds_members(images: list[tuple[str, int, bytes]], with_json: bool) -> list[tuple[str, bytes]]:
