@@ -120,30 +120,30 @@ def decide_resume(resume: str, run_dir: Any, info: dist_utils.DistInfo, log: Cal
             refusal = run_dir.lock(log)
         except OSError as exc:
             refusal = f"cannot create or lock the run directory {run_dir.path}: {exc.strerror or exc}"
-        try:
-            if refusal:
-                pass
-            elif resume == "":
-                if run_dir.holds_a_run():
-                    refusal = (f"run directory {run_dir.path} already holds a run (log or checkpoints); continue "
-                               f"it with --resume auto, or choose another --output-dir")
-            elif resume == "auto":
-                found = find_resume_checkpoint(run_dir.path, log=log)
-                if found is not None:
-                    path, ckpt = found
-                elif run_dir.checkpoint_files():
-                    refusal = (f"--resume auto: no usable checkpoint in {run_dir.path} (none of its checkpoint "
-                               f"files loads); refusing to start over and overwrite it (choose another --output-dir)")
-                elif run_dir.holds_a_run():
-                    aside = run_dir.set_aside()
-                    log(f"--resume auto: {run_dir.path} holds a run stopped before its first checkpoint; its "
-                        f"books moved to {aside}, starting over")
-            else:
-                path, ckpt = resume, load_checkpoint(resume)
-        except UserError as exc:
-            refusal = str(exc)
-        except OSError as exc:  # moving the books aside failed (permissions, a full disk)
-            refusal = f"--resume auto: cannot move the old books of {run_dir.path} aside: {exc}"
+        if not refusal:  # locked: decide what to resume from
+            try:
+                if resume == "":
+                    if run_dir.holds_a_run():
+                        refusal = (f"run directory {run_dir.path} already holds a run (log or checkpoints); continue "
+                                   f"it with --resume auto, or choose another --output-dir")
+                elif resume == "auto":
+                    found = find_resume_checkpoint(run_dir.path, log=log)
+                    if found is not None:
+                        path, ckpt = found
+                    elif run_dir.checkpoint_files():
+                        refusal = (f"--resume auto: no usable checkpoint in {run_dir.path} (none of its "
+                                   f"checkpoint files loads); refusing to start over and overwrite it (choose "
+                                   f"another --output-dir)")
+                    elif run_dir.holds_a_run():
+                        aside = run_dir.set_aside()
+                        log(f"--resume auto: {run_dir.path} holds a run stopped before its first checkpoint; its "
+                            f"books moved to {aside}, starting over")
+                else:
+                    path, ckpt = resume, load_checkpoint(resume)
+            except UserError as exc:
+                refusal = str(exc)
+            except OSError as exc:  # moving the books aside failed (permissions, a full disk)
+                refusal = f"--resume auto: cannot move the old books of {run_dir.path} aside: {exc}"
     _shared_refusal(refusal, info)
     if info.distributed:
         path, ckpt = dist_utils.broadcast_object((path, ckpt))
