@@ -37,6 +37,7 @@ constexpr int kErrScratch = -2;    // the scratch buffer is too small for the de
 constexpr int kErrArgument = -3;   // window or scale out of range
 constexpr int kErrSize = -4;       // the JPEG header's size differs from the one the caller passed
 constexpr int kErrResize = -5;     // OpenCV refused the resize (e.g. an unknown interpolation)
+constexpr int kErrCorrupt = -6;    // libjpeg warned of corrupt data (it would have decoded grey or wrong pixels)
 
 struct ErrorManager {
     jpeg_error_mgr pub;
@@ -49,8 +50,10 @@ void on_error(j_common_ptr cinfo) {
     longjmp(err->jump, 1);
 }
 
-// Corrupt-data warnings would be printed to stderr from every worker thread; the decode goes on
-// as libjpeg-turbo's own tools do.
+// Warnings are not printed (from every worker thread); libjpeg still counts them in num_warnings
+// (its emit_message does), and a decode that met one returns kErrCorrupt: a truncated scan or a
+// marker inside the entropy-coded data is a warning to libjpeg, which then fills the rest of the
+// image with grey, and those pixels must never reach training as if they were the image.
 void on_message(j_common_ptr) {}
 
 // One decompressor per thread, created on first use and reused: jpeg_abort_decompress returns it
@@ -138,7 +141,7 @@ int supmae_resize_flip(const uint8_t* src, int64_t rows, int64_t cols, int64_t s
 // [top*k/8, max(that + 1, (top + height)*k/8)) of the scaled image (floors, clamped to it) and
 // likewise for columns: the same pixels as FFCV's whole-image decoder path cut from a full
 // decode. `scratch` (scratch_size bytes) receives the decoded window rows. Returns 0 or an error
-// code (negative).
+// code (negative): kErrCorrupt when libjpeg warned of corrupt data in what it decoded.
 int supmae_crop_decode(const uint8_t* jpeg, uint64_t size, int64_t image_h, int64_t image_w, int64_t top, int64_t left,
                        int64_t height, int64_t width, int64_t scale_num, uint8_t* scratch, uint64_t scratch_size,
                        uint8_t* dst, int64_t dst_h, int64_t dst_w, int64_t interpolation, int64_t flip) {
@@ -153,6 +156,7 @@ int supmae_crop_decode(const uint8_t* jpeg, uint64_t size, int64_t image_h, int6
         jpeg_abort_decompress(cinfo);
         return kErrJpeg;
     }
+    dec.err.pub.num_warnings = 0;
     jpeg_mem_src(cinfo, jpeg, static_cast<unsigned long>(size));
     jpeg_read_header(cinfo, TRUE);
     if (static_cast<int64_t>(cinfo->image_height) != image_h || static_cast<int64_t>(cinfo->image_width) != image_w) {
@@ -199,8 +203,9 @@ int supmae_crop_decode(const uint8_t* jpeg, uint64_t size, int64_t image_h, int6
         jpeg_read_scanlines(cinfo, &row, 1);
     }
     const int64_t decoded_w = cinfo->output_width;
-    // The rows below the window are never decoded.
+    // The rows below the window are never decoded (damage there is the caller's checksum's to see).
     jpeg_abort_decompress(cinfo);
+    if (dec.err.pub.num_warnings > 0) return kErrCorrupt;
     return supmae_resize_flip(scratch, rows, decoded_w, stride, 0, rows, col0 - xoff, col1 - xoff, dst, dst_h, dst_w,
                               interpolation, flip);
 }

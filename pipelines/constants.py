@@ -27,6 +27,10 @@ SKIPPED_FILE = "skipped.tsv"
 FFCV_DIR = "ffcv"
 WDS_DIR = "wds"
 FFCV_FIELDS = ("image", "label")
+# The converter's third .beton field: the CRC-32 (zlib) of each stored JPEG, checked when a record is
+# read, so bytes damaged after conversion are never trained on. A .beton without it (written before
+# it existed) still reads: only the decoder's own checks (libjpeg warnings and errors) apply there.
+FFCV_CHECKSUM_FIELD = "crc32"
 WDS_IMAGE_EXT = "jpg"
 WDS_CLS_EXT = "cls"
 WDS_LABEL_EXT = "label"

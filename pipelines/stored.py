@@ -6,6 +6,11 @@ Used by the torchvision pipeline to read a conversion whatever the layout it was
 (ImageFolder, the official archives, Kaggle), and by `bench loaders` to measure the bare decode
 rate of exactly the files the pipelines read.
 
+Damage: when the conversion has a `.beton` with the crc32 field, every read is checked against
+the CRC-32 stored for that position (the shards and the `.beton` hold the same bytes in the same
+order), and a mismatch is a DataError naming the file, split and position: bytes damaged after
+conversion are never handed to the decoder as if they were the image.
+
 Order: position p is the p-th sample the converter wrote (its seeded permutation). `source_order()`
 sorts the positions by source index (the manifest's `permutation`), which is the order ImageFolder
 lists the same images in; so index i of a dataset built on it is the i-th converted image of the
@@ -15,12 +20,13 @@ raw tree, with the raw tree's label.
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Any
 
 import numpy as np
 
 from pipelines.base import ConvertedDataset
-from pipelines.constants import WDS_IMAGE_EXT, WDS_LABEL_EXT, beton_path, wds_dir
+from pipelines.constants import FFCV_CHECKSUM_FIELD, WDS_IMAGE_EXT, WDS_LABEL_EXT, beton_path, wds_dir
 from pipelines.errors import DataError
 
 _INDEX_VERSION = "v1.2"
@@ -67,8 +73,25 @@ class StoredJpegs:
                 f"the stored {self.source} files of split '{split}' hold {len(self.offsets)} images but the manifest "
                 f"of {self.dataset.root} says {self.count}; re-run the conversion"
             )
+        self.checksums = self._load_checksums(split)
         self._fds: dict[str, int] = {}
         self._pid = -1
+
+    def _load_checksums(self, split: str) -> np.ndarray | None:
+        """The CRC-32 of each position's JPEG from the `.beton`'s crc32 field; None when there is no
+        `.beton`, no ffcv to read it, or no such field (a conversion from before it existed)."""
+        path = beton_path(self.dataset.root, split)
+        if not os.path.isfile(path):
+            return None
+        try:
+            from ffcv.reader import Reader
+        except ImportError:
+            return None
+        reader = Reader(path)
+        names = list(reader.handlers)
+        if FFCV_CHECKSUM_FIELD not in names or int(reader.num_samples) != self.count:
+            return None
+        return np.asarray(reader.metadata[f"f{names.index(FFCV_CHECKSUM_FIELD)}"], dtype=np.int64)
 
     def _load_wds(self, split: str) -> None:
         from pipelines.dali_pipeline import find_shards
@@ -135,6 +158,12 @@ class StoredJpegs:
         data = os.pread(fd, size, int(self.offsets[position]))
         if len(data) != size:
             raise DataError(f"{self.paths[k]} is shorter than its index says (re-run the conversion)")
+        if self.checksums is not None and zlib.crc32(data) != int(self.checksums[position]):
+            raise DataError(
+                f"{self.paths[k]}: sample {position} of split '{self.split}' is damaged: its stored JPEG bytes do "
+                "not match the crc32 written at conversion; the file changed after conversion (a bad disk, copy "
+                "or transfer?): restore it or convert the dataset again"
+            )
         return data
 
     def __getstate__(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -293,15 +294,22 @@ def test_ffcv_loader_reads_the_beton(bad_out):
         num_workers=1,
         order=OrderOption.SEQUENTIAL,
         drop_last=False,
-        pipelines={"image": [CenterCropRGBImageDecoder((24, 24), ratio=1.0)], "label": [IntDecoder()]},
+        pipelines={
+            "image": [CenterCropRGBImageDecoder((24, 24), ratio=1.0)],
+            "label": [IntDecoder()],
+            "crc32": [IntDecoder()],
+        },
     )
-    got, pixels = [], []
-    for images, batch_labels in loader:
+    got, pixels, checksums = [], [], []
+    for images, batch_labels, batch_checksums in loader:
         assert images.shape[1:] == (24, 24, 3)
         got.extend(np.asarray(batch_labels).reshape(-1).tolist())
+        checksums.extend(np.asarray(batch_checksums).reshape(-1).tolist())
         pixels.append(float(np.asarray(images).std()))
     assert got == labels
     assert min(pixels) > 5, "decoded images carry content"
+    # The third field: each stored JPEG's CRC-32, as zlib computes it.
+    assert checksums == [zlib.crc32(j) for j in _beton_jpegs(beton_path(out, "train"))[0]]
 
 
 def test_dali_webdataset_reader_reads_the_shards(bad_out):
@@ -800,29 +808,34 @@ def _random_slices(tmp_path, sizes: list[int], seed: int):
     return JpegSlices(
         files, file_ids, offs, np.asarray(sizes, dtype=np.int64),
         rng.integers(1, 300, size=n), rng.integers(1, 300, size=n), rng.integers(0, 1000, size=n),
+        rng.integers(0, 1 << 32, size=n),
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "sizes",
+    "sizes, exact_page_ends",
     [
-        [5000],
-        # Many samples, pages filling up, samples landing exactly on a page's end.
-        [700_000, 700_000, 700_000, (2 << 20) - 2_100_000, 900_000, 1_200_000, 1_100_000] * 3,
+        ([5000], 0),
+        # Many samples, pages filling up (2 MiB pages), samples ending exactly on a page's end (the
+        # third fills page 0 to its last byte, the fifth page 1: 4 such ends in all), samples that
+        # do not fit a page's rest opening the next one.
+        ([700_000, 700_000, (2 << 20) - 1_400_000, 900_000, (2 << 20) - 900_000, 1_200_000, 1_100_000] * 3, 4),
         # A sample bigger than the smallest page: the page grows.
-        [100_000, (2 << 20) + 1, 50_000, 3_000_000],
+        ([100_000, (2 << 20) + 1, 50_000, 3_000_000], 0),
     ],
     ids=["one", "page-breaks", "grown-page"],
 )
-def test_in_place_beton_equals_ffcvs_one_worker_writer(tmp_path, sizes):
+def test_in_place_beton_equals_ffcvs_one_worker_writer(tmp_path, sizes, exact_page_ends):
     from tools.beton import plan_beton, read_jpeg_table, write_beton, write_beton_in_place
     from tools.parallel_write import OrderedPool
 
-    sizes = [s for s in sizes if s > 0]
+    assert all(s > 0 for s in sizes), "every case is tested as written"
     dataset = _random_slices(tmp_path, sizes, seed=len(sizes))
     ref = str(tmp_path / "ref.beton")
     write_beton(ref, dataset, max_resolution=300, jpeg_quality=90)
     plan = plan_beton(dataset, max_resolution=300, jpeg_quality=90)
+    ends = plan.ptrs - plan.ptrs[0] + np.asarray(sizes)  # from the start of the data region
+    assert int((ends % plan.page_size == 0).sum()) == exact_page_ends
     with open(ref, "rb") as f:
         want = f.read()
     assert plan.file_size == len(want)

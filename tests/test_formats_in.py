@@ -265,3 +265,44 @@ def test_parquet_files_of_another_schema_are_refused_in_one_line(tmp_path):
     pq.write_table(table, str(src / "data" / "train-00000-of-00001.parquet"))
     with pytest.raises(DataError, match="image' {bytes, path}"):
         convert(str(src), str(tmp_path / "out"), workers=0, progress=False)
+
+
+def _failing_image_reads(monkeypatch, failures: int, exc: BaseException) -> list[int]:
+    """pyarrow's own `read_row_group`, except that its first `failures` reads of the image bytes
+    raise `exc` (a flaky disk, a MemoryError): the fault injected into the real reader."""
+    import pyarrow.parquet as pq
+
+    real = pq.ParquetFile.read_row_group
+    seen = [0]
+
+    def read_row_group(self, i, columns=None, **kw):
+        if columns == ["image.bytes"]:
+            seen[0] += 1
+            if seen[0] <= failures:
+                raise exc
+        return real(self, i, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
+    return seen
+
+
+def test_a_transient_parquet_read_error_is_retried_and_never_a_skip(hubs, tmp_path, monkeypatch):
+    seen = _failing_image_reads(monkeypatch, 1, OSError(5, "Input/output error"))
+    out = str(tmp_path / "out")
+    m = convert(hubs["hf"], out, max_res=32, workers=0, shard_size=4, progress=False)
+    assert seen[0] > 1
+    assert m["skipped"]["count"] == 0 and _skipped(out) == []
+    ref = str(tmp_path / "ref")
+    convert(hubs["folder"], ref, max_res=32, workers=0, shard_size=4, progress=False)
+    _same_outputs(out, ref)  # every row converted, byte for byte
+
+
+def test_a_persistent_parquet_read_error_fails_the_run_and_the_rerun_converts_everything(hubs, tmp_path, monkeypatch):
+    _failing_image_reads(monkeypatch, 10**9, MemoryError())
+    out = str(tmp_path / "out")
+    with pytest.raises(DataError, match="row group .* cannot be read after 3 tries .*MemoryError"):
+        convert(hubs["hf"], out, max_res=32, workers=0, shard_size=4, progress=False)
+    assert not os.path.exists(os.path.join(out, "skipped.tsv"))
+    monkeypatch.undo()
+    m = convert(hubs["hf"], out, max_res=32, workers=0, shard_size=4, progress=False)
+    assert m["skipped"]["count"] == 0 and verify(out) == []

@@ -1,8 +1,10 @@
 """Write an FFCV `.beton` from JPEG bytes the converter has already encoded, so the `.beton` stores
 exactly the bytes the webdataset shards store.
 
-The file is a stock FFCV file: field `image` is an `RGBImageField` (JPEG mode) and `label` an
-`IntField`, and the field table names the stock types, so any FFCV reader opens it.
+The file is a stock FFCV file: field `image` is an `RGBImageField` (JPEG mode), `label` an
+`IntField`, and `crc32` an `IntField` holding the CRC-32 (zlib) of each stored JPEG, which the
+ffcv pipeline checks when it reads a record (storage rots after conversion: a bad disk, a bad
+copy, a cut rsync); the field table names the stock types, so any FFCV reader opens it.
 
 Two writers give the same bytes (a test holds them to it):
 
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tools.files import die_with_parent
+from pipelines.constants import FFCV_CHECKSUM_FIELD
+from tools.files import die_with_parent, pwrite_all
 
 # FFCV's default page; grown to fit the largest JPEG when needed (a sample never spans pages).
 DEFAULT_PAGE_SIZE = 8 << 20
@@ -75,12 +78,14 @@ class JpegSlices:
         heights: np.ndarray,
         widths: np.ndarray,
         labels: np.ndarray,
+        checksums: np.ndarray,
     ) -> None:
         n = len(file_ids)
-        assert all(len(a) == n for a in (offsets, sizes, heights, widths, labels)), "ragged sample arrays"
+        assert all(len(a) == n for a in (offsets, sizes, heights, widths, labels, checksums)), "ragged sample arrays"
         self.files = list(files)
         self.file_ids, self.offsets, self.sizes = file_ids, offsets, sizes
         self.heights, self.widths, self.labels = heights, widths, labels
+        self.checksums = checksums  # CRC-32 of each JPEG
         self._owner_pid = os.getpid()
         self._fds: dict[int, int] = {}
         self._checked_pid = -1
@@ -88,7 +93,7 @@ class JpegSlices:
     def __len__(self) -> int:
         return len(self.file_ids)
 
-    def __getitem__(self, i: int) -> tuple[EncodedJpeg, int]:
+    def __getitem__(self, i: int) -> tuple[EncodedJpeg, int, int]:
         pid = os.getpid()
         if pid != self._checked_pid:
             # First call in FFCV's writer process: file descriptors are per process, and the
@@ -106,7 +111,7 @@ class JpegSlices:
         if len(data) != size:
             raise OSError(f"{self.files[fid]}: short read at {int(self.offsets[i])}")
         sample = EncodedJpeg(np.frombuffer(data, dtype=np.uint8), int(self.heights[i]), int(self.widths[i]))
-        return sample, int(self.labels[i])
+        return sample, int(self.labels[i]), int(self.checksums[i])
 
 
 # How often FFCV's writer checks whether its workers are done (its own loop sleeps 0.1 s).
@@ -161,7 +166,7 @@ def _fields(max_resolution: int, jpeg_quality: int) -> dict:
     from ffcv.fields import IntField, RGBImageField
 
     image = RGBImageField(write_mode="jpg", max_resolution=max_resolution, jpeg_quality=jpeg_quality)
-    return {"image": image, "label": IntField()}
+    return {"image": image, "label": IntField(), FFCV_CHECKSUM_FIELD: IntField()}
 
 
 @dataclass(frozen=True)
@@ -241,13 +246,14 @@ def plan_beton(dataset: JpegSlices, max_resolution: int, jpeg_quality: int) -> B
     header["alloc_table_ptr"] = alloc_table_ptr
 
     # As the fields' encode() fill the shared metadata table (image: mode, size, pointer; label).
-    image_name, label_name = metadata_type.names
+    image_name, label_name, checksum_name = metadata_type.names
     metadata = np.zeros(n, dtype=metadata_type)
     metadata[image_name]["mode"] = JPEG_MODE
     metadata[image_name]["width"] = dataset.widths
     metadata[image_name]["height"] = dataset.heights
     metadata[image_name]["data_ptr"] = ptrs
     metadata[label_name] = dataset.labels
+    metadata[checksum_name] = dataset.checksums
 
     # One allocation per sample, in sample order (one worker).
     alloc = np.zeros(n, dtype=ALLOC_TABLE_TYPE)
@@ -312,9 +318,9 @@ def write_beton_in_place(
     plan = plan_beton(dataset, max_resolution, jpeg_quality)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.pwrite(fd, plan.head, 0)
+        pwrite_all(fd, plan.head, 0)
         os.ftruncate(fd, plan.file_size)
-        os.pwrite(fd, plan.alloc_table, plan.alloc_table_ptr)
+        pwrite_all(fd, plan.alloc_table, plan.alloc_table_ptr)
     finally:
         os.close(fd)
     tasks = []
@@ -338,8 +344,8 @@ def write_beton_in_place(
 
 def read_jpeg_table(path: str) -> dict[str, np.ndarray]:
     """Where each sample's stored JPEG lies in a `.beton` (data pointer and size from FFCV's own
-    reader), with its height, width and label: enough to copy the samples into another file
-    without decoding or re-encoding them."""
+    reader), with its height, width, label and (when the file has the field) CRC-32: enough to copy
+    the samples into another file without decoding or re-encoding them."""
     from ffcv.reader import Reader
 
     reader = Reader(path)
@@ -348,10 +354,13 @@ def read_jpeg_table(path: str) -> dict[str, np.ndarray]:
     label = reader.metadata[f"f{names.index('label')}"]
     sizes_by_ptr = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
     ptrs = image["data_ptr"].astype(np.int64)
-    return {
+    table = {
         "offsets": ptrs,
         "sizes": np.asarray([sizes_by_ptr[p] for p in ptrs.tolist()], dtype=np.int64),
         "heights": image["height"].astype(np.int64),
         "widths": image["width"].astype(np.int64),
         "labels": np.asarray(label, dtype=np.int64),
     }
+    if FFCV_CHECKSUM_FIELD in names:
+        table["crc32"] = np.asarray(reader.metadata[f"f{names.index(FFCV_CHECKSUM_FIELD)}"], dtype=np.int64)
+    return table

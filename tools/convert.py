@@ -31,7 +31,8 @@ Output (layout in `pipelines/constants.py`): per split, samples in a seeded rand
 permutation of the split's sources, seeded by --seed and the split name, is in the manifest), cut
 into chunks of --shard-size source files. Chunk k of split s becomes the webdataset shard
 `wds/s/s-kkkkkk.tar` (+ its DALI index `.idx`); the `.beton` is assembled from the finished chunks
-at the end, as FFCV's one-worker writer lays it out. Sample keys are the sample's position in the
+at the end, as FFCV's one-worker writer lays it out, with a third field `crc32` (each JPEG's
+CRC-32, computed by the worker that encoded it) that the pipelines check when they read a record. Sample keys are the sample's position in the
 permutation (gaps where a file was skipped). `sources/<split>.tsv` lists every file seen (index,
 label, path relative to SRC); `manifest.json["splits"][s]["permutation"]` lists, in output order,
 the source index of each sample. `skipped.tsv` lists every file not converted with a reason code
@@ -89,6 +90,11 @@ Bad input never stops the run and is never dropped silently; each file not conve
     hub row / sample without a usable label         skipped  no-label (parquet label null or -1, bad .cls)
     hub file name's wnid is not its label's class   skipped  label-mismatch
     parquet file without its footer (cut download)  skipped  truncated-archive (its rows cannot be located)
+    webdataset KEY.png beside KEY.jpg               skipped  second-image (one image per sample; .jpg converted)
+    webdataset member repeating a KEY.EXT           skipped  duplicate-member (the first one converted)
+    unreadable .json sidecar (bad, deep, > 1 MB)    converted under its key's name; a warning counts them
+    out of descriptors / disk / memory              the run stops (DataError, exit 2); rerun to resume
+    parquet row group unreadable after 3 tries      the run stops (DataError, exit 2); rerun to resume
 
 Tests run as root, for whom `chmod 000` does not make a file unreadable: there a symlink loop
 (ELOOP on open) is the unreadable file. With --strict any skipped file makes the exit status 1
@@ -98,6 +104,7 @@ Tests run as root, for whom `chmod 000` does not make a file unreadable: there a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -117,7 +124,14 @@ from pipelines.constants import (
 )
 from pipelines.errors import DataError
 from tools.beton import JpegSlices, write_beton_in_place
-from tools.files import atomic_path, atomic_write, fsync_dir, remove_stale_temporaries
+from tools.files import (
+    OutLock,
+    atomic_path,
+    atomic_write,
+    fsync_dir,
+    is_resource_error,
+    remove_stale_temporaries,
+)
 from tools.imageio import ALPHA_BACKGROUND, DEFAULT_MAX_PIXELS, JPEG_SUBSAMPLING, RESAMPLE_NAME
 from tools.layouts import list_source
 from tools.listing import Source, SplitPlan
@@ -135,13 +149,14 @@ from tools.parallel_write import (
 from tools.wids import write_wids_index
 
 # Bump when the same options would give different output bytes (keys, layout, encoding rules).
-TOOL_VERSION = 1
+TOOL_VERSION = 2  # 2: the .beton's crc32 field
 FORMATS = ("ffcv", "wds")
 DEFAULT_SHARD_SIZE = 1000
 WORK_DIR = ".work"
 SOURCES_DIR = "sources"
 STATE_FILE = "state.json"
 PART_FILE = "part.json"
+LOCK_FILE = "convert.lock"  # in WORK_DIR: held by the one conversion or merge writing OUT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,15 +258,16 @@ def _stitch_task(out: str, plan: SplitPlan, k: int, pieces: list[PieceResult], k
     positions = plan.shard_positions(k)
     results = [r for piece in pieces for r in piece.results]
     assert len(results) == len(positions), "results out of step with the plan"
-    meta, skipped, keys, sizes = [], [], [], []
+    meta, skipped, keys, sizes, checksums = [], [], [], [], []
     source_bytes = 0
     key_width = plan.key_width
     for pos, src_index, res in zip(positions, plan.permutation[positions.start : positions.stop].tolist(), results):
         if res[0] == "ok":
-            _, jpeg_size, width, height, nbytes = res
+            _, jpeg_size, width, height, nbytes, crc = res
             meta.append([pos, src_index, plan.sources[src_index].label, width, height])
             keys.append(f"{pos:0{key_width}d}")
             sizes.append(jpeg_size)
+            checksums.append(crc)
         else:
             _, code, detail, nbytes = res
             skipped.append([pos, src_index, code, detail])
@@ -264,6 +280,7 @@ def _stitch_task(out: str, plan: SplitPlan, k: int, pieces: list[PieceResult], k
         "idx": None,
         "idx_bytes": 0,
         "samples": meta,
+        "crc32": checksums,  # per converted sample, the CRC-32 of its JPEG (the .beton's crc32 field)
         "skipped": skipped,
         "source_bytes": source_bytes,
         "jpeg_bytes": sum(sizes),
@@ -327,7 +344,7 @@ def _convert_chunks(
 
 def _beton_sources(out: str, records: list[dict]) -> JpegSlices:
     """Where each converted sample's JPEG lies in the chunks' shards, in output order."""
-    files, file_ids, rows = [], [], []
+    files, file_ids, rows, checksums = [], [], [], []
     for rec in records:
         if rec["tar"] is None:
             continue
@@ -335,9 +352,17 @@ def _beton_sources(out: str, records: list[dict]) -> JpegSlices:
         for pos, src_index, label, width, height, offset, size in rec["samples"]:
             file_ids.append(len(files) - 1)
             rows.append((offset, size, height, width, label))
+        checksums.extend(rec["crc32"])
     arr = np.asarray(rows, dtype=np.int64).reshape(-1, 5)  # [n, (offset, size, height, width, label)]
     return JpegSlices(
-        files, np.asarray(file_ids, dtype=np.int64), arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4]
+        files,
+        np.asarray(file_ids, dtype=np.int64),
+        arr[:, 0],
+        arr[:, 1],
+        arr[:, 2],
+        arr[:, 3],
+        arr[:, 4],
+        np.asarray(checksums, dtype=np.int64),
     )
 
 
@@ -362,6 +387,59 @@ def _write_text(path: str, lines: list[str]) -> None:
 
 def _file_entry(out: str, rel: str) -> dict:
     return {"path": rel, "bytes": os.path.getsize(os.path.join(out, rel))}
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per OUT
+
+
+def _entries(out: str) -> list[str]:
+    """What OUT holds besides our lock (`.work` counts only when it holds more than the lock)."""
+    if not os.path.isdir(out):
+        return []
+    names = [n for n in os.listdir(out) if n != WORK_DIR]
+    work = os.path.join(out, WORK_DIR)
+    if os.path.isdir(work) and [n for n in os.listdir(work) if n != LOCK_FILE]:
+        names.append(WORK_DIR)
+    return names
+
+
+@contextlib.contextmanager
+def _lock_out(out: str) -> Iterator[None]:
+    """Hold OUT's lock for this conversion or merge, or refuse at once naming the holder. A folder
+    that holds something else than a conversion is refused before anything is written into it."""
+    work = os.path.join(out, WORK_DIR)
+    if _entries(out) and not os.path.isdir(work) and not os.path.isfile(os.path.join(out, MANIFEST_FILE)):
+        raise DataError(f"{out} is not empty and holds no conversion; choose an empty or new folder")
+    os.makedirs(work, exist_ok=True)
+    lock = OutLock(os.path.join(work, LOCK_FILE))
+    holder = lock.acquire()
+    if holder:
+        raise DataError(
+            f"{out} is being written by another conversion ({holder}); wait for it to end, or choose another OUT"
+        )
+    try:
+        yield
+    finally:
+        # A finished conversion keeps no work folder, also when this run refused or had nothing to do.
+        if os.path.isfile(os.path.join(out, MANIFEST_FILE)) and set(_listdir(work)) <= {LOCK_FILE}:
+            shutil.rmtree(work, ignore_errors=True)
+        lock.release()
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def _resource_failure(exc: BaseException, out: str) -> DataError:
+    what = "out of memory" if isinstance(exc, MemoryError) else (exc.strerror or str(exc))
+    return DataError(
+        f"the conversion into {out} stopped: {what} ({type(exc).__name__}); no input was skipped for it and "
+        "the finished chunks are kept: free the resource (ulimit -n, disk space, memory) and rerun the same command"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +538,11 @@ def convert(
 
     Memory and disk stay bounded: at most `max_in_flight` tasks (default 4 per worker) of at most
     `piece_size` images each are out at once, and workers hand back sizes, never image bytes.
-    Neither changes the output. `stats`, when given, receives what the pool saw (`RunStats`)."""
+    Neither changes the output. `stats`, when given, receives what the pool saw (`RunStats`).
+
+    One conversion writes OUT at a time (`OUT/.work/convert.lock`); a second one raises DataError at
+    once naming the holder. Running out of descriptors, disk or memory raises DataError (rerun to
+    resume); no input is ever skipped for it."""
     t_start = time.perf_counter()
     formats = list(formats)
     _check_args(formats, max_res, quality, workers, shard_size, max_pixels, splits)
@@ -474,6 +556,37 @@ def convert(
         raise DataError(f"source folder {src} does not exist")
     if out == src or out.startswith(src + os.sep):
         raise DataError(f"the output folder {out} must not be inside the source folder {src}")
+    with _lock_out(out):
+        try:
+            return _convert_locked(
+                src, out, formats, max_res, quality, workers, shard_size, splits, seed, strict, progress,
+                max_pixels, shard, max_in_flight, piece_size, stats, t_start,
+            )  # fmt: skip
+        except (OSError, MemoryError) as exc:
+            if is_resource_error(exc):
+                raise _resource_failure(exc, out) from exc
+            raise
+
+
+def _convert_locked(
+    src: str,
+    out: str,
+    formats: list[str],
+    max_res: int,
+    quality: int,
+    workers: int,
+    shard_size: int,
+    splits: Sequence[str] | None,
+    seed: int,
+    strict: bool,
+    progress: bool,
+    max_pixels: int,
+    shard: tuple[int, int] | None,
+    max_in_flight: int | None,
+    piece_size: int,
+    stats: RunStats | None,
+    t_start: float,
+) -> dict:
     listing = list_source(src, splits, seed, shard_size)
     _say(progress, f"layout: {listing.description}")
     classes, plans, warnings = listing.classes, listing.plans, listing.warnings
@@ -495,7 +608,7 @@ def convert(
     state_path = os.path.join(out, WORK_DIR, STATE_FILE)
     state = _read_json(state_path)
     if state is None:
-        if os.path.isdir(out) and os.listdir(out):
+        if _entries(out):
             raise DataError(f"{out} is not empty and holds no conversion; choose an empty or new folder")
         os.makedirs(os.path.join(out, WORK_DIR), exist_ok=True)
         atomic_write(state_path, json.dumps({"identity": identity, "listing_fingerprint": fingerprint}).encode())
@@ -705,6 +818,24 @@ def merge(
                 f"converted (leave {flag} out, or reconvert the parts with it)"
             )
 
+    with _lock_out(out):
+        return _merge_locked(out, infos, identity, fingerprint, formats, first_dir, first, strict, progress, workers,
+                             t_start)  # fmt: skip
+
+
+def _merge_locked(
+    out: str,
+    infos: list[tuple[str, dict]],
+    identity: dict,
+    fingerprint: str,
+    formats: list[str],
+    first_dir: str,
+    first: dict,
+    strict: bool,
+    progress: bool,
+    workers: int,
+    t_start: float,
+) -> dict:
     existing = _read_json(os.path.join(out, MANIFEST_FILE))
     if existing is not None:
         if existing.get("identity") == identity and existing.get("listing_fingerprint") == fingerprint:
@@ -712,13 +843,19 @@ def merge(
             return _finish_strict(existing, strict, out)
         raise DataError(f"{out} already holds a different conversion; choose another OUT or delete it")
     marker = os.path.join(out, WORK_DIR, "merge.json")
-    if os.path.isdir(out) and os.listdir(out):
+    if _entries(out):
         if _read_json(marker) is None:
             raise DataError(f"{out} is not empty and holds no conversion; choose an empty or new folder")
-        # An interrupted merge: it only copied, so it starts over.
-        for name in os.listdir(out):
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        # An interrupted merge: it only copied, so it starts over (keeping the lock we hold).
+        for folder, names in (
+            (out, os.listdir(out)),
+            (os.path.join(out, WORK_DIR), os.listdir(os.path.join(out, WORK_DIR))),
+        ):
+            for name in names:
+                if (folder == out and name == WORK_DIR) or name == LOCK_FILE:
+                    continue
+                path = os.path.join(folder, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     os.makedirs(os.path.join(out, WORK_DIR), exist_ok=True)
     atomic_write(marker, json.dumps({"parts": [d for d, _ in infos]}).encode())
 
@@ -817,7 +954,11 @@ def _merge_betons(
         return
     cat = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
     file_ids = np.concatenate([np.full(len(t["labels"]), i, dtype=np.int64) for i, t in enumerate(tables)])
-    dataset = JpegSlices(files, file_ids, cat["offsets"], cat["sizes"], cat["heights"], cat["widths"], cat["labels"])
+    if "crc32" not in cat:
+        raise DataError(f"{files[0]} has no crc32 field: its part was converted by an older version; reconvert it")
+    dataset = JpegSlices(
+        files, file_ids, cat["offsets"], cat["sizes"], cat["heights"], cat["widths"], cat["labels"], cat["crc32"]
+    )
     _write_beton(beton_path(out, split), dataset, max_res, quality, pool)
 
 

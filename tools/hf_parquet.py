@@ -25,7 +25,11 @@ group at a time, and copies the
 image bytes of the rows the pending chunks need into `OUT/.work/hf-parquet/<file>.bin` (plain
 concatenation, fsynced, renamed into place; a small JSON beside it lists the rows it holds, and
 is the commit point). Those rows then are byte ranges of that file, read like archive members.
-A resumed run reuses a complete `.bin` that holds every row it still needs. The work folder is
+A resumed run reuses a complete `.bin` that holds every row it still needs. A row group whose
+image bytes cannot be read is read again (`READ_TRIES` in all, the file reopened each time); if
+it still fails the conversion stops with the error (rerun to resume; a damaged file is downloaded
+again): nothing is staged for it, so a transient I/O error or a MemoryError never becomes lost
+rows. (Only a row whose bytes are null is an empty image, reported as `empty`.) The work folder is
 deleted when the conversion finishes; while it runs it needs free space for the source bytes of
 the rows being converted (for a `--shard K/N` part, about 1/N of them).
 """
@@ -37,6 +41,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,6 +57,7 @@ HUB_SPLITS = {"train": "train", "validation": "val"}  # their split name -> ours
 STAGE_DIR = "hf-parquet"
 CORRUPT = "corrupt"
 STAGE_THREADS = 8
+READ_TRIES = 3  # reads of one row group's image bytes before the conversion stops
 
 
 def _pyarrow():
@@ -244,8 +250,9 @@ def _staged(bin_path: str, rows: set[int]) -> dict | None:
 def _stage_file(path: str, bin_path: str, rows: list[int]) -> dict:
     """Stream `rows` (sorted) of one parquet file into `bin_path`, a row group at a time.
 
-    A row whose bytes are null, or whose row group cannot be decoded now, gets an empty range:
-    the worker reports it as an empty image."""
+    A row whose bytes are null gets an empty range: the worker reports it as an empty image. A row
+    group that cannot be read after `READ_TRIES` tries stops the conversion (DataError), with
+    nothing committed for this file."""
     pq = _pyarrow()
     pf = pq.ParquetFile(path)
     offsets, sizes = [], []
@@ -261,13 +268,9 @@ def _stage_file(path: str, bin_path: str, rows: list[int]) -> dict:
             if row >= start + n:
                 start += n
                 continue
-            try:
-                column = pf.read_row_group(g, columns=["image.bytes"]).column("image").combine_chunks().field("bytes")
-            except Exception:  # noqa: BLE001 - the listing read this group's labels; its images are damaged
-                column = None
+            column, pf = _image_bytes(pq, pf, path, g, start, n)
             while row is not None and row < start + n:
-                data = None if column is None else column[row - start].as_py()
-                data = data or b""
+                data = column[row - start].as_py() or b""
                 out.write(data)
                 offsets.append(at)
                 sizes.append(len(data))
@@ -279,3 +282,23 @@ def _stage_file(path: str, bin_path: str, rows: list[int]) -> dict:
     table = {"rows": rows, "offsets": offsets, "sizes": sizes, "bytes": at}
     atomic_write(bin_path + ".json", json.dumps(table).encode())
     return table
+
+
+def _image_bytes(pq, pf, path: str, g: int, start: int, n: int):
+    """(row group g's `image.bytes` column, the ParquetFile to go on with), read up to READ_TRIES
+    times (the file reopened between tries); DataError naming the real error when every try fails."""
+    for attempt in range(READ_TRIES):
+        try:
+            if attempt:
+                time.sleep(0.5 * attempt)
+                pf = pq.ParquetFile(path)
+            table = pf.read_row_group(g, columns=["image.bytes"])
+            return table.column("image").combine_chunks().field("bytes"), pf
+        except Exception as exc:  # noqa: BLE001 - I/O, memory or decoding: all stop the run after the tries
+            error = exc
+    detail = " ".join(str(error).split()) or type(error).__name__
+    raise DataError(
+        f"{path}: the image bytes of row group {g} (rows {start}..{start + n - 1}) cannot be read after "
+        f"{READ_TRIES} tries ({type(error).__name__}: {detail}); none of its rows were skipped: rerun the same "
+        "command to resume (if the file is damaged, download it again first)"
+    ) from error

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tools.files import is_resource_error
+
 # Pillow's own decompression-bomb limit; ours is applied to every format before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 JPEG_SUBSAMPLING = "4:2:0"
@@ -123,11 +125,15 @@ def encode_bytes(data: bytes, max_res: int, quality: int, max_pixels: int = DEFA
             warnings.simplefilter("ignore")
             try:
                 img = Image.open(io.BytesIO(data))
+            except MemoryError:
+                raise  # this machine is short of memory: the run fails (resumable), no image is skipped
             except UnidentifiedImageError as exc:
                 if _looks_like_image(data):
                     raise SkipImage("corrupt", "image header cannot be parsed") from exc
                 raise SkipImage("not-an-image", "content is not an image format Pillow reads") from exc
             except Exception as exc:  # Pillow's plugins raise many types on malformed headers
+                if is_resource_error(exc):
+                    raise
                 raise SkipImage("corrupt", _describe(exc)) from exc
             width, height = img.size
             if width * height > max_pixels:
@@ -140,9 +146,11 @@ def encode_bytes(data: bytes, max_res: int, quality: int, max_pixels: int = DEFA
                 img.draft("RGB", target)
             try:
                 img.load()
-            except MemoryError as exc:
-                raise SkipImage("too-many-pixels", "out of memory while decoding") from exc
+            except MemoryError:
+                raise  # as above: a failure of the run, not of this image (the pixel limit was checked)
             except Exception as exc:  # as above: a damaged stream can fail anywhere in a plugin
+                if is_resource_error(exc):
+                    raise
                 message = _describe(exc)
                 if isinstance(exc, OSError) and "truncated" in message.lower():
                     raise SkipImage("truncated", message) from exc
@@ -171,6 +179,8 @@ def read_source(path: str) -> bytes:
             raise SkipImage("broken-symlink", f"points to missing {os.readlink(path)!r}") from exc
         raise SkipImage("unreadable", "file vanished after the directory was listed") from exc
     except OSError as exc:
+        if is_resource_error(exc):
+            raise
         raise SkipImage("unreadable", exc.strerror or str(exc)) from exc
     if not stat.S_ISREG(st.st_mode):
         kind = (
@@ -190,6 +200,8 @@ def read_source(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
+        if is_resource_error(exc):
+            raise
         raise SkipImage("unreadable", exc.strerror or str(exc)) from exc
 
 

@@ -97,7 +97,6 @@ def make_plan(split: str, sources: list[Source], extras, seed: int, shard_size: 
     return SplitPlan(split, sources, extras, seeded_order(seed, split, len(sources)), shard_size, class_seen)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Labelled rows (hub layouts: HF parquet, webdataset tars): an index per image, not a folder
 

@@ -33,12 +33,13 @@ import os
 import signal
 import time
 import traceback
-from collections import deque
+import zlib
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Self
 
-from tools.files import atomic_write, die_with_parent, fsync_dir, tmp_name
+from tools.files import atomic_write, die_with_parent, fsync_dir, is_resource_error, tmp_name, write_all
 from tools.imageio import DEFAULT_MAX_PIXELS, SkipImage, encode_bytes, read_source
 from tools.shards import member_bytes, shard_index, tar_end
 from tools.wids import file_md5
@@ -250,15 +251,28 @@ def init_worker(max_res: int, quality: int, max_pixels: int, parent_pid: int) ->
         die_with_parent(parent_pid)
 
 
-_ARCHIVE_FDS: dict[str, int] = {}
+# Archives a worker keeps open, least recently read closed first. Samples come in a random order,
+# so a worker reads from every archive of its split sooner or later: one descriptor per archive
+# would pass the usual soft limit of 1,024 on imagenet-1k-wds alone (1,088 tars). A chunk of 1,000
+# samples drawn from a thousand tars reopens most of them either way; an open costs microseconds.
+MAX_OPEN_ARCHIVES = 32
+_ARCHIVE_FDS: OrderedDict[str, int] = OrderedDict()
+
+
+def _archive_fd(path: str) -> int:
+    fd = _ARCHIVE_FDS.get(path)
+    if fd is not None:
+        _ARCHIVE_FDS.move_to_end(path)
+        return fd
+    while len(_ARCHIVE_FDS) >= MAX_OPEN_ARCHIVES:
+        os.close(_ARCHIVE_FDS.popitem(last=False)[1])
+    fd = _ARCHIVE_FDS[path] = os.open(path, os.O_RDONLY)
+    return fd
 
 
 def _read_range(path: str, offset: int, size: int) -> bytes:
-    """The bytes of one archive member: one pread of its range (the archive stays open per worker)."""
-    fd = _ARCHIVE_FDS.get(path)
-    if fd is None:
-        fd = _ARCHIVE_FDS[path] = os.open(path, os.O_RDONLY)
-    data = os.pread(fd, size, offset)
+    """The bytes of one archive member: one pread of its range (at most MAX_OPEN_ARCHIVES stay open)."""
+    data = os.pread(_archive_fd(path), size, offset)
     if len(data) != size:
         raise SkipImage("truncated", f"archive ended after {len(data)} of the member's {size} bytes")
     return data
@@ -267,13 +281,16 @@ def _read_range(path: str, offset: int, size: int) -> bytes:
 def encode_source(path: str, offset: int, size: int) -> tuple:
     """("ok", jpeg, width, height, source bytes) or ("skip", code, detail, source bytes).
 
-    (path, -1, -1) is a plain file, (archive path, offset, size) an archive member."""
+    (path, -1, -1) is a plain file, (archive path, offset, size) an archive member. A shortage of
+    this machine (descriptors, disk, memory: `is_resource_error`) is raised, never a skip."""
     max_res, quality, max_pixels = _WORKER_ARGS
     try:
         data = read_source(path) if offset < 0 else _read_range(path, offset, size)
     except SkipImage as exc:
         return ("skip", exc.code, exc.detail, 0)
     except OSError as exc:
+        if is_resource_error(exc):
+            raise
         return ("skip", "unreadable", exc.strerror or str(exc), 0)
     try:
         enc = encode_bytes(data, max_res, quality, max_pixels)
@@ -296,7 +313,8 @@ class PieceTask:
 class PieceResult:
     path: str | None  # None when every sample of the piece was skipped
     nbytes: int
-    # Per sample: ("ok", jpeg bytes, width, height, source bytes) or ("skip", code, detail, source bytes).
+    # Per sample: ("ok", jpeg bytes, width, height, source bytes, CRC-32 of the JPEG) or
+    # ("skip", code, detail, source bytes).
     results: list[tuple]
 
 
@@ -309,7 +327,7 @@ def encode_piece(task: PieceTask) -> PieceResult:
         if res[0] == "ok":
             _, jpeg, width, height, nbytes = res
             parts.append(member_bytes(key, jpeg, label))
-            results.append(("ok", len(jpeg), width, height, nbytes))
+            results.append(("ok", len(jpeg), width, height, nbytes, zlib.crc32(jpeg)))
         else:
             results.append(res)
     if not parts:
@@ -351,7 +369,8 @@ def copy_file(src: str, dst_fd: int) -> int:
             else:
                 chunk = f.read(min(size - total, 8 << 20))
                 n = len(chunk)
-                os.write(dst_fd, chunk) if n else None
+                if n:
+                    write_all(dst_fd, chunk)
             if n == 0:
                 raise OSError(f"{src}: ended after {total} of {size} bytes")
             total += n
@@ -372,7 +391,7 @@ def stitch_chunk(task: StitchTask) -> dict:
         try:
             length = sum(copy_file(piece, fd) for piece in task.pieces)
             end = tar_end(length)
-            os.write(fd, end)
+            write_all(fd, end)
             os.fsync(fd)
         finally:
             os.close(fd)

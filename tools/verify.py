@@ -21,11 +21,12 @@ import multiprocessing
 import os
 import sys
 import tarfile
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
 
-from pipelines.constants import CLASSES_FILE, FFCV_FIELDS, MANIFEST_FILE, SKIPPED_FILE
+from pipelines.constants import CLASSES_FILE, FFCV_CHECKSUM_FIELD, FFCV_FIELDS, MANIFEST_FILE, SKIPPED_FILE
 from tools.files import TMP_MARK
 from tools.shards import parse_index, read_tar_samples
 
@@ -100,16 +101,20 @@ def _check_shard(task: tuple[str, str | None]) -> dict:
     return {"problems": problems, "samples": samples}
 
 
-def _check_beton_chunk(task: tuple[str, list[tuple[int, int]], bool]) -> list[tuple[str | None, int, int, bytes]]:
+def _check_beton_chunk(
+    task: tuple[str, list[tuple[int, int, int]], bool],
+) -> list[tuple[str | None, int, int, bytes]]:
     """Decode (or, when the same bytes were already decoded from the shards, only hash) a run of
-    JPEGs stored in a .beton."""
+    JPEGs stored in a .beton, each checked against its CRC-32 (-1: the file has none)."""
     path, ranges, decode = task
     out = []
     with open(path, "rb") as f:
-        for ptr, size in ranges:
+        for ptr, size, crc in ranges:
             f.seek(ptr)
             data = f.read(size)
-            if decode:
+            if crc >= 0 and zlib.crc32(data) != crc:
+                out.append(("stored JPEG bytes do not match the crc32 written at conversion", -1, -1, b""))
+            elif decode:
                 out.append(_decode_check(data))
             else:
                 out.append((None, -1, -1, hashlib.blake2b(data, digest_size=16).digest()))
@@ -288,8 +293,9 @@ def _verify_ffcv(
     except Exception as exc:  # noqa: BLE001 - FFCV raises assorted errors on a damaged header: report, go on
         problems.append(f"{entry['path']}: FFCV cannot open it: {exc}")
         return
-    if tuple(reader.field_names) != FFCV_FIELDS:
-        problems.append(f"{entry['path']}: fields {reader.field_names}, expected {list(FFCV_FIELDS)}")
+    expected_fields = (*FFCV_FIELDS, FFCV_CHECKSUM_FIELD)
+    if tuple(reader.field_names) != expected_fields:
+        problems.append(f"{entry['path']}: fields {reader.field_names}, expected {list(expected_fields)}")
         return
     if not isinstance(reader.handlers["image"], RGBImageField) or not isinstance(reader.handlers["label"], IntField):
         problems.append(f"{entry['path']}: field types {reader.handlers}, expected RGBImageField and IntField")
@@ -298,6 +304,7 @@ def _verify_ffcv(
         problems.append(f"{entry['path']}: {reader.num_samples} samples, manifest count {len(expected)}")
         return
     image, label = reader.metadata["f0"], reader.metadata["f1"]  # fields in declaration order
+    checksums = np.asarray(reader.metadata["f2"], dtype=np.int64).tolist()
     bad = np.flatnonzero(label != expected)
     for i in bad[:20]:
         problems.append(f"{entry['path']}: sample {i} has label {label[i]}, expected {expected[i]}")
@@ -310,7 +317,7 @@ def _verify_ffcv(
         if size is None:
             problems.append(f"{entry['path']}: sample {i} points outside the allocation table")
             return
-        ranges.append((ptr, size))
+        ranges.append((ptr, size, checksums[i]))
     decode = wds_decoded is None
     chunks = [(path, ranges[i : i + _DECODE_CHUNK], decode) for i in range(0, len(ranges), _DECODE_CHUNK)]
     results = [
@@ -320,6 +327,9 @@ def _verify_ffcv(
     ]
     for i, (err, width, height, digest) in enumerate(results):
         where = f"{entry['path']}: sample {i}"
+        if err and not digest:  # the stored bytes fail their checksum
+            problems.append(f"{where}: {err}")
+            continue
         if wds_decoded is not None:
             if digest != wds_decoded[i][0]:
                 problems.append(f"{where}: JPEG bytes differ from the webdataset shard's")

@@ -11,6 +11,13 @@ compressed one is one skipped entry and the other tars are converted. A key with
 is `missing-image`, an image without a readable `.cls` is `no-label`, an image whose file name
 starts with another class's wnid is `label-mismatch`. Class names and order as for the
 parquet layout: `tools.listing.hub_classes`.
+
+Every image member is converted or reported. A sample has one image: of `KEY.jpg` and `KEY.png`
+(or any two image extensions) the first in `IMAGE_EXTS` order is converted, each other one is
+`second-image`; a member repeating an earlier member's key and extension is `duplicate-member`
+(the first one is used, as `webdataset` keeps one value per extension). A `.json` sidecar that
+cannot be parsed (not JSON, over 1 MB, nested too deep) only names the image: the image is
+converted under its key's name and a warning counts such sidecars.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from tools.listing import Listing, Row, hub_listing
 TAR_NAME = re.compile(r".+-(train|validation|val)-\d+\.tar")
 HUB_SPLITS = {"train": "train", "validation": "val", "val": "val"}  # their split name -> ours
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+DUPLICATE_MEMBER = "duplicate-member"
+SECOND_IMAGE = "second-image"
 
 
 def _tars(src: str) -> dict[str, list[str]]:
@@ -79,8 +88,17 @@ def _tar_rows(src: str, name: str) -> tuple[list[Row], list[tuple[str, str, str]
             problems.append((f"{name}/{m.name}", A.NO_LABEL, "member name has no KEY.EXTENSION form"))
             continue
         key = _key(m.name)
-        groups.setdefault(key, {})[base[dot + 1 :].lower()] = m
+        ext = base[dot + 1 :].lower()
+        members = groups.setdefault(key, {})
+        if ext in members:
+            if ext in IMAGE_EXTS:
+                problems.append(
+                    (f"{name}/{m.name}", DUPLICATE_MEMBER, f"sample {key} already has a .{ext}; the first is converted")
+                )
+            continue  # a repeated .cls / .json: the first one is the sample's, as for the image
+        members[ext] = m
     rows: list[Row] = []
+    bad_sidecars = 0
     with open(path, "rb") as f:
         for key, members in groups.items():
             ext = next((e for e in IMAGE_EXTS if e in members), None)
@@ -90,14 +108,24 @@ def _tar_rows(src: str, name: str) -> tuple[list[Row], list[tuple[str, str, str]
                 problems.append((f"{name}/{key}", A.MISSING_IMAGE, f"sample has {sorted(members)} but no image"))
                 continue
             image = members[ext]
+            for other in IMAGE_EXTS:
+                if other != ext and other in members:
+                    problems.append(
+                        (
+                            f"{name}/{members[other].name}",
+                            SECOND_IMAGE,
+                            f"sample {key} has a .{ext} too; one image per sample, the .{ext} is converted",
+                        )
+                    )
             file_name = f"{posixpath.basename(key)}.{ext}"
             if "json" in members:
                 try:
                     meta = json.loads(_read(f, members["json"]))
                     if isinstance(meta, dict) and isinstance(meta.get("filename"), str) and meta["filename"]:
                         file_name = posixpath.basename(meta["filename"])
-                except (ValueError, UnicodeDecodeError):
-                    pass  # the name only orders samples within a class; the key's serves as well
+                except (ValueError, UnicodeDecodeError, RecursionError):
+                    # The name only orders samples within a class; the key's serves as well.
+                    bad_sidecars += 1
             label, problem = None, ""
             if "cls" not in members:
                 problem = "sample has no .cls member"
@@ -108,6 +136,8 @@ def _tar_rows(src: str, name: str) -> tuple[list[Row], list[tuple[str, str, str]
                     problem = f".cls is not an integer ({exc})"
             rows.append(Row(f"{name}/{image.name}", file_name, label, name, image.offset, image.size, problem))
     facts = listing.facts()
+    if bad_sidecars:
+        facts["unreadable_sidecars"] = bad_sidecars
     return rows, problems, facts
 
 
@@ -132,6 +162,11 @@ def list_wds(src: str, splits: Sequence[str] | None, seed: int, shard_size: int)
             facts[name] = fact
             if fact.get("truncated"):
                 warnings.append(f"{name} is truncated (interrupted download?): everything before the cut is converted")
+            if fact.get("unreadable_sidecars"):
+                warnings.append(
+                    f"{name}: {fact['unreadable_sidecars']} .json sidecar(s) unreadable (not JSON, over 1 MB or "
+                    "nested too deep); their images are converted, named by their keys"
+                )
         rows_by_split[split], extras_by_split[split] = rows, extras
     listing = hub_listing(
         "wds",
