@@ -32,7 +32,14 @@ import torch
 from supmae.errors import UserError
 from supmae.train import distributed as dist_utils
 from supmae.train.energy import EnergyMeter
-from supmae.train.process import ProcessRecord, previous_processes, process_span, process_start_time
+from supmae.train.process import (
+    ProcessRecord,
+    open_early_record,
+    previous_processes,
+    process_span,
+    process_start_time,
+    take_early_record,
+)
 from supmae.train.rng import gather_rng, restore_rank_rng
 
 # ---------------------------------------------------------------------------------------------- the books
@@ -144,6 +151,9 @@ def decide_resume(resume: str, run_dir: Any, info: dist_utils.DistInfo, log: Cal
                 refusal = str(exc)
             except OSError as exc:  # moving the books aside failed (permissions, a full disk)
                 refusal = f"--resume auto: cannot move the old books of {run_dir.path} aside: {exc}"
+        if not refusal:  # this process's device time counts from here, set-up included
+            start_epoch = int(ckpt.get("epoch", -1)) + 1 if isinstance(ckpt, dict) else 0
+            open_early_record(run_dir.path, world_size=info.world_size, start_epoch=start_epoch)
     _shared_refusal(refusal, info)
     if info.distributed:
         path, ckpt = dist_utils.broadcast_object((path, ckpt))
@@ -225,10 +235,16 @@ class Engine:
         self.energy = energy
         self._epoch_joules_start: float | None = None
         self.process_energy_kwh: float | None = None
-        self.started, self.started_from = process_start_time(time.time() - (time.perf_counter() - t_start))
-        self.record = ProcessRecord(run_dir.path, info.is_main, job=job.name, world_size=info.world_size,
-                                    device=self.dev_name, start_epoch=start_epoch, started=self.started,
-                                    started_from=self.started_from)
+        early = take_early_record(run_dir.path) if info.is_main else None
+        if early is not None:  # written when the lock was taken, beating since (set-up counted)
+            self.record = early
+            self.started, self.started_from = float(early.row["start"]), str(early.row["start_from"])
+            early.row.update(job=job.name, device=self.dev_name, start_epoch=start_epoch)
+        else:
+            self.started, self.started_from = process_start_time(time.time() - (time.perf_counter() - t_start))
+            self.record = ProcessRecord(run_dir.path, info.is_main, job=job.name, world_size=info.world_size,
+                                        device=self.dev_name, start_epoch=start_epoch, started=self.started,
+                                        started_from=self.started_from)
         self.record.row["energy_note"] = energy.reason or "measured (NVML, every rank's GPU)"
         # The earlier processes of this run, each at its own world size from its start to its last
         # heartbeat (their records survive a SIGKILL); a run begun before those records existed falls

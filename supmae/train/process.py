@@ -7,6 +7,13 @@ ran at, the epoch it began at, when each checkpoint it wrote was complete, and i
 A process killed with SIGKILL leaves its record as of its last heartbeat, so its span (start to
 last heartbeat, times its own world size) still counts, and the report can tell how much of it was
 redone after the resume (the work after the checkpoint the next process resumed from).
+
+From the first second: rank 0 writes the record as soon as it holds the run directory's lock
+(`open_early_record`, before the loaders, DDP and the model are built; the Engine adopts it), and
+a background thread rewrites it every `HEARTBEAT_SECONDS` whatever the main thread is doing (set-up,
+compilation, a long first step, an evaluation, a save), so a kill at any moment hides at most that
+much device time. A record no Engine adopted (the job found nothing to do, or its set-up raised) is
+removed when the job ends normally: only a process that was killed keeps such a record.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import glob
 import json
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -104,21 +112,47 @@ class ProcessRecord:
         self.name = f"{int(started * 1000)}-{socket.gethostname()}-{os.getpid()}"
         self.path = os.path.join(run_dir, PROCESSES_DIR, f"{self.name}.json")
         self.last_beat = 0.0  # perf_counter of the latest write
+        self._lock = threading.Lock()  # the main thread and the heartbeat thread both write
+        self._stop: threading.Event | None = None
 
     def beat(self, **updates: Any) -> None:
         """Rewrite the record with `updates` and the heartbeat set to now. Host-side file work only."""
         if not self.writer:
             return
-        self.row.update(updates)
-        self.row["heartbeat"] = time.time()
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        # No fsync: the rename is atomic against a killed process, which is what the record must survive;
-        # an fsync per heartbeat would cost more than the heartbeat is worth.
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(self.row) + "\n")
-        os.replace(tmp, self.path)
-        self.last_beat = time.perf_counter()
+        with self._lock:
+            self.row.update(updates)
+            self.row["heartbeat"] = time.time()
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.tmp"
+            # No fsync: the rename is atomic against a killed process, which is what the record must
+            # survive; an fsync per heartbeat would cost more than the heartbeat is worth.
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(self.row) + "\n")
+            os.replace(tmp, self.path)
+            self.last_beat = time.perf_counter()
+
+    def start_heartbeat(self, interval: float = HEARTBEAT_SECONDS) -> None:
+        """Beat every `interval` seconds on a daemon thread until `stop_heartbeat` (or the job's end)."""
+        if not self.writer or self._stop is not None:
+            return
+        stop = self._stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.beat()
+                except OSError:  # a full disk must not kill the job from a side thread; the next beat retries
+                    pass
+
+        threading.Thread(target=run, name="supmae-heartbeat", daemon=True).start()
+        _BEATING.append(self)
+
+    def stop_heartbeat(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+        if self in _BEATING:
+            _BEATING.remove(self)
 
     def due(self) -> bool:
         """Whether HEARTBEAT_SECONDS have passed since the last write."""
@@ -135,7 +169,51 @@ class ProcessRecord:
         return max(0.0, time.time() - float(self.row["start"]))
 
 
+_BEATING: list[ProcessRecord] = []
+_EARLY: dict[str, ProcessRecord] = {}
+
+
+def open_early_record(run_dir: str, *, world_size: int, start_epoch: int) -> None:
+    """Rank 0, right after taking the run directory's lock: write this process's record now and keep
+    it beating, so a kill during set-up still counts (see the module docstring)."""
+    started, source = process_start_time()
+    record = ProcessRecord(
+        run_dir,
+        True,
+        job="",
+        world_size=world_size,
+        device="",
+        start_epoch=start_epoch,
+        started=started,
+        started_from=source,
+    )
+    record.beat()
+    record.start_heartbeat()
+    _EARLY[os.path.abspath(run_dir)] = record
+
+
+def take_early_record(run_dir: str) -> ProcessRecord | None:
+    """The record `open_early_record` wrote for `run_dir` in this process, now the caller's."""
+    return _EARLY.pop(os.path.abspath(run_dir), None)
+
+
+def end_job_records() -> None:
+    """At a job's end (normal or by an exception): stop every heartbeat thread, and remove the records
+    that no Engine adopted (nothing to do, or a set-up error): that process trained nothing."""
+    while _BEATING:
+        _BEATING[-1].stop_heartbeat()
+    for record in _EARLY.values():
+        with record._lock, contextlib.suppress(OSError):  # after a beat the thread may be finishing
+            os.remove(record.path)
+        with contextlib.suppress(OSError):  # the folder too, when this record was all it held
+            os.rmdir(os.path.dirname(record.path))
+    _EARLY.clear()
+
+
 def previous_processes(run_dir: str, this: ProcessRecord) -> list[dict[str, Any]]:
     """The records of the run's earlier processes (every one but `this`)."""
-    return [r for r in read_process_records(run_dir) if (r.get("pid"), r.get("start")) != (this.row["pid"],
-                                                                                          this.row["start"])]
+    return [
+        r
+        for r in read_process_records(run_dir)
+        if (r.get("pid"), r.get("start")) != (this.row["pid"], this.row["start"])
+    ]

@@ -116,10 +116,13 @@ if hasattr(os, "register_at_fork"):
 def job_locks() -> Iterator[None]:
     """Release, when the block ends (normally or by an exception), the run-directory locks taken inside it:
     the job's life, also in a process that runs several jobs (the demo, the tests, the Python API)."""
+    from supmae.train.process import end_job_records
+
     before = len(_HELD)
     try:
         yield
     finally:
+        end_job_records()  # heartbeat threads stop; a record no Engine adopted is removed
         for held in list(_HELD[before:]):
             held.release()
 
