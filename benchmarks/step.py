@@ -13,6 +13,12 @@ One row per factor, each added to the row before it:
     fused      + fused AdamW
     trainer    `supmae pretrain`'s step as the trainer resolves it on this device (auto settings)
 
+`--rows` picks rows and their order (say `trainer,paper` when time is short: the decisive figure and its
+baseline first, so a run cut short still has them); a factor row's settings stay cumulative whatever the
+order. `--min-seconds` makes every timing window last at least that long (a window of a few fast
+iterations measures launch jitter and clock ramps, not the step). Each row's first iteration is timed
+apart and reported as its compile time (with the first step's own cost), never mixed into the figure.
+
 Every row is built by `supmae.train.steps.build_pretrain_step` from the `supmae_vit_b16_400ep`
 recipe (at `--model`'s geometry) with the row's attention, precision, compile and AdamW settings,
 so what is timed is the trainer's model, optimiser and loss; the rows with a host sync run the
@@ -177,7 +183,7 @@ def run_step_bench(
     device: str = "auto", model_name: str = "supmae_vit_base_patch16", batch_size: int = 256, iters: int = 20,
     warmup: int = 5, compile_row: bool = True, mask_ratio: float = 0.75, rounds: int = 4, depth: int | None = None,
     out: str | None = None, seed: int = 0, compile_backend: str = "auto", trainer_compile: str = "auto",
-    log: Any = print,
+    row_names: list[str] | None = None, min_seconds: float = 0.0, log: Any = print,
 ) -> dict[str, Any]:
     """Time every factor row and return the result (also written to `out`/step.json and step.md after
     every row, so a run cut short keeps the rows it finished).
@@ -199,6 +205,13 @@ def run_step_bench(
     if iters < 1 or rounds < 1 or warmup < 0:
         raise UserError(f"need --iters >= 1, --rounds >= 1 and --warmup >= 0 (got {iters}, {rounds}, {warmup})")
     resolve_compile(trainer_compile, dev)  # a bad value is a one-line error before anything is measured
+    if min_seconds < 0:
+        raise UserError(f"--min-seconds must not be negative, got {min_seconds}")
+    if row_names is not None:
+        unknown = [n for n in row_names if n not in FACTORS]
+        if unknown or not row_names or len(set(row_names)) != len(row_names):
+            raise UserError(f"--rows {','.join(row_names)}: give each of {', '.join(FACTORS)} at most once "
+                            f"(unknown: {', '.join(unknown) or 'none'})")
     args = model_defaults(model_name)
     img_size, num_classes = int(args["img_size"]), int(args["num_classes"])
     log(f"[step] {device_name(dev)}: {model_name}, batch {batch_size}, {warmup} warm-up + {iters} timed iterations")
@@ -226,6 +239,9 @@ def run_step_bench(
             torch.cuda.reset_peak_memory_stats(dev)
 
     rows = plan(dev, compile_row)
+    if row_names is not None:
+        by_name = {r["name"]: r for r in rows}
+        rows = [by_name[n] for n in row_names]
     flops: list[float] = []
     measured: dict[str, dict[str, Any]] = {}
 
@@ -234,7 +250,8 @@ def run_step_bench(
             "device": str(dev), "device_name": device_name(dev), "model": model_name, "recipe": RECIPE,
             "depth": depth if depth is not None else int(args["depth"]), "batch_size": batch_size, "iters": iters,
             "warmup": warmup, "rounds": rounds, "mask_ratio": mask_ratio, "compile_backend": compile_backend,
-            "trainer_compile": trainer_compile, "flops_per_image": flops[0] if flops else None,
+            "trainer_compile": trainer_compile, "min_seconds": min_seconds,
+            "flops_per_image": flops[0] if flops else None,
             "peak_tflops": peak / 1e12, "peak_dtype": precision_name(peak_dtype),
             "rows": _entries(rows, measured, flops[0] if flops else 0.0, peak, batch_size),
             "complete": final, "environment": environment(), "elapsed_seconds": time.perf_counter() - start,
@@ -251,16 +268,31 @@ def run_step_bench(
         free()
         try:
             ps, fn = build(row["settings"])
-            for _ in range(warmup):
+            # The first call compiles (when the row compiles): timed alone, reported apart.
+            fn(images, labels)
+            synchronize(dev)
+            first_s = time.perf_counter() - t0
+            for _ in range(max(0, warmup - 1)):
                 fn(images, labels)
             synchronize(dev)
             warm_s = time.perf_counter() - t0
             windows: list[float] = []
+            window_totals: list[float] = []
             iter_seconds: list[float] = []
+            per_iter = None
             for r in range(rounds):
                 chunk = iters // rounds + (1 if r < iters % rounds else 0)
+                if per_iter is not None and min_seconds > 0:
+                    chunk = max(chunk, math.ceil(min_seconds / per_iter))
                 t = time_steps(fn, batches, dev, 0, chunk)
-                windows.append(t.total_seconds / t.iters)
+                if r == 0 and min_seconds > 0 and t.total_seconds < min_seconds:
+                    # Too short to count: it only sizes the windows that follow, then it is run again.
+                    per_iter = t.total_seconds / t.iters
+                    chunk = max(chunk, math.ceil(min_seconds / max(per_iter, 1e-9)))
+                    t = time_steps(fn, batches, dev, 0, chunk)
+                per_iter = t.total_seconds / t.iters
+                windows.append(per_iter)
+                window_totals.append(t.total_seconds)
                 iter_seconds += t.iter_seconds
             peak_mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
             if not flops:
@@ -273,9 +305,10 @@ def run_step_bench(
                 desc = row["settings"].describe()
             desc["optimizer"] = "AdamW " + _adamw_kind(ps.optimizer)
             measured[row["name"]] = {"desc": desc, "seconds_per_iter": statistics.median(windows),
-                                     "iter_seconds": iter_seconds, "peak_mem_mb": peak_mem, "warmup_seconds": warm_s}
+                                     "iter_seconds": iter_seconds, "peak_mem_mb": peak_mem, "warmup_seconds": warm_s,
+                                     "first_iter_seconds": first_s, "window_seconds": window_totals}
             log(f"[step] {row['name']:<8} {measured[row['name']]['seconds_per_iter'] * 1e3:9.1f} ms/iter "
-                f"(warm-up {warm_s:.1f} s)")
+                f"(warm-up {warm_s:.1f} s; its first iteration, compilation included, {first_s:.1f} s)")
         except Exception as exc:  # noqa: BLE001 (a compiler error or an OOM must not hide the other rows' figures)
             row["skipped"] = f"failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
             row["carried"] = False
@@ -326,6 +359,10 @@ def _entries(rows: list[dict[str, Any]], measured: dict[str, dict[str, Any]], fl
             "spread": spread,
             "peak_mem_mb": b["peak_mem_mb"],
             "warmup_seconds": b["warmup_seconds"],
+            "first_iter_seconds": b["first_iter_seconds"],
+            "timed_iters": len(its),
+            "timed_seconds": float(sum(its)),
+            "window_seconds": b["window_seconds"],
         })
         # The next row's "vs previous" is against the row it was built on: the last carried one.
         if row["carried"] or row["name"] == "paper":
@@ -362,7 +399,7 @@ def _speedup(rows: list[dict[str, Any]]) -> float | None:
 
 def render_markdown(result: dict[str, Any]) -> str:
     header = ["row", "attention", "precision", "compile", "host sync", "optimizer", "ms/iter", "img/s", "x previous",
-              "x paper", "MFU", "carried on"]
+              "x paper", "MFU", "first iter (s)", "carried on"]
     lines = [
         "# SupMAE training step: one factor at a time",
         "",
@@ -387,7 +424,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                  r["optimizer"], f"{r['ms_per_iter']:.1f}", f"{r['images_per_sec']:.1f}",
                  f"{r['vs_previous']:.2f}" if r["vs_previous"] else "-",
                  f"{r['vs_paper']:.2f}" if r["vs_paper"] else "-", f"{r['mfu']:.1%}",
-                 carried]
+                 f"{r['first_iter_seconds']:.1f}", carried]
         lines.append("| " + " | ".join(cells) + " |")
     if result["speedup"] is not None:
         lines += ["", f"Speed-up of supmae pretrain's step over the paper-faithful one: {result['speedup']:.2f}x"]
@@ -411,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4,
                    help="timing windows per row (at most --iters): its iterations are split over them and the "
                    "median window is the row's figure")
+    p.add_argument("--rows", default=None,
+                   help=f"rows to measure, in this order (default: {','.join(FACTORS)}); e.g. trainer,paper")
+    p.add_argument("--min-seconds", type=float, default=0.0,
+                   help="each timing window lasts at least this long (more iterations than --iters if need be)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--compile-backend", default="auto",
                    help="torch.compile backend of the compiled rows, as --train.compile_backend (auto: inductor)")
@@ -427,6 +468,8 @@ def main(argv: list[str]) -> int:
         device=a.device, model_name=a.model, batch_size=a.batch_size, iters=a.iters, warmup=a.warmup,
         compile_row=a.compile_row, mask_ratio=a.mask_ratio, rounds=a.rounds, depth=a.depth, out=a.out or None,
         seed=a.seed, compile_backend=a.compile_backend, trainer_compile=a.trainer_compile,
+        row_names=[n.strip() for n in a.rows.split(",") if n.strip()] if a.rows is not None else None,
+        min_seconds=a.min_seconds,
     )
     print()
     print(render_markdown(result))

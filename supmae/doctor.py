@@ -314,6 +314,32 @@ def _batch(batch: int, img_size: int, num_classes: int, device: Any) -> tuple[An
     return imgs, labels
 
 
+def read_step_json(path: str, device: Any) -> dict[str, Any]:
+    """The training step as `supmae bench step` measured it (its step.json, or the folder holding it): the
+    trainer row's figures, so the doctor judges with the compiled step it would otherwise re-measure
+    (uncompiled, or in a shorter window). It must come from the same kind of device."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "step.json")
+    try:
+        with open(path) as fh:
+            bench = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--step-json {path}: cannot read it ({exc})") from None
+    rows = {r.get("name"): r for r in bench.get("rows", []) if isinstance(r, dict)}
+    row = rows.get("trainer")
+    if not row or "images_per_sec" not in row:
+        why = (row or {}).get("skipped") or "no trainer row"
+        raise UserError(f"--step-json {path}: no measured trainer row ({why})")
+    if str(bench.get("device", "")).split(":")[0] != device.type:
+        raise UserError(f"--step-json {path} was measured on {bench.get('device')}; the doctor runs on {device.type}")
+    return {"images_per_sec": row["images_per_sec"], "micro_seconds": row["ms_per_iter"] / 1e3,
+            "update_seconds": 0.0, "accum": 1, "batch_size": bench["batch_size"],
+            "warmup_seconds": row.get("first_iter_seconds"), "precision": row["precision"],
+            "compiled": bool(row["compile"]), "compile_reason": "" if row["compile"] else "not compiled",
+            "flops_per_image": bench["flops_per_image"], "peak_flops": bench["peak_tflops"] * 1e12,
+            "peak_dtype": bench["peak_dtype"], "mfu": row["mfu"], "source": f"supmae bench step ({path})"}
+
+
 def measure_step(cfg: Any, device: Any, num_classes: int, accum: int, seconds: float) -> tuple[dict[str, Any], Any]:
     """Images/s of the trainer's step at the recipe's per-device batch, on synthetic device tensors.
 
@@ -693,7 +719,8 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
                seconds: float = 3.0, pipelines: list[str] | None = None, num_images: int | None = None,
                overrides: list[str] | None = None, batch_limit: int | None = None,
                gpu: str | None = None, gpus_per_node: int | None = None, cores_per_node: int | None = None,
-               mfu: float = 0.4, log: Callable[[str], None] = print) -> dict[str, Any]:
+               mfu: float = 0.4, step_json: str | None = None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure this machine for `recipe` on `data`; write doctor.md and doctor.json into `out` (when
     given and not empty) and return the JSON's content.
 
@@ -764,7 +791,9 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
 
         loaders = measure_loaders(data, cfg, dev, kinds, worker_counts, seconds, log, dtype=loader_dtype)
 
-        log(f"[doctor] training step of {recipe} on {device_name(dev)}, batch {cfg.data.batch_size}")
+        given_step = read_step_json(step_json, dev) if step_json else None
+        log(f"[doctor] training step of {recipe} on {device_name(dev)}, batch {cfg.data.batch_size}"
+            + (f": taken from {step_json}" if given_step else ""))
         try:
             accum = resolve_accumulation(cfg.optim, cfg.data.batch_size, devices)
             accum_note = ""
@@ -774,14 +803,18 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
             resolve_precision(cfg.train.precision, dev), torch.float32)
         # The peak is the best of a window before and one after the step: one window alone can meet a
         # busy moment of a shared machine, and MFU's denominator should be what the device can reach.
-        peak_before = measure_matmul_peak(dev, peak_dtype, seconds=min(0.5, seconds))
-        step_row, step = measure_step(cfg, dev, num_classes, accum, seconds)
-        flops = training_flops_per_image(step.core, mask_ratio=cfg.model.mask_ratio)["total"]
-        peak = max(peak_before, measure_matmul_peak(dev, peak_dtype, seconds=min(0.5, seconds)))
-        step_row.update({"flops_per_image": flops, "peak_flops": peak, "peak_dtype": str(peak_dtype).split(".")[-1],
-                         "mfu": flops * step_row["images_per_sec"] / peak, "accum_note": accum_note})
-        del step
-        gc.collect()
+        if given_step is not None:
+            step_row = {**given_step, "accum_note": accum_note}
+        else:
+            peak_before = measure_matmul_peak(dev, peak_dtype, seconds=min(0.5, seconds))
+            step_row, step = measure_step(cfg, dev, num_classes, accum, seconds)
+            flops = training_flops_per_image(step.core, mask_ratio=cfg.model.mask_ratio)["total"]
+            peak = max(peak_before, measure_matmul_peak(dev, peak_dtype, seconds=min(0.5, seconds)))
+            step_row.update({"flops_per_image": flops, "peak_flops": peak,
+                             "peak_dtype": str(peak_dtype).split(".")[-1],
+                             "mfu": flops * step_row["images_per_sec"] / peak, "accum_note": accum_note})
+            del step
+            gc.collect()
         log("[doctor] the batch that fits memory")
         memory = probe_batch(cfg, dev, num_classes, batch_limit, log)
 
@@ -940,7 +973,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "## Training step",
         "",
-        (f"{step_ips:,.1f} images/s at batch {s['batch_size']} x {s['accum']} accumulation "
+        (f"{step_ips:,.1f} images/s at batch {s['batch_size']}, measured by {s['source']}: "
+         f"{s['micro_seconds'] * 1e3:.1f} ms per step (micro-batch and update); "
+         if s.get("source") else
+         f"{step_ips:,.1f} images/s at batch {s['batch_size']} x {s['accum']} accumulation "
          f"({s['micro_seconds'] * 1e3:.1f} ms per micro-batch, {s['update_seconds'] * 1e3:.1f} ms per update); "
          f"precision {s['precision']}, compiled {'yes' if s['compiled'] else 'no (' + s['compile_reason'] + ')'}; "
          f"{s['flops_per_image'] / 1e9:.3f} GFLOPs per image; matmul peak {s['peak_flops'] / 1e12:.3f} TFLOP/s "
@@ -1022,6 +1058,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cores-per-node", type=int, default=None,
                    help="physical cores in the node (default: this machine's)")
     p.add_argument("--mfu", type=float, default=0.4, help="fraction of the GPU's peak the step reaches (default 0.4)")
+    p.add_argument("--step-json", default=None,
+                   help="take the training step from 'supmae bench step' (its step.json or --out folder: the trainer "
+                   "row, e.g. compiled at the recipe's batch) instead of measuring it again here")
     a, rest = p.parse_known_args(argv)
     bad = [x for x in rest if x.startswith("-") and not x.startswith("--")]
     if bad:
@@ -1030,7 +1069,7 @@ def main(argv: list[str]) -> int:
                         parse_workers(a.workers) if a.workers else None, a.seconds,
                         [k.strip() for k in a.pipelines.split(",") if k.strip()] if a.pipelines else None,
                         a.num_images, rest, batch_limit=a.batch_limit, gpu=a.gpu, gpus_per_node=a.gpus_per_node,
-                        cores_per_node=a.cores_per_node, mfu=a.mfu)
+                        cores_per_node=a.cores_per_node, mfu=a.mfu, step_json=a.step_json)
     print(render_markdown(result))
     # --out '' asks for no files: the report above is all there is.
     if result.get("doctor_md"):

@@ -207,7 +207,8 @@ class Engine:
     [start_epoch, end_epoch) and returns the last log row.
     """
 
-    # Optimiser steps of a run before --train.sync_debug starts watching (compilation and autotuning sync).
+    # Optimiser steps of a process before --train.sync_debug starts watching (compilation and autotuning
+    # sync). Counted per process, not per run: a resumed process compiles again.
     SYNC_DEBUG_AFTER = 3
 
     def __init__(self, job: Job, *, cfg: Any, info: dist_utils.DistInfo, run_dir: Any, log: Callable[[str], None],
@@ -227,6 +228,11 @@ class Engine:
         self.last_ckpt = last_ckpt
         self.dev_name = _device_name(self.device)
         self.process_epochs = 0
+        self.process_steps = 0  # optimiser steps taken by this process (a resumed run starts again at 0)
+        # When this process's first optimiser step had finished (synchronised once): that step holds the
+        # compilation, so the first epoch's figures are also given without it.
+        self._first_step_done: float | None = None
+        self._t_epoch = 0.0
         # Energy over the whole process: the jobs start the meter as soon as the device is known; a
         # meter started here still covers evaluation and checkpointing, not only the training loop.
         if energy is None:
@@ -365,9 +371,10 @@ class Engine:
                 self.job.epoch_start(epoch)
                 self.step_obj.core.train()
                 meter.reset()
-                _reset_peak_memory(self.device)
                 if self.process_epochs == 0:
                     self.write_start(precision_config, compile_config, augmentation)
+                # After write_start: its matmul-peak buffers are not the training step's memory.
+                _reset_peak_memory(self.device)
                 bar = None
                 if show_bar:
                     from tqdm import tqdm
@@ -376,7 +383,7 @@ class Engine:
                                unit="step", dynamic_ncols=True, leave=False)
                 synchronize(self.device)
                 self._epoch_joules_start = self.energy.joules()
-                t_epoch = time.perf_counter()
+                t_epoch = self._t_epoch = time.perf_counter()
                 batches = TimedIterator(self.train_loader)
                 try:
                     lr_sum = self._train_epoch(epoch, batches, meter, bar)
@@ -418,7 +425,7 @@ class Engine:
         # the first SYNC_DEBUG_AFTER optimiser steps (compilation, cudnn autotuning) are behind.
         debug = getattr(self.tc, "sync_debug", "off")
         for i in range(self.micro_steps):
-            if debug != "off" and self.global_step >= self.SYNC_DEBUG_AFTER:
+            if debug != "off" and self.process_steps >= self.SYNC_DEBUG_AFTER:
                 torch.cuda.set_sync_debug_mode(debug)
             if i % accum == 0:
                 lr = self.schedule(epoch, i)
@@ -438,6 +445,12 @@ class Engine:
             if debug != "off":
                 torch.cuda.set_sync_debug_mode("default")  # the log read below syncs on purpose
             self.global_step += 1
+            self.process_steps += 1
+            if self.process_steps == 1:
+                from supmae.train.metrics import synchronize
+
+                synchronize(self.device)  # once per process, before any watched step
+                self._first_step_done = time.perf_counter()
             if bar is not None:
                 bar.update(1)
             if self.global_step % self.tc.log_every == 0:
@@ -505,6 +518,7 @@ class Engine:
             "epoch_seconds": epoch_seconds,
             "images_per_sec": images / epoch_seconds,
             "step_time_ms": 1000.0 * epoch_seconds / self.updates_per_epoch,
+            **self._without_first_step(epoch_seconds, images),
             "data_wait_frac": wait_seconds / epoch_seconds,
             "data_wait_seconds": wait_seconds,
             "eval_seconds": eval_seconds,
@@ -527,6 +541,17 @@ class Engine:
         self.run_dir.log_epoch(row)
         self.log(self.job.message(row))
         return row
+
+    def _without_first_step(self, epoch_seconds: float, images: int) -> dict[str, float]:
+        """The process's first epoch once more without its first optimiser step (compilation, autotuning,
+        allocator warm-up): `first_step_seconds` and `images_per_sec_after_first_step`. Empty in later
+        epochs of the process, or when the epoch had a single step."""
+        if self.process_epochs != 0 or self._first_step_done is None or self.updates_per_epoch < 2:
+            return {}
+        first = self._first_step_done - self._t_epoch
+        rest = max(epoch_seconds - first, 1e-9)
+        rest_images = images * (self.updates_per_epoch - 1) / self.updates_per_epoch
+        return {"first_step_seconds": first, "images_per_sec_after_first_step": rest_images / rest}
 
     def _read_energy(self, epoch_seconds: float | None) -> dict[str, float]:
         """Energy of every rank's GPU, summed (a collective on every rank, also without NVML, so that all
