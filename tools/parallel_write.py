@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Self
 
+from tools.faults import poison_point
 from tools.files import atomic_write, die_with_parent, fsync_dir, is_resource_error, tmp_name, write_all
 from tools.imageio import DEFAULT_MAX_PIXELS, SkipImage, encode_bytes, read_source
 from tools.shards import member_bytes, shard_index, tar_end
@@ -284,6 +285,7 @@ def encode_source(path: str, offset: int, size: int) -> tuple:
     (path, -1, -1) is a plain file, (archive path, offset, size) an archive member. A shortage of
     this machine (descriptors, disk, memory: `is_resource_error`) is raised, never a skip."""
     max_res, quality, max_pixels = _WORKER_ARGS
+    poison_point(path, offset)  # a test hook (tools/faults.py): inert unless SUPMAE_TEST_POISON is set
     try:
         data = read_source(path) if offset < 0 else _read_range(path, offset, size)
     except SkipImage as exc:
