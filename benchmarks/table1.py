@@ -54,6 +54,7 @@ from benchmarks.timing import (
     synthetic_batch,
     time_steps,
 )
+from pipelines import KINDS
 from supmae.errors import UserError
 
 # Fed below this fraction of the step-only rate, a row is input-bound (the pipeline sets its pace).
@@ -656,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when present)")
     p.add_argument("--gpus", type=int, default=8, help="devices of the projected run (global batch = batch x gpus)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a dataset directory read by --pipeline")
-    p.add_argument("--pipeline", default="ffcv", choices=("ffcv", "dali", "torchvision"))
+    p.add_argument("--pipeline", default="ffcv", choices=KINDS)
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers (real data only)")
     p.add_argument("--model-scale", default="base", choices=tuple(M.SCALES))
     p.add_argument("--depth", type=int, default=None, help="override the encoder depth of every row")

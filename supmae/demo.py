@@ -24,6 +24,8 @@ from supmae.errors import UserError
 
 
 def main(argv: list[str]) -> int:
+    from pipelines import KINDS
+
     p = argparse.ArgumentParser(prog="supmae demo", description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default="runs/demo", help="where the dataset, runs and reports go")
     # Fewer epochs than the recipes plan keep the demo within about five minutes on 2 cores; the
@@ -32,7 +34,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--probe-epochs", type=int, default=3, help="linear-probe epochs (the tiny_cpu_lin recipe plans 8)")
     p.add_argument("--train-per-class", type=int, default=200)
     p.add_argument("--val-per-class", type=int, default=40)
-    p.add_argument("--pipeline", default="ffcv", choices=("ffcv", "dali", "torchvision"))
+    p.add_argument("--pipeline", default="ffcv", choices=KINDS)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
