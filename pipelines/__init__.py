@@ -1,4 +1,6 @@
-"""Data pipelines: one entry point, `build_pipeline`, three backends.
+"""Data pipelines: one entry point, `build_pipeline`, three backends. `build_pipeline` describes
+what to read and how as a `ReadSpec` (pipelines/spec.py), the one description every backend takes;
+`open_pipeline(spec)` builds from a description made elsewhere (`DataConfig.build`).
 
 - `ffcv`: the converter's `.beton`, crop fused into the JPEG decode on CPU threads.
 - `dali`: the converter's webdataset shards; decode + crop on the GPU (nvJPEG) when the device is
@@ -14,11 +16,12 @@ This package never imports `supmae`.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from pipelines.base import ConvertedDataset, Pipeline, check_args, epoch_plan, resolve_device
+from pipelines.base import ConvertedDataset, Pipeline, epoch_plan
 from pipelines.constants import (
     CROP_PCT,
     IMAGENET_MEAN,
@@ -30,6 +33,7 @@ from pipelines.constants import (
     wds_dir,
 )
 from pipelines.errors import DataError
+from pipelines.spec import ReadSpec
 
 KINDS = ("ffcv", "dali", "torchvision")
 _LIBRARY = {"ffcv": "ffcv", "dali": "nvidia.dali", "torchvision": "torchvision"}
@@ -44,10 +48,12 @@ __all__ = [
     "SPLITS",
     "DataError",
     "Pipeline",
+    "ReadSpec",
     "available",
     "beton_path",
     "build_pipeline",
     "epoch_plan",
+    "open_pipeline",
     "wds_dir",
 ]
 
@@ -98,67 +104,58 @@ def build_pipeline(
     `preallocate_hint`; torchvision `pin_memory`,
     `source` ("auto", "raw" or "converted": see pipelines/torchvision_pipeline.py).
     Raises DataError (one line, naming the file) for a missing or unreadable dataset."""
+    return open_pipeline(
+        ReadSpec(
+            kind,
+            path,
+            split=split,
+            batch_size=batch_size,
+            img_size=img_size,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            num_workers=num_workers,
+            train=train,
+            scale=scale,
+            color_jitter=color_jitter,
+            randaugment=randaugment,
+            dtype=dtype,
+            drop_last=drop_last,
+            os_cache=os_cache,
+            batches_ahead=batches_ahead,
+            options=backend_kw,
+        )
+    )
+
+
+def open_pipeline(spec: ReadSpec) -> Pipeline:
+    """The loader `spec` describes (see `build_pipeline` for what it yields), built by the backend
+    `spec.kind` names. DataError for an unknown or unavailable backend, an impossible setting, or a
+    missing or unreadable dataset."""
+    kind = spec.kind
     if kind not in KINDS:
         raise DataError(f"unknown pipeline '{kind}' (choose from {', '.join(KINDS)})")
     reason = available(kind)
     if reason:
         raise DataError(f"the {kind} pipeline is unavailable: {reason}")
-    train = (split == "train") if train is None else bool(train)
-    drop_last = train if drop_last is None else bool(drop_last)
-    scale = (float(scale[0]), float(scale[1]))
-    check_args(
-        batch_size=batch_size,
-        img_size=img_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        scale=scale,
-        color_jitter=color_jitter,
-        dtype=dtype,
-        batches_ahead=batches_ahead,
-    )
-    dev = resolve_device(device)
-    common: dict[str, Any] = {
-        "split": split,
-        "batch_size": int(batch_size),
-        "img_size": int(img_size),
-        "device": dev,
-        "rank": int(rank),
-        "world_size": int(world_size),
-        "seed": int(seed),
-        "num_workers": int(num_workers),
-        "train": train,
-        "scale": scale,
-        "color_jitter": float(color_jitter),
-        "randaugment": randaugment or None,
-        "dtype": dtype,
-        "drop_last": drop_last,
-        "batches_ahead": int(batches_ahead),
-    }
+    spec = spec.resolved()
     if kind == "torchvision":
         from pipelines.torchvision_pipeline import TorchvisionPipeline
 
-        return TorchvisionPipeline(path, **common, os_cache=bool(os_cache), **backend_kw)
+        return TorchvisionPipeline(spec)
 
-    dataset = ConvertedDataset(path)
-    dataset.count(split)  # the split must exist in the manifest
+    dataset = ConvertedDataset(spec.path)
+    num_total = dataset.count(spec.split)  # the split must exist in the manifest
+    spec = replace(spec, path=dataset.root)
     if kind == "ffcv":
         from pipelines.ffcv_pipeline import FfcvPipeline
 
-        return FfcvPipeline(
-            dataset.root, **common, os_cache=bool(os_cache), num_classes=len(dataset.classes), **backend_kw
-        )
+        return FfcvPipeline(spec, num_classes=len(dataset.classes))
     from pipelines.dali_pipeline import DaliPipeline
 
     # nvJPEG preallocates for images up to the converter's longest side.
     max_res = dataset.manifest.get("options", {}).get("max_res")
-    if isinstance(max_res, int) and max_res > 0:
-        backend_kw.setdefault("preallocate_hint", max_res)
-    return DaliPipeline(
-        dataset.root,
-        **common,
-        os_cache=bool(os_cache),
-        num_total=dataset.count(split),
-        num_classes=len(dataset.classes),
-        **backend_kw,
-    )
+    if isinstance(max_res, int) and max_res > 0 and "preallocate_hint" not in spec.options:
+        spec = replace(spec, options={**spec.options, "preallocate_hint": max_res})
+    return DaliPipeline(spec, num_total=num_total, num_classes=len(dataset.classes))

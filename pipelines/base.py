@@ -1,5 +1,5 @@
 """What every data pipeline shares: the interface, the per-rank epoch plan, the reading of a
-converted dataset's manifest, and the fused normalisation.
+converted dataset's manifest and shard list, and the fused normalisation.
 
 Shape legend: B batch, H/W image height/width, C = 3 channels.
 
@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import abc
 import functools
+import glob
 import json
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from pipelines.constants import CLASSES_FILE, IMAGENET_MEAN, IMAGENET_STD, MANIFEST_FILE
+from pipelines.constants import CLASSES_FILE, IMAGENET_MEAN, IMAGENET_STD, MANIFEST_FILE, wds_dir
 from pipelines.errors import DataError
+
+if TYPE_CHECKING:
+    from pipelines.spec import ReadSpec
 
 
 class Pipeline(abc.ABC):
@@ -39,33 +43,22 @@ class Pipeline(abc.ABC):
 
     kind: str = ""
 
-    def __init__(
-        self,
-        *,
-        num_total: int,
-        num_classes: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        drop_last: bool,
-        seed: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
+    def __init__(self, spec: ReadSpec, *, num_total: int, num_classes: int) -> None:
+        """`spec` resolved (`ReadSpec.resolved()`); `num_total` samples in the split, `num_classes` classes."""
         self.num_total = num_total
         self.num_classes = num_classes
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
-        self.seed = seed
-        self.device = device
-        self.dtype = dtype
-        self.num_samples, self._num_batches = epoch_plan(num_total, world_size, batch_size, drop_last)
+        self.batch_size = spec.batch_size
+        self.rank = spec.rank
+        self.world_size = spec.world_size
+        self.drop_last = spec.drop_last
+        self.seed = spec.seed
+        self.device = spec.device
+        self.dtype = spec.dtype
+        self.num_samples, self._num_batches = epoch_plan(num_total, self.world_size, self.batch_size, self.drop_last)
         if self._num_batches == 0:
             raise DataError(
-                f"{num_total} samples cannot fill one batch of {batch_size} per rank on {world_size} rank(s)"
-                + (" with drop_last" if drop_last else "")
+                f"{num_total} samples cannot fill one batch of {self.batch_size} per rank on {self.world_size} rank(s)"
+                + (" with drop_last" if self.drop_last else "")
                 + ": lower batch_size"
             )
         self.epoch = 0
@@ -84,6 +77,23 @@ class Pipeline(abc.ABC):
         epoch = self.epoch
         self.epoch = epoch + 1
         return epoch
+
+    @property
+    def real_samples(self) -> int:
+        """How many of this rank's samples per epoch are not repeats.
+
+        Without drop_last every rank reads ceil(N / S) samples; to even the ranks out the backends
+        repeat a few (fewer than S in all) at the *end* of some ranks' unshuffled order. Which ranks
+        depends on how the backend splits the N samples (`_unrepeated`). Counting only these
+        samples, the ranks together count each sample of the split exactly once."""
+        if self.world_size == 1:
+            return self.num_samples
+        return max(0, min(self.num_samples, self._unrepeated()))
+
+    def _unrepeated(self) -> int:
+        """This rank's share of the N samples before clamping: FFCV's order
+        (`rank_order`) cuts the padded list into contiguous pieces, so only the last ranks repeat."""
+        return self.num_total - self.rank * self.num_samples
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -230,6 +240,25 @@ def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST_FILE))
 
 
+def find_shards(root: str, split: str) -> tuple[list[str], list[str]]:
+    """(tar shards, their DALI index files) of `split`, sorted; DataError naming what is missing."""
+    folder = wds_dir(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"webdataset shards not found: {folder} (convert the dataset with --formats wds)")
+    tars = sorted(glob.glob(os.path.join(folder, "*.tar")))
+    if not tars:
+        raise DataError(f"no .tar shards in {folder}")
+    indexes = []
+    for tar in tars:
+        idx = tar[: -len(".tar")] + ".idx"
+        if not os.path.isfile(idx):
+            raise DataError(f"shard has no DALI index file: {tar} (expected {idx}; make it with wds2idx)")
+        if not os.access(tar, os.R_OK) or not os.access(idx, os.R_OK):
+            raise DataError(f"shard or its index is not readable: {tar}")
+        indexes.append(idx)
+    return tars, indexes
+
+
 def _read_json(path: str, kind: type) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
@@ -241,12 +270,6 @@ def _read_json(path: str, kind: type) -> Any:
     if not isinstance(value, kind):
         raise DataError(f"expected a JSON {kind.__name__} in {path}")
     return value
-
-
-# What a pipeline can deliver. uint8 is the raw [B, 3, S, S] pixels, not normalised: what a worker
-# feeding a GPU hands over (a quarter of float32's bytes to copy), the device normalising in its
-# first op; `supmae bench loaders` measures the per-core supply this way.
-OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 
 
 class Normalizer:
@@ -266,54 +289,6 @@ class Normalizer:
             return images
         out = torch.empty(images.shape, dtype=self.dtype, device=images.device)  # [B, 3, H, W] contiguous
         return torch.addcmul(self.bias, images, self.scale, out=out)
-
-
-def resolve_device(device: Any) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DataError(f"not a device: {device!r} (use 'cpu', 'cuda' or 'cuda:N')") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DataError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise DataError(f"unsupported device {device!r}: the pipelines deliver to 'cpu' or 'cuda'")
-    return dev
-
-
-def check_args(
-    *,
-    batch_size: int,
-    img_size: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    scale: tuple[float, float],
-    color_jitter: float,
-    dtype: torch.dtype,
-    batches_ahead: int,
-) -> None:
-    """Reject impossible settings with a message naming the setting."""
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
-    if img_size < 8:
-        raise DataError(f"img_size must be >= 8, got {img_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise DataError(
-            f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}"
-        )
-    if num_workers < 0:
-        raise DataError(f"num_workers must be >= 0, got {num_workers}")
-    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-        raise DataError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(scale)}")
-    if color_jitter < 0:
-        raise DataError(f"color_jitter must be >= 0, got {color_jitter}")
-    if dtype not in OUTPUT_DTYPES:
-        raise DataError(f"dtype must be torch.float32, torch.bfloat16, torch.float16 or torch.uint8, got {dtype}")
-    if batches_ahead < 1:
-        raise DataError(f"batches_ahead must be >= 1, got {batches_ahead}")
 
 
 def reject_unknown(kind: str, backend_kw: dict[str, Any], known: tuple[str, ...]) -> None:

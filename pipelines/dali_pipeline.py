@@ -41,7 +41,6 @@ sample; with drop_last=False the last batch is cut to the plan's remainder.
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib.metadata
 import os
 import re
@@ -52,10 +51,11 @@ from typing import Any
 
 import torch
 
-from pipelines.base import Normalizer, Pipeline, derive_seed, reject_unknown
+from pipelines.base import Normalizer, Pipeline, derive_seed, find_shards, reject_unknown
 from pipelines.constants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, WDS_IMAGE_EXT, WDS_LABEL_EXT, wds_dir
 from pipelines.dali_randaugment import RandAugmentPolicy, parse_policy, rand_augment
 from pipelines.errors import DataError
+from pipelines.spec import ReadSpec
 
 BACKEND_OPTIONS = ("hw_decoder_load", "initial_fill", "preallocate_hint")
 READER_NAME = "reader"
@@ -118,25 +118,6 @@ def nvjpeg_padding(max_side: int) -> tuple[int, int]:
 
     area = int(max_side) * int(max_side)
     return rounded(3 * area), rounded(6 * area)
-
-
-def find_shards(root: str, split: str) -> tuple[list[str], list[str]]:
-    """(tar shards, their DALI index files) of `split`, sorted; DataError naming what is missing."""
-    folder = wds_dir(root, split)
-    if not os.path.isdir(folder):
-        raise DataError(f"webdataset shards not found: {folder} (convert the dataset with --formats wds)")
-    tars = sorted(glob.glob(os.path.join(folder, "*.tar")))
-    if not tars:
-        raise DataError(f"no .tar shards in {folder}")
-    indexes = []
-    for tar in tars:
-        idx = tar[: -len(".tar")] + ".idx"
-        if not os.path.isfile(idx):
-            raise DataError(f"shard has no DALI index file: {tar} (expected {idx}; make it with wds2idx)")
-        if not os.access(tar, os.R_OK) or not os.access(idx, os.R_OK):
-            raise DataError(f"shard or its index is not readable: {tar}")
-        indexes.append(idx)
-    return tars, indexes
 
 
 def define_graph(
@@ -281,91 +262,64 @@ def to_torch(output: Any, device: torch.device) -> torch.Tensor:
 class DaliPipeline(Pipeline):
     kind = "dali"
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        split: str,
-        batch_size: int,
-        img_size: int,
-        device: torch.device,
-        rank: int,
-        world_size: int,
-        seed: int,
-        num_workers: int,
-        train: bool,
-        scale: tuple[float, float],
-        color_jitter: float,
-        randaugment: str | None,
-        dtype: torch.dtype,
-        drop_last: bool,
-        os_cache: bool,
-        batches_ahead: int,
-        num_total: int,
-        num_classes: int,
-        **backend_kw: Any,
-    ) -> None:
-        reject_unknown(self.kind, backend_kw, BACKEND_OPTIONS)
-        policy = parse_policy(randaugment) if randaugment else None
-        if policy is not None and color_jitter > 0:
+    def __init__(self, spec: ReadSpec, *, num_total: int, num_classes: int) -> None:
+        """`spec` resolved, its path the converted directory; `num_total` samples in the split."""
+        reject_unknown(self.kind, spec.options, BACKEND_OPTIONS)
+        policy = parse_policy(spec.randaugment) if spec.randaugment else None
+        if policy is not None and spec.color_jitter > 0:
             raise DataError(
                 "color_jitter and randaugment cannot be combined (timm skips colour jitter under RandAugment); "
                 "set one of them"
             )
         _import_dali()
-        self.files, self.index_files = find_shards(path, split)
-        super().__init__(
-            num_total=num_total,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-        )
-        self.placement = "gpu" if device.type == "cuda" else "cpu"
+        self.files, self.index_files = find_shards(spec.path, spec.split)
+        super().__init__(spec, num_total=num_total, num_classes=num_classes)
+        self.placement = "gpu" if self.device.type == "cuda" else "cpu"
         if self.placement == "gpu":
             mismatch = cuda_flavour_mismatch(dali_cuda_flavours(), torch.version.cuda)
             if mismatch:
                 warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
-        self.train = train
+        self.train = spec.train
         # RandAugment is a training augmentation: evaluation reads plain centre crops, as timm does.
-        self.randaugment = policy if train else None
-        self.augmentation = self._describe(train, img_size, scale, color_jitter)
-        self.num_threads = max(1, num_workers)
-        self.prefetch = batches_ahead
+        self.randaugment = policy if spec.train else None
+        self.augmentation = self._describe(spec.train, spec.img_size, spec.scale, spec.color_jitter)
+        self.num_threads = max(1, spec.num_workers)
+        self.prefetch = spec.batches_ahead
         self.graph_args: dict[str, Any] = {
             "files": self.files,
             "index_files": self.index_files,
-            "train": train,
-            "img_size": img_size,
-            "scale": tuple(scale),
-            "color_jitter": color_jitter,
+            "train": spec.train,
+            "img_size": spec.img_size,
+            "scale": tuple(spec.scale),
+            "color_jitter": spec.color_jitter,
             "randaugment": self.randaugment,
-            "out_dtype": dtype,
-            "shard_id": rank,
-            "num_shards": world_size,
-            "initial_fill": int(backend_kw.get("initial_fill", 1024)),
-            "os_cache": os_cache,
-            "prefetch": batches_ahead,
-            "hw_decoder_load": float(backend_kw.get("hw_decoder_load", 0.65)),
-            "preallocate_hint": int(backend_kw.get("preallocate_hint", 0)),
+            "out_dtype": spec.dtype,
+            "shard_id": spec.rank,
+            "num_shards": spec.world_size,
+            "initial_fill": int(spec.options.get("initial_fill", 1024)),
+            "os_cache": spec.os_cache,
+            "prefetch": spec.batches_ahead,
+            "hw_decoder_load": float(spec.options.get("hw_decoder_load", 0.65)),
+            "preallocate_hint": int(spec.options.get("preallocate_hint", 0)),
         }
-        self._normalize = Normalizer(device, dtype) if dtype == torch.bfloat16 else None
+        self._normalize = Normalizer(self.device, self.dtype) if self.dtype == torch.bfloat16 else None
         self.build_seconds: list[float] = []  # wall time of each (per-epoch) pipeline build
         # Training prepares epoch e + 1's pipeline while epoch e runs (see __iter__).
-        self.prepare_ahead = train
+        self.prepare_ahead = spec.train
         self._builder: Any = None  # a one-thread executor building the next epoch's pipeline
         # Build epoch 0 now so that unreadable shards fail here, not in the training loop.
         self._ready: _EpochRun | None = _EpochRun(self.epoch, self.build_graph(self.epoch))
         reader_size = int(self._ready.pipe.epoch_size(READER_NAME))
         if reader_size != num_total:
             raise DataError(
-                f"the shards in {wds_dir(path, split)} hold {reader_size} samples but the manifest says "
+                f"the shards in {wds_dir(spec.path, spec.split)} hold {reader_size} samples but the manifest says "
                 f"{num_total}; re-run the conversion"
             )
+
+    def _unrepeated(self) -> int:
+        # DALI's reader cuts the unpadded list into contiguous shards.
+        n, s, r = self.num_total, self.world_size, self.rank
+        return (r + 1) * n // s - r * n // s
 
     def _describe(self, train: bool, img_size: int, scale: tuple[float, float], color_jitter: float) -> str:
         if not train:

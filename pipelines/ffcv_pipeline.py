@@ -79,6 +79,7 @@ from pipelines.constants import (
     beton_path,
 )
 from pipelines.errors import DataError
+from pipelines.spec import ReadSpec
 
 BACKEND_OPTIONS = ("dct_scale", "crop_decode", "interpolation")
 # OpenCV's interpolation codes (cv::INTER_LINEAR, cv::INTER_AREA), passed to the C++ resize.
@@ -868,54 +869,23 @@ def _guarded_loader_class() -> Any:
 class FfcvPipeline(Pipeline):
     kind = "ffcv"
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        split: str,
-        batch_size: int,
-        img_size: int,
-        device: torch.device,
-        rank: int,
-        world_size: int,
-        seed: int,
-        num_workers: int,
-        train: bool,
-        scale: tuple[float, float],
-        color_jitter: float,
-        randaugment: str | None,
-        dtype: torch.dtype,
-        drop_last: bool,
-        os_cache: bool,
-        batches_ahead: int,
-        num_classes: int,
-        **backend_kw: Any,
-    ) -> None:
-        reject_unknown(self.kind, backend_kw, BACKEND_OPTIONS)
-        if randaugment:
+    def __init__(self, spec: ReadSpec, *, num_classes: int) -> None:
+        """`spec` resolved, its path the converted directory."""
+        reject_unknown(self.kind, spec.options, BACKEND_OPTIONS)
+        if spec.randaugment:
             raise DataError(
-                f"randaugment ({randaugment}) runs in the dali and torchvision pipelines, not ffcv: use "
+                f"randaugment ({spec.randaugment}) runs in the dali and torchvision pipelines, not ffcv: use "
                 f"--data.pipeline dali, or --data.randaugment '' to read with ffcv without it"
             )
-        interpolation = str(backend_kw.get("interpolation", "linear"))
+        interpolation = str(spec.options.get("interpolation", "linear"))
         if interpolation not in INTERPOLATIONS:
             raise DataError(f"ffcv interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
-        fname = beton_path(path, split)
+        fname = beton_path(spec.path, spec.split)
         reader = check_beton(fname)
-        super().__init__(
-            num_total=int(reader.num_samples),
-            num_classes=num_classes,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-        )
+        super().__init__(spec, num_total=int(reader.num_samples), num_classes=num_classes)
         self.path = fname
-        self.split = split
-        self.train = train
+        self.split = spec.split
+        self.train = spec.train
         names = list(reader.handlers)
         has_crc = FFCV_CHECKSUM_FIELD in names
         checksums = reader.metadata[f"f{names.index(FFCV_CHECKSUM_FIELD)}"] if has_crc else None
@@ -926,15 +896,15 @@ class FfcvPipeline(Pipeline):
         # Validation: a centre square of side CROP_PCT * shorter side, resized to img_size: the same
         # pixels as "resize the shorter side to img_size / CROP_PCT, centre-crop img_size".
         self._decoder = _crop_decoder(
-            (img_size, img_size),
-            train=train,
-            scale=tuple(scale),
+            (spec.img_size, spec.img_size),
+            train=spec.train,
+            scale=tuple(spec.scale),
             ratio=RRC_RATIO,
             crop_pct=CROP_PCT,
-            color_jitter=color_jitter if train else 0.0,
-            seed=seed,
-            dct_scale=bool(backend_kw.get("dct_scale", True)),
-            crop_decode=bool(backend_kw.get("crop_decode", True)),
+            color_jitter=spec.color_jitter if spec.train else 0.0,
+            seed=spec.seed,
+            dct_scale=bool(spec.options.get("dct_scale", True)),
+            crop_decode=bool(spec.options.get("crop_decode", True)),
             interpolation=interpolation,
             checksums=checksums,
         )
@@ -942,18 +912,20 @@ class FfcvPipeline(Pipeline):
         label_ops: list[Any] = [IntDecoder(), ToTensor()]
         self._normalize: Normalizer | None = None
         self._copy_stream: Any = None
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             # The batch leaves FFCV as uint8 in its pinned host slot; __iter__ copies it to the device
             # itself (see there why not FFCV's ToDevice).
             image_ops += [ToTensor()]
-            self._normalize = Normalizer(device, dtype)
-            self._copy_stream = torch.cuda.Stream(device)
-        elif dtype == torch.uint8:
+            self._normalize = Normalizer(self.device, self.dtype)
+            self._copy_stream = torch.cuda.Stream(self.device)
+        elif self.dtype == torch.uint8:
             image_ops += [_pooled_uint8_op(), ToTensor()]  # raw uint8 [B, S, S, 3], out of FFCV's buffer
         else:
             image_ops += [_normalize_chw_op(), ToTensor()]
 
-        order = _traversal_order_factory(rank, world_size, seed, shuffle=train, drop_last=drop_last)
+        order = _traversal_order_factory(
+            self.rank, self.world_size, spec.seed, shuffle=spec.train, drop_last=self.drop_last
+        )
         # FFCV's Loader sets torch's intra-op thread count to its worker count (Compiler.set_num_threads,
         # at construction and at every epoch start); the training process keeps its own setting
         # (--train.cpu_threads).
@@ -961,16 +933,16 @@ class FfcvPipeline(Pipeline):
         try:
             self.loader = _guarded_loader_class()(
                 fname,
-                batch_size=batch_size,
-                num_workers=max(1, num_workers),
-                os_cache=os_cache,
+                batch_size=self.batch_size,
+                num_workers=max(1, spec.num_workers),
+                os_cache=spec.os_cache,
                 order=order,
                 distributed=False,
-                seed=seed,
-                drop_last=drop_last,
+                seed=spec.seed,
+                drop_last=self.drop_last,
                 # The crc32 field is read by the image decoder from its own table, not as a batch column.
                 pipelines={"image": image_ops, "label": label_ops} | ({FFCV_CHECKSUM_FIELD: None} if has_crc else {}),
-                batches_ahead=batches_ahead,
+                batches_ahead=spec.batches_ahead,
             )
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot open FFCV file {fname}: {exc}") from None

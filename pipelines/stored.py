@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.base import ConvertedDataset
+from pipelines.base import ConvertedDataset, find_shards
 from pipelines.constants import FFCV_CHECKSUM_FIELD, WDS_IMAGE_EXT, WDS_LABEL_EXT, beton_path, wds_dir
 from pipelines.errors import DataError
 
@@ -94,8 +94,6 @@ class StoredJpegs:
         return np.asarray(reader.metadata[f"f{names.index(FFCV_CHECKSUM_FIELD)}"], dtype=np.int64)
 
     def _load_wds(self, split: str) -> None:
-        from pipelines.dali_pipeline import find_shards
-
         tars, indexes = find_shards(self.dataset.root, split)
         self.paths = tars
         file_of, offsets, sizes, labels = [], [], [], []

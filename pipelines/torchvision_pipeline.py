@@ -46,6 +46,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from pipelines.base import ConvertedDataset, Pipeline, counter_hash, derive_seed, is_converted, reject_unknown
 from pipelines.constants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, SKIPPED_FILE
 from pipelines.errors import DataError
+from pipelines.spec import ReadSpec
 
 BACKEND_OPTIONS = ("pin_memory", "source")
 SOURCES = ("auto", "raw", "converted")
@@ -318,37 +319,18 @@ class _EpochTaggedSampler(Sampler):
 class TorchvisionPipeline(Pipeline):
     kind = "torchvision"
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        split: str,
-        batch_size: int,
-        img_size: int,
-        device: torch.device,
-        rank: int,
-        world_size: int,
-        seed: int,
-        num_workers: int,
-        train: bool,
-        scale: tuple[float, float],
-        color_jitter: float,
-        randaugment: str | None,
-        dtype: torch.dtype,
-        drop_last: bool,
-        batches_ahead: int,
-        os_cache: bool = True,
-        **backend_kw: Any,
-    ) -> None:
-        reject_unknown(self.kind, backend_kw, BACKEND_OPTIONS)
-        if not os_cache:
+    def __init__(self, spec: ReadSpec) -> None:
+        """`spec` resolved; its path a converted directory or an ImageFolder root."""
+        reject_unknown(self.kind, spec.options, BACKEND_OPTIONS)
+        if not spec.os_cache:
             raise DataError(
                 "os_cache=False applies to the ffcv and dali pipelines; torchvision always reads the "
                 "JPEG files through the OS page cache"
             )
         from torch.utils.data import DataLoader
 
-        source = backend_kw.get("source", "auto")
+        path, split = spec.path, spec.split
+        source = spec.options.get("source", "auto")
         if source not in SOURCES:
             raise DataError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         converted = is_converted(path) if os.path.exists(path) else False
@@ -365,40 +347,38 @@ class TorchvisionPipeline(Pipeline):
             images = _FolderImages(_image_folder(path, split, converted))
             self.folder = images.folder.root
         self.source = "converted" if reading == "converted" else "raw"
-        transform = build_transform(train, img_size, scale, color_jitter, randaugment, normalize=dtype != torch.uint8)
-        super().__init__(
-            num_total=len(images),
-            num_classes=len(images.classes),
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-            seed=seed,
-            device=device,
-            dtype=dtype,
+        transform = build_transform(
+            spec.train, spec.img_size, spec.scale, spec.color_jitter, spec.randaugment,
+            normalize=spec.dtype != torch.uint8,
         )
+        super().__init__(spec, num_total=len(images), num_classes=len(images.classes))
         self.dataset = images
-        self.train = train
+        self.train = spec.train
         self.sampler = DistributedSampler(
-            images, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=drop_last
+            images, num_replicas=self.world_size, rank=self.rank, shuffle=spec.train, seed=self.seed,
+            drop_last=self.drop_last,
         )
         # Augmentation draws from per-sample generators (SeededTrainTransform); this generator only
         # gives the DataLoader its workers' base seed, so that it never draws from torch's global
         # RNG (which would shift the training's own random stream with the worker count).
         self._generator = torch.Generator()
-        pin = bool(backend_kw.get("pin_memory", device.type == "cuda"))
-        extra: dict[str, Any] = {"prefetch_factor": batches_ahead} if num_workers > 0 else {}
+        pin = bool(spec.options.get("pin_memory", self.device.type == "cuda"))
+        extra: dict[str, Any] = {"prefetch_factor": spec.batches_ahead} if spec.num_workers > 0 else {}
         self.loader = DataLoader(
-            _SeededSamples(images, transform, seed, train),
-            batch_size=batch_size,
+            _SeededSamples(images, transform, self.seed, spec.train),
+            batch_size=self.batch_size,
             sampler=_EpochTaggedSampler(self.sampler),
-            num_workers=num_workers,
+            num_workers=spec.num_workers,
             pin_memory=pin,
-            drop_last=drop_last,
+            drop_last=self.drop_last,
             generator=self._generator,
             **extra,
         )
         assert len(self.loader) == len(self), (len(self.loader), len(self))
+
+    def _unrepeated(self) -> int:
+        # DistributedSampler deals the samples out in turn: rank r gets r, r + S, ...
+        return len(range(self.rank, self.num_total, self.world_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self._start_epoch()

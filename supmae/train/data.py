@@ -33,9 +33,9 @@ class DataConfig:
         """A `pipelines` loader for `split`; train=True applies the training augmentation."""
         if not self.path:
             raise UserError("no dataset given: set --data.path DIR (a directory written by 'supmae convert')")
-        from pipelines import build_pipeline
+        from pipelines import ReadSpec, open_pipeline
 
-        return build_pipeline(
+        spec = ReadSpec(
             self.pipeline,
             self.path,
             split=split,
@@ -53,3 +53,4 @@ class DataConfig:
             os_cache=self.os_cache,
             batches_ahead=self.batches_ahead,
         )
+        return open_pipeline(spec)

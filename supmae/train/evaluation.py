@@ -6,25 +6,9 @@ from typing import Any
 
 
 def real_samples(loader: Any) -> int:
-    """How many of this rank's validation samples are not repeats.
-
-    Without drop_last every rank reads ceil(N / S) samples; to even the ranks out the backends repeat
-    a few (fewer than S in all) at the *end* of some ranks' unshuffled order. Which ranks depends on
-    how each backend splits the N samples: torchvision's DistributedSampler deals them out in turn
-    (rank r gets r, r + S, ...), FFCV's order (pipelines.base.rank_order) cuts the padded list into
-    contiguous pieces, DALI's reader cuts the unpadded list into contiguous shards. Counting only
-    these samples, the ranks together count each validation sample exactly once.
-    """
-    n, s, r, per = loader.num_total, loader.world_size, loader.rank, loader.num_samples
-    if s == 1:
-        return per
-    if loader.kind == "torchvision":
-        real = len(range(r, n, s))
-    elif loader.kind == "dali":
-        real = (r + 1) * n // s - r * n // s
-    else:
-        real = n - r * per
-    return max(0, min(per, real))
+    """How many of this rank's validation samples are not repeats: the backend's own padding rule
+    (`pipelines.Pipeline.real_samples`), so that the ranks together count each sample once."""
+    return loader.real_samples
 
 
 class RealBatches:
