@@ -2,9 +2,10 @@
 
     supmae doctor --data DIR [--recipe NAME] [--device auto|cpu|cuda] [--out DIR]
                   [--price-per-gpu-hour P] [--machines N] [--workers 1,2,4] [--seconds S]
-                  [--pipelines ffcv,dali,torchvision] [--num-images N] [--section.key VALUE ...]
+                  [--pipelines ffcv,dali,torchvision] [--num-images N] [--step-budget S]
+                  [--gpu h100 --gpus-per-node G --cores-per-node C --mfu 0.4] [--section.key VALUE ...]
 
-It measures, in a few minutes:
+It measures, in a minute or two:
 - the machine (psutil): physical and usable cores, memory, whether the dataset fits in the page
   cache (so the advice on FFCV's `os_cache` rests on a number);
 - every pipeline's delivered images/s at the recipe's resolution and per-device batch, at a few
@@ -15,7 +16,11 @@ It measures, in a few minutes:
 - the recipe's training step on the device: the trainer's own step (`build_pretrain_step`:
   precision, TF32 and compile as `supmae pretrain` resolves them) on synthetic device tensors, so
   the step's rate is the compute alone; the matmul peak of the device in the step's precision, and
-  the counted FLOPs per image, hence MFU;
+  the counted FLOPs per image, hence MFU. On the CPU the step and the memory probe run at the
+  largest batch that fits `--step-budget` seconds (ViT-B at batch 256 takes minutes per step
+  there). With `--gpu` on a machine without a GPU (a cluster's login node) the step is not run at
+  all: one such GPU consumes `--mfu` x its data-sheet bf16 peak / the counted FLOPs per image, and
+  the verdict and the cost are the node's;
 - the batch that fits memory, one code path on every device (`probe_batch`): after a warm step, the
   memory a step adds at two batch sizes (memory = fixed + per image x batch; CUDA's allocator
   statistics, or on the CPU the tensor bytes counted op by op), then doubling batches while that line
@@ -51,6 +56,12 @@ PIPELINE_ORDER = ("torchvision", "dali", "ffcv")
 # A loader must deliver this much more than the step consumes to count as keeping up with fewer
 # workers: epoch-to-epoch jitter and the cores the step itself needs on a CPU.
 HEADROOM = 1.2
+# Seconds the training step and the memory probe may take together on the CPU (--step-budget): the
+# recipe's ViT-B step at batch 256 takes minutes per micro-batch on a few cores, so on the CPU both run
+# at the largest batch whose cost fits (the rate per image is the same or better at the recipe's batch).
+STEP_BUDGET_S = 20.0
+# Micro-batches (and updates) measure_step plus probe_batch run at the chosen batch, about.
+_STEP_RUNS = 12
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -376,6 +387,65 @@ def measure_step(cfg: Any, device: Any, num_classes: int, accum: int, seconds: f
     return {"images_per_sec": ips, "micro_seconds": t_micro, "update_seconds": t_update, "micro_batches": n,
             "accum": accum, "batch_size": batch, "warmup_seconds": warmup, "precision": step.precision,
             "compiled": bool(step.compiled), "compile_reason": step.compile_reason}, step
+
+
+def cpu_step_batch(cfg: Any, device: Any, num_classes: int, budget: float) -> tuple[int, dict[str, Any]]:
+    """The largest batch (the recipe's, halved until it fits) at which the step and the memory probe fit
+    `budget` seconds on the CPU, from two micro-batches at batch 2 timed first; and what was timed."""
+    import copy
+
+    from supmae.train.steps import build_pretrain_step
+
+    small = copy.deepcopy(cfg)
+    small.data.batch_size = 2
+    small.train.compile = "off"
+    step = build_pretrain_step(small, device, num_classes)
+    imgs, labels = _batch(2, cfg.data.img_size, num_classes, device)
+    step.micro(imgs, labels)  # first call: allocations, lazy initialisation
+    t0 = time.perf_counter()
+    step.micro(imgs, labels)
+    t_micro = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step.update()
+    t_update = time.perf_counter() - t0
+    del step
+    gc.collect()
+    per_image = t_micro / 2  # an overestimate at larger batches: per-call overheads are shared
+    batch = cfg.data.batch_size
+    while batch > 2 and _STEP_RUNS * (batch * per_image + t_update) > budget:
+        batch //= 2
+    return max(batch, 1), {"probe_seconds_per_image": per_image, "probe_update_seconds": t_update,
+                           "budget_seconds": budget}
+
+
+def flops_per_image(cfg: Any, num_classes: int) -> float:
+    """The recipe's counted training FLOPs per image, on a model built without memory (meta device)."""
+    import torch
+
+    from supmae.models import create_model
+    from supmae.models.flops import training_flops_per_image
+
+    overrides = cfg.model.overrides()
+    overrides.setdefault("img_size", cfg.data.img_size)
+    overrides.setdefault("num_classes", num_classes)
+    with torch.device("meta"):
+        model = create_model(cfg.model.name, **overrides)
+    return float(training_flops_per_image(model, mask_ratio=cfg.model.mask_ratio)["total"])
+
+
+def datasheet_step(cfg: Any, gpu: str, mfu: float, num_classes: int) -> dict[str, Any]:
+    """The step one `gpu` would run, from its data sheet: `mfu` x the dense bf16 peak / the counted FLOPs
+    per image. For a machine without that GPU (a cluster's login node), where timing the recipe's step
+    on the CPU would take many minutes and say nothing about the GPU."""
+    flops = flops_per_image(cfg, num_classes)
+    ips = gpu_images_per_sec(gpu, mfu, flops)
+    return {"images_per_sec": ips, "micro_seconds": cfg.data.batch_size / ips, "update_seconds": 0.0, "accum": 1,
+            "batch_size": cfg.data.batch_size, "warmup_seconds": None, "precision": "bf16", "compiled": False,
+            "compile_reason": "not run", "flops_per_image": flops, "peak_flops": GPU_BF16_DENSE_TFLOPS[gpu] * 1e12,
+            "peak_dtype": "bfloat16 (data sheet)", "mfu": mfu, "datasheet": True,
+            "source": (f"not measured (this machine has no {gpu}): --mfu {mfu:g} x the {gpu} data sheet's dense "
+                       f"bf16 peak {GPU_BF16_DENSE_TFLOPS[gpu]:g} TFLOP/s / {flops / 1e9:.2f} GFLOP per image "
+                       "(counted)")}
 
 
 class _SavedBytes:
@@ -719,7 +789,7 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
                seconds: float = 3.0, pipelines: list[str] | None = None, num_images: int | None = None,
                overrides: list[str] | None = None, batch_limit: int | None = None,
                gpu: str | None = None, gpus_per_node: int | None = None, cores_per_node: int | None = None,
-               mfu: float = 0.4, step_json: str | None = None,
+               mfu: float = 0.4, step_json: str | None = None, step_budget: float = STEP_BUDGET_S,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure this machine for `recipe` on `data`; write doctor.md and doctor.json into `out` (when
     given and not empty) and return the JSON's content.
@@ -729,6 +799,8 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
     machine's physical cores), each GPU consuming `mfu` x its data-sheet bf16 peak / the recipe's
     counted FLOPs per image (or, without `gpu` on a GPU, the measured step), against what the
     measured pipelines supply per core."""
+    import copy
+
     import torch
 
     from pipelines import KINDS
@@ -747,6 +819,8 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         raise UserError(f"--num-images must be positive, got {num_images}")
     if seconds <= 0:
         raise UserError(f"--seconds must be positive, got {seconds}")
+    if step_budget <= 0:
+        raise UserError(f"--step-budget must be positive, got {step_budget}")
     if gpu is not None and gpu not in GPU_BF16_DENSE_TFLOPS:
         raise UserError(f"--gpu {gpu}: unknown GPU (known: {', '.join(GPU_BF16_DENSE_TFLOPS)})")
     if not 0 < mfu <= 1:
@@ -792,8 +866,11 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         loaders = measure_loaders(data, cfg, dev, kinds, worker_counts, seconds, log, dtype=loader_dtype)
 
         given_step = read_step_json(step_json, dev) if step_json else None
+        # Asked about a GPU on a machine without one (a login node): its step comes from the data sheet.
+        sheet = gpu is not None and dev.type == "cpu" and given_step is None
         log(f"[doctor] training step of {recipe} on {device_name(dev)}, batch {cfg.data.batch_size}"
-            + (f": taken from {step_json}" if given_step else ""))
+            + (f": taken from {step_json}" if given_step else "")
+            + (f": not run here, one {gpu} from its data sheet x --mfu {mfu:g}" if sheet else ""))
         try:
             accum = resolve_accumulation(cfg.optim, cfg.data.batch_size, devices)
             accum_note = ""
@@ -803,11 +880,26 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
             resolve_precision(cfg.train.precision, dev), torch.float32)
         # The peak is the best of a window before and one after the step: one window alone can meet a
         # busy moment of a shared machine, and MFU's denominator should be what the device can reach.
+        step_cfg = cfg
         if given_step is not None:
             step_row = {**given_step, "accum_note": accum_note}
+        elif sheet:
+            step_row = {**datasheet_step(cfg, gpu, mfu, num_classes), "accum_note": accum_note}
         else:
+            batch_note = ""
+            if dev.type == "cpu":
+                small_batch, timing = cpu_step_batch(cfg, dev, num_classes, step_budget)
+                if small_batch < cfg.data.batch_size:
+                    step_cfg = copy.deepcopy(cfg)
+                    step_cfg.data.batch_size = small_batch
+                    accum = max(1, round(accum * cfg.data.batch_size / small_batch))  # the same effective batch
+                    batch_note = (f"measured at batch {small_batch}, not the recipe's {cfg.data.batch_size}: a step "
+                                  f"at {cfg.data.batch_size} would not fit the {step_budget:g} s step budget "
+                                  f"(--step-budget; {timing['probe_seconds_per_image']:.2f} s per image at batch 2)")
+                    log(f"[doctor] {batch_note}")
             peak_before = measure_matmul_peak(dev, peak_dtype, seconds=min(0.5, seconds))
-            step_row, step = measure_step(cfg, dev, num_classes, accum, seconds)
+            step_row, step = measure_step(step_cfg, dev, num_classes, accum, seconds)
+            step_row["batch_note"] = batch_note
             flops = training_flops_per_image(step.core, mask_ratio=cfg.model.mask_ratio)["total"]
             peak = max(peak_before, measure_matmul_peak(dev, peak_dtype, seconds=min(0.5, seconds)))
             step_row.update({"flops_per_image": flops, "peak_flops": peak,
@@ -815,8 +907,13 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
                              "mfu": flops * step_row["images_per_sec"] / peak, "accum_note": accum_note})
             del step
             gc.collect()
-        log("[doctor] the batch that fits memory")
-        memory = probe_batch(cfg, dev, num_classes, batch_limit, log)
+        if sheet:
+            memory = {"max_batch": None, "per_image_bytes": None,
+                      "method": f"not measured: this machine is not the {gpu} the verdict is about (run the doctor "
+                      "on the node itself for its memory)"}
+        else:
+            log("[doctor] the batch that fits memory")
+            memory = probe_batch(step_cfg, dev, num_classes, batch_limit, log)
 
         log("[doctor] read throughput of the dataset's files")
         reads: dict[str, Any] = {}
@@ -842,7 +939,6 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
     epochs = cfg.train.planned_epochs or cfg.train.epochs
     per_epoch = num_images if num_images is not None else (count // (cfg.data.batch_size * devices)) * \
         cfg.data.batch_size * devices
-    proj = projection(epochs, per_epoch, v["rate"], devices, machines, price_per_gpu_hour)
     node = None
     if node_wanted:
         if gpu is not None:
@@ -864,6 +960,27 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         node.update(consumed_from=how, mfu=mfu if gpu is not None else None,
                     loader_dtype="uint8" if loader_dtype is not None else "float32",
                     measured_on_cores=machine["usable_cores"])
+    basis = "this machine"
+    if sheet and node is not None and node["bound"] is not None:
+        # This machine only measured the loaders: the verdict, the advice and the cost are the node's.
+        basis = "the node"
+        g, best = node["gpus"], node["best_pipeline"]
+        supplied, consumed = node["supplied_images_per_sec"][best], node["consumed_images_per_sec"]
+        v = {"bound": node["bound"],
+             "factor": consumed / supplied if node["bound"] == "data" else supplied / consumed,
+             "best": v["best"],
+             "recommendation": {"pipeline": best, "workers": max(1, node["cores_for_data"] // g),
+                                "images_per_sec": supplied / g,
+                                "why": "the node's best pipeline, with its cores left for data shared by the GPUs"},
+             "rate": min(consumed, supplied) / g}
+        proj_devices = g
+        # Whole global batches, as training takes them (a sample smaller than one global batch: all of it).
+        per_epoch = num_images if num_images is not None else \
+            (count // (cfg.data.batch_size * g)) * cfg.data.batch_size * g or count
+    else:
+        proj_devices = devices
+    proj = projection(epochs, per_epoch, v["rate"], proj_devices, machines, price_per_gpu_hour)
+    proj["basis"] = basis
     result = {
         "data": os.path.abspath(data),
         "recipe": recipe,
@@ -874,13 +991,16 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         "machine": machine,
         "workers_tried": worker_counts,
         "seconds_per_measurement": seconds,
+        "step_budget_seconds": step_budget,
         "dataset": {"images": count, "classes": num_classes, "split": cfg.data.train_split},
         "loaders": loaders,
         "read": reads,
         "page_cache": cache,
         "step": step_row,
+        "recipe_batch_size": cfg.data.batch_size,
         "memory": memory,
         "bound": v["bound"],
+        "bound_basis": basis,
         "factor": v["factor"],
         "best_loader": v["best"],
         "recommendation": v["recommendation"],
@@ -915,7 +1035,16 @@ def _f(x: Any, spec: str) -> str:
 def render_markdown(r: dict[str, Any]) -> str:
     m, s, p, v = r["machine"], r["step"], r["projection"], r["recommendation"]
     step_ips = s["images_per_sec"]
-    if r["bound"] == "data":
+    node = r.get("node") or {}
+    if r.get("bound_basis") == "the node":
+        best = r["best_loader"]
+        verdict_line = (f"This machine has no {node['gpu']}: it measured the loaders, and the step is the data "
+                        f"sheet's (one {node['gpu']} at MFU {s['mfu']:g} consumes {step_ips:,.0f} images/s; the best "
+                        f"loader here, {best['pipeline']} with {best['workers']} workers, delivers "
+                        f"{best['images_per_sec']:,.0f}). On {node['gpus']} x {node['gpu']} and {node['cores']} cores: "
+                        + (f"**Data-bound**, {r['factor']:.2f}x short." if r["bound"] == "data" else
+                           f"**Fed**, {r['factor']:.2f}x headroom.") + " See \"The node\" below.")
+    elif r["bound"] == "data":
         verdict_line = (f"**Data-bound**: the best loader ({r['best_loader']['pipeline']}, "
                         f"{r['best_loader']['workers']} workers) delivers {r['best_loader']['images_per_sec']:,.0f} "
                         f"images/s, the step could consume {step_ips:,.0f}: {r['factor']:.2f}x more.")
@@ -930,13 +1059,13 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         f"- use: `--data.pipeline {v['pipeline']} --data.num_workers {v['workers']}` ({v['why']})",
         (f"- batch that fits memory: {_f(r['memory'].get('max_batch'), ',')} per device ({r['memory']['method']}); "
-        f"the recipe uses {s['batch_size']}"),
+        f"the recipe uses {r.get('recipe_batch_size', s['batch_size'])}"),
         (f"- FFCV os_cache: {r['page_cache']['advice']} (dataset {_f(r['page_cache']['dataset_bytes'], ',')} bytes, "
         f"{m['memory_available_bytes'] / 2**30:.1f} GiB available; the recipe says {r['page_cache']['recipe_os_cache']})"),
         (f"- projected {p['epochs']} epochs of {p['images_per_epoch']:,} images at {p['images_per_sec_per_device']:,.0f}"
          f" images/s per device: {_hours(p['wall_hours'])} wall-clock, {p['device_hours']:.4f} device-hours"
          + (f", {p['cost']:,.2f} at {r['price_per_gpu_hour']:g} per device-hour" if p["cost"] is not None else "")
-         + " on this machine"),
+         + (f" on the node ({p['devices']} GPUs)" if p.get("basis") == "the node" else " on this machine")),
         (f"- on {p['machines']} such machines: {_hours(p['wall_hours_on_machines'])} wall-clock, "
          f"{p['device_hours_on_machines']:.4f} device-hours"
          + (f", {p['cost_on_machines']:,.2f}" if p["cost_on_machines"] is not None else "")
@@ -945,7 +1074,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("- not in the projection: evaluation, checkpointing, start-up and the first epoch's compilation "
         "(`supmae report` of a real run measures them)"),
     ]
-    if r["device_type"] == "cpu":
+    if r["device_type"] == "cpu" and r.get("bound_basis") != "the node":
         lines.append("- on the CPU the loader's workers and the step share the same cores; measured apart, so a "
                      "training run gets somewhat less of both")
     lines += [
@@ -973,15 +1102,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "## Training step",
         "",
-        (f"{step_ips:,.1f} images/s at batch {s['batch_size']}, measured by {s['source']}: "
-         f"{s['micro_seconds'] * 1e3:.1f} ms per step (micro-batch and update); "
-         if s.get("source") else
-         f"{step_ips:,.1f} images/s at batch {s['batch_size']} x {s['accum']} accumulation "
-         f"({s['micro_seconds'] * 1e3:.1f} ms per micro-batch, {s['update_seconds'] * 1e3:.1f} ms per update); "
-         f"precision {s['precision']}, compiled {'yes' if s['compiled'] else 'no (' + s['compile_reason'] + ')'}; "
-         f"{s['flops_per_image'] / 1e9:.3f} GFLOPs per image; matmul peak {s['peak_flops'] / 1e12:.3f} TFLOP/s "
-         f"({s['peak_dtype']}); MFU {s['mfu']:.1%}."),
+        step_line(s),
     ]
+    if s.get("batch_note"):
+        lines.append(f"Note: {s['batch_note']}.")
     if s.get("accum_note"):
         lines.append(f"Note: {s['accum_note']}")
     lines += ["", "## Read throughput of the dataset's files", "", "| pipeline's files | MB/s | images/s | bytes |",
@@ -996,6 +1120,23 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += ["", *render_node(r["node"])]
     lines += ["", f"Measured in {r['doctor_seconds']:.0f} s, {r['seconds_per_measurement']:g} s per window.", ""]
     return "\n".join(lines)
+
+
+def step_line(s: dict[str, Any]) -> str:
+    """The training step's paragraph: from the data sheet, from `supmae bench step`, or measured here."""
+    ips = s["images_per_sec"]
+    if s.get("datasheet"):
+        return f"{ips:,.1f} images/s per GPU, {s['source']}."
+    if s.get("source"):
+        head = (f"{ips:,.1f} images/s at batch {s['batch_size']}, measured by {s['source']}: "
+                f"{s['micro_seconds'] * 1e3:.1f} ms per step (micro-batch and update); ")
+    else:
+        head = (f"{ips:,.1f} images/s at batch {s['batch_size']} x {s['accum']} accumulation "
+                f"({s['micro_seconds'] * 1e3:.1f} ms per micro-batch, {s['update_seconds'] * 1e3:.1f} ms per update); ")
+    return (head + f"precision {s['precision']}, compiled "
+            f"{'yes' if s['compiled'] else 'no (' + s['compile_reason'] + ')'}; {s['flops_per_image'] / 1e9:.3f} "
+            f"GFLOPs per image; matmul peak {s['peak_flops'] / 1e12:.3f} TFLOP/s ({s['peak_dtype']}); "
+            f"MFU {s['mfu']:.1%}.")
 
 
 def render_node(n: dict[str, Any]) -> list[str]:
@@ -1061,6 +1202,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--step-json", default=None,
                    help="take the training step from 'supmae bench step' (its step.json or --out folder: the trainer "
                    "row, e.g. compiled at the recipe's batch) instead of measuring it again here")
+    p.add_argument("--step-budget", type=float, default=STEP_BUDGET_S,
+                   help=f"seconds the training step and the memory probe may take on the CPU (default "
+                   f"{STEP_BUDGET_S:g}): they run at the largest batch that fits. With --gpu on a machine without "
+                   "a GPU the step is not run: the data sheet x --mfu")
     a, rest = p.parse_known_args(argv)
     bad = [x for x in rest if x.startswith("-") and not x.startswith("--")]
     if bad:
@@ -1069,7 +1214,8 @@ def main(argv: list[str]) -> int:
                         parse_workers(a.workers) if a.workers else None, a.seconds,
                         [k.strip() for k in a.pipelines.split(",") if k.strip()] if a.pipelines else None,
                         a.num_images, rest, batch_limit=a.batch_limit, gpu=a.gpu, gpus_per_node=a.gpus_per_node,
-                        cores_per_node=a.cores_per_node, mfu=a.mfu, step_json=a.step_json)
+                        cores_per_node=a.cores_per_node, mfu=a.mfu, step_json=a.step_json,
+                        step_budget=a.step_budget)
     print(render_markdown(result))
     # --out '' asks for no files: the report above is all there is.
     if result.get("doctor_md"):
