@@ -70,7 +70,7 @@ def scaled_window(i: int, j: int, h: int, w: int, k: int, sh: int, sw: int) -> t
 def check_windows(jpeg: np.ndarray, height: int, width: int, rng: np.random.Generator, tries: int) -> int:
     """Random windows (and the edge cases) at every DCT scale: the window decode equals the full
     decode cut to it. Returns the number of windows checked."""
-    from pipelines.ffcv_pipeline import decode_window
+    from pipelines.ffcv_cropdecode import decode_window
 
     windows = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1), (1, 1, height - 1, width - 1)]
     for _ in range(tries):
@@ -112,7 +112,7 @@ def test_window_decode_equals_full_decode_cut_on_real_imagenet_jpegs():
 
 
 def test_window_decode_resizes_and_flips():
-    from pipelines.ffcv_pipeline import decode_window
+    from pipelines.ffcv_cropdecode import decode_window
 
     jpeg = encode(textured(120, 160, 1), 2)
     plain = decode_window(jpeg, (120, 160), (10, 20, 90, 100), (32, 40))
@@ -130,7 +130,7 @@ def test_window_decode_resizes_and_flips():
 def test_flip_mirrors_every_output_width(out_w):
     """The flip writes 4 bytes per 3-byte pixel from a row copy: every width, the odd and the
     one-pixel ones included, comes out as the exact mirror, with nothing written past the row."""
-    from pipelines.ffcv_pipeline import decode_window
+    from pipelines.ffcv_cropdecode import decode_window
 
     jpeg = encode(textured(120, 160, 2), 2)
     plain = decode_window(jpeg, (120, 160), (5, 7, 100, 130), (9, out_w))
@@ -141,7 +141,7 @@ def test_flip_mirrors_every_output_width(out_w):
 def test_area_interpolation_is_ffcvs_own_resize():
     from ffcv.libffcv import resize_crop
 
-    from pipelines.ffcv_pipeline import decode_window
+    from pipelines.ffcv_cropdecode import decode_window
 
     jpeg = encode(textured(150, 200, 2), 2)
     full = full_decode(jpeg, 150, 200, 8)
@@ -154,7 +154,7 @@ def test_area_interpolation_is_ffcvs_own_resize():
 
 def test_window_decode_rejects_bad_input_with_an_error():
     from pipelines.errors import DataError
-    from pipelines.ffcv_pipeline import decode_window
+    from pipelines.ffcv_cropdecode import decode_window
 
     jpeg = encode(textured(40, 40, 3), 2)
     with pytest.raises(DataError, match="crop decode failed"):
@@ -168,16 +168,16 @@ def test_window_decode_rejects_bad_input_with_an_error():
 
 
 def test_unbuilt_decoder_is_a_clear_error(monkeypatch):
-    from pipelines import ffcv_pipeline
+    from pipelines import ffcv_cropdecode
     from pipelines.errors import DataError
 
-    ffcv_pipeline._crop_decode_functions.cache_clear()
-    monkeypatch.setattr(ffcv_pipeline, "CROP_DECODE_MODULE", "pipelines._no_such_cropdecode")
+    ffcv_cropdecode.crop_decode_functions.cache_clear()
+    monkeypatch.setattr(ffcv_cropdecode, "CROP_DECODE_MODULE", "pipelines._no_such_cropdecode")
     try:
         with pytest.raises(DataError, match="pip install -e"):
-            ffcv_pipeline._crop_decode_functions()
+            ffcv_cropdecode.crop_decode_functions()
     finally:
-        ffcv_pipeline._crop_decode_functions.cache_clear()
+        ffcv_cropdecode.crop_decode_functions.cache_clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,9 +278,9 @@ KS_BOUND = 1.95 * math.sqrt(2 / DRAWS)
 
 def ours(height: int, width: int, scale: tuple[float, float] = SCALE) -> tuple[np.ndarray, np.ndarray]:
     """Area fraction and log aspect ratio (log w/h) of the decoder's crop for DRAWS sample indices."""
-    from pipelines.ffcv_pipeline import _compiled_kernels
+    from pipelines.ffcv_cropdecode import compiled_kernels
 
-    crop = _compiled_kernels()[0]
+    crop = compiled_kernels()[0]
     lr = (math.log(RATIO[0]), math.log(RATIO[1]))
     wins = np.array([crop(height, width, scale[0], scale[1], lr[0], lr[1], 3, 0, n) for n in range(DRAWS)], dtype=float)
     return wins[:, 2] * wins[:, 3] / (height * width), np.log(wins[:, 3] / wins[:, 2])

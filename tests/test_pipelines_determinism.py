@@ -85,9 +85,9 @@ def test_counter_uniform_reference_equals_numba():
 def test_ffcv_crop_and_jitter_kernels_equal_their_python_reference():
     pytest.importorskip("ffcv")
     from pipelines.base import counter_uniform
-    from pipelines.ffcv_pipeline import _compiled_kernels, make_flip_and_jitter, make_random_crop
+    from pipelines.ffcv_cropdecode import compiled_kernels, make_flip_and_jitter, make_random_crop
 
-    crop_jit, augment_jit, _ = _compiled_kernels()
+    crop_jit, augment_jit, _ = compiled_kernels()
     crop_ref = make_random_crop(counter_uniform)
     log_lo, log_hi = np.log(3 / 4), np.log(4 / 3)
     rng = np.random.default_rng(1)
