@@ -217,3 +217,38 @@ def test_a_second_job_on_a_busy_run_directory_exits_at_once(synthetic_root, tmp_
             first.wait()
     assert [r["epoch"] for r in read_jsonl(os.path.join(out, "log.jsonl"))] == list(range(epochs))
     assert len(read_jsonl(os.path.join(out, "starts.jsonl"))) == 1
+
+
+# ------------------------------------------------------------------------------ the file system's flock
+
+
+def test_flock_is_checked_on_the_real_file_system_at_start(tmp_path, capsys):
+    """The check runs against the file system itself (no mock): on the test's local tmp it holds, so the
+    job says nothing; a mount that ignores flock or holds it per host would be named in one warning."""
+    from supmae.train.run_dir import flock_excludes, mount_of
+
+    path = str(tmp_path / "run")
+    lines: list[str] = []
+    with job_locks():
+        assert RunDir(path).lock(log=lines.append) == ""
+        kind, _options = mount_of(os.path.realpath(path))
+        assert kind  # /proc/self/mounts names the file system holding tmp_path
+        assert flock_excludes(os.path.join(path, LOCK_FILE)) == ""
+    assert lines == []
+    # /dev/shm (tmpfs) enforces flock too, when this machine has it.
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as shm, job_locks():
+            assert RunDir(os.path.join(shm, "run")).lock(log=lines.append) == ""
+        assert lines == []
+
+
+def test_mounts_whose_flock_holds_on_one_host_are_named():
+    from supmae.train.run_dir import host_local_flock
+
+    assert host_local_flock("ext4", {"rw"}) == ""
+    assert host_local_flock("nfs4", {"rw", "vers=4.2"}) == ""  # flock emulated by byte-range locks: cluster-wide
+    assert "local_lock=flock" in host_local_flock("nfs", {"rw", "local_lock=flock"})
+    assert host_local_flock("lustre", {"flock"}) == "" and "localflock" in host_local_flock("lustre", {"localflock"})
+    assert "FUSE" in host_local_flock("fuse.gcsfuse", {"rw"})

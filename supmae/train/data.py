@@ -28,6 +28,24 @@ class DataConfig:
     os_cache: bool = True  # ffcv: memory-map the whole file (fits ImageNet at 256 px in RAM)
     batches_ahead: int = 3  # ffcv / dali prefetch depth
 
+    def check_available(self) -> None:
+        """A pipeline whose library is missing here (a recipe's default, say: the fine-tuning recipes read
+        with dali) stops the job in one line naming the pipelines that do work here."""
+        from pipelines import KINDS, available
+
+        reason = available(self.pipeline)
+        if not reason or self.pipeline not in KINDS:
+            return  # an unknown name is refused by the pipelines themselves, with the list of names
+        # ffcv before torchvision (the faster where both are installed), unless RandAugment is on: ffcv refuses it.
+        working = [k for k in ("ffcv", "torchvision", "dali") if k != self.pipeline and not available(k)
+                   and not (k == "ffcv" and self.randaugment)]
+        hint = {"dali": " (scripts/setup.sh installs the DALI wheel matching torch's CUDA)",
+                "ffcv": " (scripts/setup.sh builds it; see the README's install section)"}.get(self.pipeline, "")
+        raise UserError(f"the {self.pipeline} pipeline is unavailable here: {reason}{hint}; "
+                        + (f"use --data.pipeline {working[0]}" + (f" (also available: {', '.join(working[1:])})"
+                                                                  if working[1:] else "")
+                           if working else "no other pipeline is available either"))
+
     def build(self, split: str, train: bool, device: Any, rank: int = 0, world_size: int = 1, seed: int = 0,
               batch_size: int | None = None) -> Any:
         """A `pipelines` loader for `split`; train=True applies the training augmentation."""
@@ -35,6 +53,7 @@ class DataConfig:
             raise UserError("no dataset given: set --data.path DIR (a directory written by 'supmae convert')")
         from pipelines import ReadSpec, open_pipeline
 
+        self.check_available()
         spec = ReadSpec(
             self.pipeline,
             self.path,

@@ -10,7 +10,8 @@ One job at a time: rank 0 holds an `fcntl.flock` on `run.lock` for the job's lif
 released by `job_locks` when the job ends) and writes its pid and host into it, so a second job
 started on the same directory (a double launch, a requeue while the old job still runs) stops at
 once, naming the holder. The kernel drops the lock when the holder dies, kill -9 included: no
-stale lock is ever left to clean up.
+stale lock is ever left to clean up. At the start the lock is checked on the file system itself
+(`flock_excludes`): one that ignores flock, or holds it on this host only, is named in one warning.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class RunDirLock:
             return ""
         self.fd = fd
         _HELD.append(self)
+        why = flock_excludes(self.path)
+        if why:
+            log(f"warning: {why}: nothing stops a second job from writing {os.path.dirname(self.path)} at the same time")
         line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, line.encode(), 0)
@@ -94,6 +98,62 @@ class RunDirLock:
 
 
 _HELD: list[RunDirLock] = []
+
+
+def mount_of(path: str) -> tuple[str, set[str]]:
+    """(file system type, mount options) of the mount holding `path`, from /proc/self/mounts ("" where
+    unknown)."""
+    best, kind, options = "", "", set()
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) < 4:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, kind, options = point, fields[2], set(fields[3].split(","))
+    except OSError:
+        pass
+    return kind, options
+
+
+def host_local_flock(kind: str, options: set[str]) -> str:
+    """Why flock on a mount of `kind` with `options` excludes on this host only, or "" (a local file system,
+    NFS with its default flock emulation by byte-range locks, Lustre mounted with -o flock)."""
+    if kind.startswith("nfs") and (options & {"local_lock=flock", "local_lock=all", "nolock"}):
+        return f"{kind} mounted with {','.join(sorted(options & {'local_lock=flock', 'local_lock=all', 'nolock'}))}"
+    if kind == "lustre" and "localflock" in options:
+        return "lustre mounted with localflock"
+    if kind.startswith("fuse"):
+        return f"{kind}, a FUSE file system"
+    return ""
+
+
+def flock_excludes(lock_path: str) -> str:
+    """"" when the flock held on `lock_path` (by this process, through another open file) keeps a second open
+    file from taking it, as it keeps a second job; else one line saying why the lock does not protect the run
+    directory. Two opens of one file conflict under flock even within a process, so a file system that
+    ignores flock shows here, at the job's start. A mount whose flock holds on this host only (a second job
+    on another host would not be stopped) is named too."""
+    import fcntl
+
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        took = True
+    except BlockingIOError:
+        took = False
+    except OSError as exc:
+        return f"cannot check the lock on {lock_path} ({exc.strerror})"
+    finally:
+        os.close(fd)  # closing also drops a lock this open took
+    if took:
+        return f"the file system of {lock_path} does not enforce flock (a second open took the held lock)"
+    local = host_local_flock(*mount_of(os.path.realpath(lock_path)))
+    if local:
+        return f"{lock_path} is on {local}: its flock holds on this host only, a job on another host is not stopped"
+    return ""
 
 
 def _close_in_child() -> None:
