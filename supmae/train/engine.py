@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -200,6 +201,41 @@ class Job:
         raise NotImplementedError
 
 
+@dataclass
+class JobContext:
+    """The process's part of a job, made before its set-up: the distributed info, the run directory,
+    the log, when the process started (`time.perf_counter()`) and the energy meter started then."""
+
+    info: dist_utils.DistInfo
+    run_dir: Any
+    log: Callable[[str], None]
+    t_start: float
+    energy: EnergyMeter
+
+
+@dataclass
+class EpochPlan:
+    """What an epoch of training is: the loader, the lr schedule, the micro-batches read per epoch
+    (whole optimiser steps only) and the micro-batches per optimiser step."""
+
+    train_loader: Any
+    schedule: Any
+    micro_steps: int
+    accum: int
+
+
+@dataclass
+class StartPoint:
+    """Where a run starts: epoch and optimiser step, the wall seconds of the earlier processes (the
+    checkpoint's figure), and the checkpoint read (with its path) when it resumes."""
+
+    start_epoch: int = 0
+    global_step: int = 0
+    prev_elapsed: float = 0.0
+    ckpt: dict[str, Any] | None = None
+    ckpt_path: str | None = None
+
+
 class Engine:
     """The epoch loop, the books and the checkpoints of one run, around a job's step.
 
@@ -211,21 +247,21 @@ class Engine:
     # sync). Counted per process, not per run: a resumed process compiles again.
     SYNC_DEBUG_AFTER = 3
 
-    def __init__(self, job: Job, *, cfg: Any, info: dist_utils.DistInfo, run_dir: Any, log: Callable[[str], None],
-                 step: Any, train_loader: Any, schedule: Any, micro_steps: int, accum: int, start_epoch: int,
-                 global_step: int, prev_elapsed: float, t_start: float, total_epochs: int,
-                 flops_per_image: int | None, last_ckpt: str | None = None, energy: EnergyMeter | None = None):
-        self.job, self.cfg, self.info, self.run_dir, self.log = job, cfg, info, run_dir, log
+    def __init__(self, job: Job, ctx: JobContext, *, cfg: Any, step: Any, plan: EpochPlan, start: StartPoint,
+                 total_epochs: int, flops_per_image: int | None):
+        info, run_dir, energy = ctx.info, ctx.run_dir, ctx.energy
+        start_epoch, prev_elapsed = start.start_epoch, start.prev_elapsed
+        self.job, self.cfg, self.info, self.run_dir, self.log = job, cfg, info, run_dir, ctx.log
         self.tc = cfg.train
         self.device = info.device
-        self.step_obj, self.train_loader, self.schedule = step, train_loader, schedule
-        self.micro_steps, self.accum = micro_steps, accum
-        self.updates_per_epoch = micro_steps // accum
-        self.start_epoch, self.global_step = start_epoch, global_step
-        self.prev_elapsed, self.t_start = prev_elapsed, t_start
+        self.step_obj, self.train_loader, self.schedule = step, plan.train_loader, plan.schedule
+        self.micro_steps, self.accum = plan.micro_steps, plan.accum
+        self.updates_per_epoch = plan.micro_steps // plan.accum
+        self.start_epoch, self.global_step = start_epoch, start.global_step
+        self.prev_elapsed, self.t_start = prev_elapsed, ctx.t_start
         self.total_epochs = total_epochs
         self.flops_per_image = flops_per_image
-        self.last_ckpt = last_ckpt
+        self.last_ckpt = start.ckpt_path or None
         self.dev_name = _device_name(self.device)
         self.process_epochs = 0
         self.process_steps = 0  # optimiser steps taken by this process (a resumed run starts again at 0)
@@ -233,11 +269,7 @@ class Engine:
         # compilation, so the first epoch's figures are also given without it.
         self._first_step_done: float | None = None
         self._t_epoch = 0.0
-        # Energy over the whole process: the jobs start the meter as soon as the device is known; a
-        # meter started here still covers evaluation and checkpointing, not only the training loop.
-        if energy is None:
-            energy = EnergyMeter(self.device)
-            energy.start()
+        # Energy over the whole process: the jobs start the meter as soon as the device is known.
         self.energy = energy
         self._epoch_joules_start: float | None = None
         self.process_energy_kwh: float | None = None
@@ -247,7 +279,7 @@ class Engine:
             self.started, self.started_from = float(early.row["start"]), str(early.row["start_from"])
             early.row.update(job=job.name, device=self.dev_name, start_epoch=start_epoch)
         else:
-            self.started, self.started_from = process_start_time(time.time() - (time.perf_counter() - t_start))
+            self.started, self.started_from = process_start_time(time.time() - (time.perf_counter() - ctx.t_start))
             self.record = ProcessRecord(run_dir.path, info.is_main, job=job.name, world_size=info.world_size,
                                         device=self.dev_name, start_epoch=start_epoch, started=self.started,
                                         started_from=self.started_from)
@@ -356,6 +388,18 @@ class Engine:
         return last
 
     # ---- the epoch loop
+
+    def train(self, ckpt: dict[str, Any] | None) -> tuple[dict[str, Any] | None, bool | None]:
+        """A job's whole training in this process: open the books, restore this rank's RNG from `ckpt`,
+        run the epochs up to --train.epochs (or --train.epochs_per_run of them) and check that the
+        ranks agree. Returns (the last log row, `check_in_sync()`)."""
+        tc = self.tc
+        self.open_books(ckpt)
+        self.restore_rng(ckpt)
+        end_epoch = tc.epochs if not tc.epochs_per_run else min(tc.epochs, self.start_epoch + tc.epochs_per_run)
+        final_row = self.run(end_epoch, precision_config=tc.precision, compile_config=tc.compile,
+                             augmentation=describe_augmentation(self.train_loader))
+        return final_row, self.check_in_sync()
 
     def run(self, end_epoch: int, *, precision_config: str, compile_config: str, augmentation: str
             ) -> dict[str, Any] | None:

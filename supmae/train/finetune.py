@@ -52,19 +52,28 @@ from supmae.train.augment import mixup_and_loss  # noqa: F401  (re-exported: the
 from supmae.train.checkpoint import atomic_save, load_checkpoint, model_state
 from supmae.train.compiling import resolve_compile
 from supmae.train.data import DataConfig
-from supmae.train.distributed import agree, all_reduce_sum, distributed
-from supmae.train.energy import EnergyMeter
+from supmae.train.distributed import all_reduce_sum, distributed
 from supmae.train.engine import (
     Engine,
+    EpochPlan,
     Job,
-    Log,
+    JobContext,
+    StartPoint,
     decide_resume,
     describe_augmentation,
     load_on_main,
 )
 from supmae.train.evaluation import RealBatches
 from supmae.train.finetune_config import TASKS, DownstreamConfig
-from supmae.train.job_setup import config_differences, has_split, resolve_accumulation
+from supmae.train.job_setup import (
+    JobSetup,
+    config_differences,
+    has_split,
+    open_job,
+    resolve_accumulation,
+    restore_step,
+    set_up_on_every_rank,
+)
 from supmae.train.optim import (  # noqa: F401  (re-exported: the recipes' optimisers)
     build_optimizer,
     finetune_param_groups,
@@ -226,39 +235,33 @@ def run_linprobe(cfg: DownstreamConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DownstreamConfig, info: Any) -> dict[str, Any]:
-    from pipelines.errors import DataError
-
-    t_start = time.perf_counter()
-    # Energy over the whole process from here on (set-up, evaluation and checkpoints included).
-    energy = EnergyMeter(info.device)
-    energy.start()
-    log = Log(info.is_main)
-    run_dir = RunDir(cfg.output_dir, writer=info.is_main)
-    # A user error on one rank is shared with all, so every rank stops with a message instead of the
-    # others waiting in the first collective (the set-up's own collectives share their errors).
-    error: Exception | None = None
-    try:
-        st = _setup(cfg, info, run_dir, log)
-    except (UserError, DataError) as exc:
-        error = exc
-    if info.distributed and not agree(error is None, info.device):
-        raise error if error is not None else UserError("another rank failed during set-up (see its message)")
-    if error is not None:
-        raise error
-    if st["done"]:
-        ck = st["ckpt"]
-        log(f"nothing to do: {run_dir.path} already completed {st['start_epoch']} of {cfg.train.epochs} epochs")
+    ctx = open_job(cfg.output_dir, info)
+    st = set_up_on_every_rank(lambda: _setup(cfg, info, ctx.run_dir, ctx.log), info)
+    if st.done:
+        ck, start_epoch = st.start.ckpt or {}, st.start.start_epoch
+        ctx.log(f"nothing to do: {ctx.run_dir.path} already completed {start_epoch} of {cfg.train.epochs} epochs")
         best = float(ck.get("best_acc1", -1.0))
         last_row = ck.get("log_row") or {}  # the finished epoch's log line, kept in its checkpoint
-        return {"task": cfg.task, "output_dir": run_dir.path, "epochs": cfg.train.epochs,
-                "last_epoch": st["start_epoch"] - 1, "train_loss": last_row.get("train_loss"),
+        return {"task": cfg.task, "output_dir": ctx.run_dir.path, "epochs": cfg.train.epochs,
+                "last_epoch": start_epoch - 1, "train_loss": last_row.get("train_loss"),
                 "final_acc1": last_row.get("test_acc1"), "final_acc5": last_row.get("test_acc5"),
                 "test_loss": last_row.get("test_loss"), "best_acc1": best if best >= 0 else None,
                 "elapsed_seconds": float(ck.get("elapsed_seconds", 0.0)), "ranks_in_sync": None}
-    return _train(cfg, info, run_dir, log, st, t_start, energy)
+    return _train(cfg, ctx, st)
 
 
-def _setup(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str], None]) -> dict[str, Any]:
+@dataclass
+class DownstreamSetup(JobSetup):
+    """A fine-tuning's or probe's set-up: the common parts, and the downstream ViT's arguments, its
+    class count, the best top-1 so far and the trained parameter count."""
+
+    vit_args: dict[str, Any] = field(default_factory=dict)
+    num_classes: int = 0
+    best_acc1: float = -1.0
+    n_params: int = 0
+
+
+def _setup(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str], None]) -> DownstreamSetup:
     device = info.device
     tc = cfg.train
 
@@ -268,7 +271,7 @@ def _setup(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str
         if ckpt.get("task") != cfg.task:
             raise UserError(f"{ckpt_path} is not a {cfg.task} checkpoint (task: {ckpt.get('task')!r})")
         if int(ckpt["epoch"]) + 1 >= tc.epochs:
-            return {"done": True, "start_epoch": int(ckpt["epoch"]) + 1, "ckpt": ckpt}
+            return DownstreamSetup(StartPoint(int(ckpt["epoch"]) + 1, ckpt=ckpt, ckpt_path=ckpt_path), done=True)
     # The pretrained weights, likewise read by rank 0 alone (no shared filesystem needed).
     pretrained = load_on_main(cfg.pretrained, info) if (ckpt is None and cfg.pretrained) else None
 
@@ -330,10 +333,16 @@ def _setup(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str
         f"{eff_batch} (accum {accum} x {info.world_size} device(s)), peak lr {lr:.3g}, epochs {tc.epochs}, "
         f"pipeline {train_loader.kind}")
     log(f"augmentation: {describe_augmentation(train_loader)}")
-    return {"done": False, "ckpt": ckpt, "ckpt_path": ckpt_path, "model": model, "vit_args": vit_args,
-            "train_loader": train_loader, "val_loader": val_loader, "num_classes": num_classes, "accum": accum,
-            "micro_steps": micro_steps, "schedule": schedule, "start_epoch": start_epoch,
-            "global_step": global_step, "best_acc1": best_acc1, "prev_elapsed": prev_elapsed, "n_params": n_params}
+    return DownstreamSetup(
+        StartPoint(start_epoch, global_step, prev_elapsed, ckpt, ckpt_path),
+        model=model,
+        plan=EpochPlan(train_loader, schedule, micro_steps, accum),
+        val_loader=val_loader,
+        vit_args=vit_args,
+        num_classes=num_classes,
+        best_acc1=best_acc1,
+        n_params=n_params,
+    )
 
 
 class _DownstreamJob(Job):
@@ -416,39 +425,25 @@ def downstream_flops(vit_args: dict[str, Any]) -> int | None:
         return None
 
 
-def _train(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str], None], st: dict[str, Any],
-           t_start: float, energy: EnergyMeter) -> dict[str, Any]:
+def _train(cfg: DownstreamConfig, ctx: JobContext, st: DownstreamSetup) -> dict[str, Any]:
     from supmae.train.steps import build_downstream_step
 
-    tc = cfg.train
-    ckpt = st["ckpt"]
+    info, tc, plan, start = ctx.info, cfg.train, st.plan, st.start
+    assert plan is not None
     # Built after every rank agreed that set-up succeeded: DDP's constructor is a collective.
-    step = build_downstream_step(cfg, st["model"], info.device, st["num_classes"], world_size=info.world_size,
-                                 accum=st["accum"], ddp=info.distributed)
-    if ckpt is not None:
-        step.optimizer.load_state_dict(ckpt["optimizer"])
-        if step.scaler is not None and ckpt.get("scaler"):
-            step.scaler.load_state_dict(ckpt["scaler"])
-    job = _DownstreamJob(cfg, info, step, st["val_loader"], st["vit_args"], st["best_acc1"], st["n_params"],
-                         run_dir)
-    engine = Engine(job, cfg=cfg, info=info, run_dir=run_dir, log=log, step=step, train_loader=st["train_loader"],
-                    schedule=st["schedule"], micro_steps=st["micro_steps"], accum=st["accum"],
-                    start_epoch=st["start_epoch"], global_step=st["global_step"], prev_elapsed=st["prev_elapsed"],
-                    t_start=t_start, total_epochs=tc.epochs, flops_per_image=downstream_flops(st["vit_args"]),
-                    last_ckpt=st["ckpt_path"] or None, energy=energy)
-    engine.open_books(ckpt)
-    engine.restore_rng(ckpt)
-    start_epoch = st["start_epoch"]
-    end_epoch = tc.epochs if not tc.epochs_per_run else min(tc.epochs, start_epoch + tc.epochs_per_run)
-    final_row = engine.run(end_epoch, precision_config=tc.precision, compile_config=tc.compile,
-                           augmentation=describe_augmentation(st["train_loader"]))
-    in_sync = engine.check_in_sync()
+    step = build_downstream_step(cfg, st.model, info.device, st.num_classes, world_size=info.world_size,
+                                 accum=plan.accum, ddp=info.distributed)
+    restore_step(step, start.ckpt)
+    job = _DownstreamJob(cfg, info, step, st.val_loader, st.vit_args, st.best_acc1, st.n_params, ctx.run_dir)
+    engine = Engine(job, ctx, cfg=cfg, step=step, plan=plan, start=start, total_epochs=tc.epochs,
+                    flops_per_image=downstream_flops(st.vit_args))
+    final_row, in_sync = engine.train(start.ckpt)
     stats = job.last_stats
     result = {
         "task": cfg.task,
-        "output_dir": run_dir.path,
+        "output_dir": ctx.run_dir.path,
         "epochs": tc.epochs,
-        "last_epoch": final_row["epoch"] if final_row else start_epoch - 1,
+        "last_epoch": final_row["epoch"] if final_row else start.start_epoch - 1,
         "train_loss": job.train_loss,
         "final_acc1": stats.get("acc1"),
         "final_acc5": stats.get("acc5"),
@@ -459,7 +454,7 @@ def _train(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str
         "checkpoint": engine.last_ckpt,
     }
     if result["final_acc1"] is not None:
-        log(f"final top-1 {result['final_acc1']:.2f}% (top-5 {result['final_acc5']:.2f}%, best top-1 "
+        ctx.log(f"final top-1 {result['final_acc1']:.2f}% (top-5 {result['final_acc5']:.2f}%, best top-1 "
             f"{result['best_acc1']:.2f}%)")
     return result
 

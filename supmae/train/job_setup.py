@@ -1,13 +1,74 @@
-"""Set-up checks every job makes the same way: the accumulation of an effective batch, whether a
-dataset has a split, and how a resumed run's config differs from its checkpoint's."""
+"""What every job's set-up does the same way: open the process's context (`open_job`), run the
+set-up so that a user error on one rank stops every rank (`set_up_on_every_rank`), hand its
+result over typed (`JobSetup`), put a resumed step's optimiser back (`restore_step`); and the
+checks: the accumulation of an effective batch, whether a dataset has a split, how a resumed
+run's config differs from its checkpoint's."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from supmae.errors import UserError
+from supmae.train import distributed as dist_utils
+from supmae.train.energy import EnergyMeter
+from supmae.train.engine import EpochPlan, JobContext, Log, StartPoint
+from supmae.train.run_dir import RunDir
+
+T = TypeVar("T")
+
+
+@dataclass
+class JobSetup:
+    """What a job's set-up built for its training loop. `done`: the run had already finished (only
+    `start` is set then, and nothing was built or written)."""
+
+    start: StartPoint
+    done: bool = False
+    model: Any = None  # the module, on the device, weights loaded
+    plan: EpochPlan | None = None
+    val_loader: Any = None
+
+
+def open_job(output_dir: str, info: dist_utils.DistInfo) -> JobContext:
+    """The process's context, opened first: its start time and the energy meter from here on (set-up,
+    evaluation and checkpoints included), the log (rank 0 prints) and the run directory (rank 0 writes)."""
+    t_start = time.perf_counter()
+    energy = EnergyMeter(info.device)
+    energy.start()
+    return JobContext(info=info, run_dir=RunDir(output_dir, writer=info.is_main), log=Log(info.is_main),
+                      t_start=t_start, energy=energy)
+
+
+def set_up_on_every_rank(set_up: Callable[[], T], info: dist_utils.DistInfo) -> T:
+    """`set_up()`, with a user error on one rank shared with all, so that every rank stops with a
+    message instead of the others waiting in the first collective (the set-up's own collectives
+    share their errors)."""
+    from pipelines.errors import DataError
+
+    error: Exception | None = None
+    try:
+        result = set_up()
+    except (UserError, DataError) as exc:
+        error = exc
+    if info.distributed and not dist_utils.agree(error is None, info.device):
+        raise error if error is not None else UserError("another rank failed during set-up (see its message)")
+    if error is not None:
+        raise error
+    return result
+
+
+def restore_step(step: Any, ckpt: dict[str, Any] | None) -> None:
+    """A resumed run's optimiser and grad-scaler state, into the step built for it."""
+    if ckpt is None:
+        return
+    step.optimizer.load_state_dict(ckpt["optimizer"])
+    if step.scaler is not None and ckpt.get("scaler"):
+        step.scaler.load_state_dict(ckpt["scaler"])
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import time
 from typing import Any
 
 import numpy as np
@@ -35,13 +34,26 @@ from supmae.config import apply_overrides, to_dict
 from supmae.errors import UserError
 from supmae.train import distributed as dist_utils
 from supmae.train.compiling import resolve_compile
-from supmae.train.energy import EnergyMeter
-from supmae.train.engine import Engine, Job, Log, NonFiniteLossError, decide_resume, describe_augmentation
+from supmae.train.engine import (
+    Engine,
+    EpochPlan,
+    Job,
+    JobContext,
+    Log,
+    NonFiniteLossError,
+    StartPoint,
+    decide_resume,
+    describe_augmentation,
+)
 from supmae.train.evaluation import RealBatches, real_samples  # noqa: F401  (real_samples: re-exported)
 from supmae.train.job_setup import (
+    JobSetup,
     config_differences,
     has_split,
+    open_job,
     resolve_accumulation,
+    restore_step,
+    set_up_on_every_rank,
 )
 from supmae.train.metrics import device_name
 from supmae.train.precision import autocast, configure_determinism, resolve_precision
@@ -130,36 +142,18 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def _run(cfg: PretrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
-    from pipelines.errors import DataError
-
-    t_start = time.perf_counter()
-    device = info.device
-    # Energy over the whole process from here on (set-up, evaluation and checkpoints included).
-    energy = EnergyMeter(device)
-    energy.start()
-    log = Log(info.is_main)
-    run_dir = RunDir(cfg.output_dir, writer=info.is_main)
-
-    # ---- set-up. A user error on one rank is shared with all, so every rank stops with a message
-    # instead of the others waiting in the first collective.
-    error: Exception | None = None
-    try:
-        state = _setup(cfg, info, run_dir, log)
-    except (UserError, DataError) as exc:
-        error = exc
-    if info.distributed and not dist_utils.agree(error is None, device):
-        raise error if error is not None else UserError("another rank failed during set-up (see its message)")
-    if error is not None:
-        raise error
-    if state["done"]:
-        log(f"nothing to do: {run_dir.path} already completed {state['start_epoch']} of {cfg.train.epochs} epochs")
-        return {"run_dir": run_dir.path, "final_log": None, "start_epoch": state["start_epoch"], "epochs_run": 0,
-                "checkpoint": state["ckpt_path"], "world_size": info.world_size, "rank": info.rank,
+    ctx = open_job(cfg.output_dir, info)
+    st = set_up_on_every_rank(lambda: _setup(cfg, info, ctx.run_dir, ctx.log), info)
+    if st.done:
+        ctx.log(f"nothing to do: {ctx.run_dir.path} already completed {st.start.start_epoch} of {cfg.train.epochs} "
+                "epochs")
+        return {"run_dir": ctx.run_dir.path, "final_log": None, "start_epoch": st.start.start_epoch, "epochs_run": 0,
+                "checkpoint": st.start.ckpt_path, "world_size": info.world_size, "rank": info.rank,
                 "ranks_in_sync": None}
-    return _train(cfg, info, run_dir, log, state, t_start, energy)
+    return _train(cfg, ctx, st)
 
 
-def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: Log) -> dict[str, Any]:
+def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: Log) -> JobSetup:
     from supmae.models import create_model
     from supmae.train.optim import freeze_fixed_pos_embed
 
@@ -173,7 +167,7 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
         if missing:
             raise UserError(f"{ckpt_path} is not a pretraining checkpoint of this trainer (no {', '.join(missing)})")
         if int(ckpt["epoch"]) + 1 >= tc.epochs:  # a finished run: build nothing, write nothing
-            return {"done": True, "start_epoch": int(ckpt["epoch"]) + 1, "ckpt_path": ckpt_path}
+            return JobSetup(StartPoint(int(ckpt["epoch"]) + 1, ckpt=ckpt, ckpt_path=ckpt_path), done=True)
 
     # ---- precision, compile, determinism.
     precision = resolve_precision(tc.precision, device)
@@ -263,11 +257,12 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
     if ckpt is not None:
         log(f"resuming from {ckpt_path} (epoch {start_epoch - 1} complete, step {step})")
 
-    return {
-        "done": False, "model": model, "schedule": schedule, "train_loader": train_loader, "val_loader": val_loader,
-        "accum": accum, "micro_steps": micro_steps, "start_epoch": start_epoch, "step": step,
-        "prev_elapsed": prev_elapsed, "ckpt": ckpt, "ckpt_path": ckpt_path,
-    }
+    return JobSetup(
+        StartPoint(start_epoch, step, prev_elapsed, ckpt, ckpt_path),
+        model=model,
+        plan=EpochPlan(train_loader, schedule, micro_steps, accum),
+        val_loader=val_loader,
+    )
 
 
 class _PretrainJob(Job):
@@ -328,43 +323,25 @@ def _pretrain_flops(core: torch.nn.Module, mask_ratio: float) -> int | None:
         return None
 
 
-def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log: Log, st: dict[str, Any],
-           t_start: float, energy: EnergyMeter) -> dict[str, Any]:
+def _train(cfg: PretrainConfig, ctx: JobContext, st: JobSetup) -> dict[str, Any]:
     from supmae.train.steps import build_pretrain_step
 
-    device = info.device
-    tc = cfg.train
-    core: torch.nn.Module = st["model"]
-    train_loader = st["train_loader"]
-    ckpt = st["ckpt"]
-
+    info, tc, plan, start = ctx.info, cfg.train, st.plan, st.start
+    assert plan is not None
+    core: torch.nn.Module = st.model
     # ---- the step (optimiser, DDP, compile), built after every rank agreed that set-up succeeded:
     # DDP's constructor is a collective.
-    step = build_pretrain_step(cfg, device, train_loader.num_classes, world_size=info.world_size, accum=st["accum"],
-                               model=core, ddp=info.distributed)
-    if ckpt is not None:
-        step.optimizer.load_state_dict(ckpt["optimizer"])
-        if step.scaler is not None and ckpt.get("scaler"):
-            step.scaler.load_state_dict(ckpt["scaler"])
-
-    job = _PretrainJob(cfg, info, step, st["val_loader"])
-    engine = Engine(job, cfg=cfg, info=info, run_dir=run_dir, log=log, step=step, train_loader=train_loader,
-                    schedule=st["schedule"], micro_steps=st["micro_steps"], accum=st["accum"],
-                    start_epoch=st["start_epoch"], global_step=st["step"], prev_elapsed=st["prev_elapsed"],
-                    t_start=t_start, total_epochs=tc.planned_epochs or tc.epochs,
-                    flops_per_image=_pretrain_flops(core, cfg.model.mask_ratio), last_ckpt=st["ckpt_path"] or None,
-                    energy=energy)
-    engine.open_books(ckpt)
-    engine.restore_rng(ckpt)
-    start_epoch = st["start_epoch"]
-    end_epoch = tc.epochs if not tc.epochs_per_run else min(tc.epochs, start_epoch + tc.epochs_per_run)
-    final_row = engine.run(end_epoch, precision_config=tc.precision, compile_config=tc.compile,
-                           augmentation=describe_augmentation(train_loader))
-    in_sync = engine.check_in_sync()
+    step = build_pretrain_step(cfg, info.device, plan.train_loader.num_classes, world_size=info.world_size,
+                               accum=plan.accum, model=core, ddp=info.distributed)
+    restore_step(step, start.ckpt)
+    job = _PretrainJob(cfg, info, step, st.val_loader)
+    engine = Engine(job, ctx, cfg=cfg, step=step, plan=plan, start=start, total_epochs=tc.planned_epochs or tc.epochs,
+                    flops_per_image=_pretrain_flops(core, cfg.model.mask_ratio))
+    final_row, in_sync = engine.train(start.ckpt)
     return {
-        "run_dir": run_dir.path,
+        "run_dir": ctx.run_dir.path,
         "final_log": final_row,
-        "start_epoch": start_epoch,
+        "start_epoch": start.start_epoch,
         "epochs_run": engine.process_epochs,
         "checkpoint": engine.last_ckpt,
         "world_size": info.world_size,
