@@ -192,7 +192,7 @@ def toy_paths(tmp_path_factory):
     raw = make_dataset(str(base / "imagenet"), train_per_class=6, val_per_class=2, size=40, seed=0)
     return {"~/Downloads/imagenet": raw, "SRC": raw, "/data/imagenet-256": str(base / "in256"),
             "OUT": str(base / "out"), "/scratch/in256": str(base / "in256s"), "runs/": str(base / "runs") + "/",
-            "/shared/runs/": str(base / "shared") + "/", "RUN_DIR": str(base / "runs" / "supmae400"),
+            "/shared/runs/": str(base / "shared") + "/", "RUN_DIR": "runs/supmae400",  # then mapped by "runs/"
             "{0..15}": "{0..1}"}
 
 
