@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from supmae.errors import UserError, require_package
+from supmae.files import write_atomically
 from supmae.train.checkpoint import SAFETENSORS_METADATA_KEY
 
 TARGETS = ("timm", "mae")
@@ -96,15 +97,8 @@ def export(checkpoint: str, target: str, out: str, model_name: str = "", log=pri
     os.makedirs(directory, exist_ok=True)
     if target == "timm":
         st = require_package("safetensors.torch", "safetensors")
-        tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-        try:
-            st.save_file(state, tmp, metadata={"format": "pt", SAFETENSORS_METADATA_KEY: json.dumps(args, sort_keys=True)})
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        metadata = {"format": "pt", SAFETENSORS_METADATA_KEY: json.dumps(args, sort_keys=True)}
+        write_atomically(out, lambda tmp: st.save_file(state, tmp, metadata=metadata))
     else:
         atomic_save({"model": state, "model_args": args}, out)
     return {"keys": len(state), "encoder": args, "out": out, "target": target}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from supmae.errors import UserError, require_package
+from supmae.files import write_atomically
 from supmae.models.state import model_state
 from supmae.train import faults
 
@@ -39,28 +40,14 @@ _EPOCH_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 
 def atomic_save(obj: Any, path: str) -> None:
     """`torch.save` to `path` via a temporary file, fsync and rename (same directory)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             faults.in_save(obj, fh)  # test hook (SUPMAE_TEST_KILL_AT=save=E): a kill half-way through this write
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(directory)
 
-
-def _fsync_dir(directory: str) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, write)
 
 
 def copy_checkpoint(src: str, dst: str) -> None:
@@ -72,17 +59,7 @@ def copy_checkpoint(src: str, dst: str) -> None:
     (sendfile / copy_file_range, a reflink where the filesystem has them), so it costs disk bandwidth
     only, not a second pickling of the state while the other ranks wait.
     """
-    directory = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(directory, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(directory)
+    write_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 # Where `supmae export --to timm` keeps our encoder arguments inside a safetensors file.
