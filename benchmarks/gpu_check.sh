@@ -72,6 +72,7 @@ if [ "$DEVICE" != cuda ]; then
     STEP_MODEL=(--model supmae_vit_tiny_patch4 --depth 1)
     TABLE1_MODEL=(--model-scale tiny --depth 1)
     IMAGE_SIDE=40
+    TRAIN_PER_CLASS=103    # 1,030 images: 4 batches of 256 = 2 optimiser steps an epoch
     CROP=32
     WORKERS=2
     STEP_ITERS=(--warmup 1 --iters 2 --rounds 2 --min-seconds 0.2)

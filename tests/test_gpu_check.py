@@ -18,11 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 # In the order of their value: what a call cut short loses is at the end.
 PARTS = ("preflight", "step", "data", "convert", "pretrain", "resume", "doctor", "table1", "nvjpeg", "dali")
-# The options whose values the CPU rehearsal may change (device; model width/depth; image size; iteration
-# counts; workers), and the options only the rehearsal passes (the node the doctor judges: there is no GPU).
+# The options whose values the CPU rehearsal may change (device; model width/depth; image count and size;
+# iteration counts; workers), and the options only the rehearsal passes (the node the doctor judges: no GPU here).
 SUBSTITUTED = {"--device", "--train.device", "--train.sync_debug", "--model.kwargs", "--model", "--depth",
-               "--model-scale", "--size", "--data.img_size", "--data.num_workers", "--warmup", "--iters",
-               "--rounds", "--min-seconds"}
+               "--model-scale", "--size", "--train-per-class", "--data.img_size", "--data.num_workers", "--warmup",
+               "--iters", "--rounds", "--min-seconds"}
 REHEARSAL_ONLY = {"--gpu", "--gpus-per-node", "--cores-per-node"}
 
 
