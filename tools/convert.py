@@ -93,8 +93,23 @@ Bad input never stops the run and is never dropped silently; each file not conve
     webdataset KEY.png beside KEY.jpg               skipped  second-image (one image per sample; .jpg converted)
     webdataset member repeating a KEY.EXT           skipped  duplicate-member (the first one converted)
     unreadable .json sidecar (bad, deep, > 1 MB)    converted under its key's name; a warning counts them
+    input that crashes the decoder (a signal)       skipped  decoder-crashed (the signal; see "Isolation")
+    input that keeps the decoder > --decode-timeout skipped  decode-timeout (see "Isolation")
+    a worker SIGKILLed on one input, alone          the run stops (DataError, exit 2): the OOM killer or a
+                                                    person, not the input; rerun to resume
     out of descriptors / disk / memory              the run stops (DataError, exit 2); rerun to resume
     parquet row group unreadable after 3 tries      the run stops (DataError, exit 2); rerun to resume
+
+Isolation. A worker that dies while encoding a piece (a segfault or abort in a decoder: any
+signal or exit) or spends more than --decode-timeout seconds (default 120) on one image (it is
+killed) loses only that piece: a fresh worker takes its place, and the piece's images are retried
+one by one, each in a fresh process under the same limit; the image that crashes or hangs alone is
+skipped with its reason, everything else converts, and the chunk commits as usual, so a resume
+never meets the input again (a resume before the commit isolates it again, with the same result).
+The limit counts per image, from the moment the worker starts it: a hung decode costs twice the
+limit (in its piece, then alone). With --workers 0 everything runs in the main process (for
+debugging): there is no worker to lose, so an input that crashes or hangs the decoder stops the run
+there; any --workers >= 1 resumes the same OUT with isolation.
 
 Tests run as root, for whom `chmod 000` does not make a file unreadable: there a symlink loop
 (ELOOP on open) is the unreadable file. With --strict any skipped file makes the exit status 1
@@ -108,8 +123,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -142,6 +159,9 @@ from tools.parallel_write import (
     PieceTask,
     RunStats,
     StitchTask,
+    TaskLost,
+    TaskTimedOut,
+    WorkerDied,
     encode_piece,
     init_worker,
     stitch_chunk,
@@ -157,6 +177,12 @@ SOURCES_DIR = "sources"
 STATE_FILE = "state.json"
 PART_FILE = "part.json"
 LOCK_FILE = "convert.lock"  # in WORK_DIR: held by the one conversion or merge writing OUT
+# Seconds a worker may spend on one image before it is killed and the image retried alone (then
+# skipped as decode-timeout). A 500x375 JPEG takes about 5 ms here; the slowest images the pixel
+# limit lets through (89 Mpx: a PNG 4 s, a progressive JPEG 2.3 s on one core of the 2-core test
+# machine) stay 30x below it, which leaves room for a loaded node and slow storage; a hung decode
+# costs twice this (the piece, then the image alone).
+DEFAULT_DECODE_TIMEOUT = 120.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +324,21 @@ def _stitch_task(out: str, plan: SplitPlan, k: int, pieces: list[PieceResult], k
     )
 
 
+def _lost_result(lost: TaskLost, item: tuple) -> tuple:
+    """The skip an input gets when it alone, in a fresh process, crashed or hung the decoder."""
+    if isinstance(lost, TaskTimedOut):
+        return ("skip", "decode-timeout", f"decode timed out (no result after {lost.limit:g} s; --decode-timeout)", 0)
+    if isinstance(lost, WorkerDied) and lost.signal == signal.SIGKILL:
+        # No decoder kills itself with SIGKILL: the kernel's OOM killer or a person did, and the
+        # input may be fine. A shortage of this machine stops the run; it never skips an input.
+        raise DataError(
+            f"a worker process converting {item[0]}{'' if item[1] < 0 else f' (member at byte {item[1]})'} "
+            "was killed by SIGKILL, alone in its process (the kernel's out-of-memory killer, or by hand); "
+            "no input was skipped for it: free memory (or lower --workers) and rerun the same command to resume"
+        ) from lost
+    return ("skip", "decoder-crashed", f"crashed the decoder ({lost.how})", 0)
+
+
 def _convert_chunks(
     pool: OrderedPool,
     pending: list[tuple[SplitPlan, int]],
@@ -306,39 +347,81 @@ def _convert_chunks(
     keep_wds: bool,
     piece_size: int,
     on_piece: Callable[[PieceResult], None],
+    decode_timeout: float | None = None,
 ) -> Iterator[tuple[SplitPlan, int, dict]]:
     """Encode and write the pending chunks with `pool`; yields (plan, k, record) as each chunk is
     committed, in order. The main process only routes small records: pieces are written by the
-    workers that encode them, shards and records by the worker that stitches them."""
-    pieces = ((p, k, task) for p, k in pending for task in _pieces(p, k, src, out, piece_size))
+    workers that encode them, shards and records by the worker that stitches them.
+
+    Isolation: a piece whose worker dies (a decoder crash: a signal) or spends more than
+    `decode_timeout` seconds on one image (killed) is retried image by image, each image alone in a
+    fresh process under the same limit; an image that crashes or hangs there too is skipped as
+    `decoder-crashed` (with the signal) or `decode-timeout`, and the rest of the piece converts.
+    The other pieces of the chunk ran in other tasks and keep their results."""
+    pieces = ((p, k, j, task) for p, k in pending for j, task in enumerate(_pieces(p, k, src, out, piece_size)))
     expected = {(p.name, k): -(-len(p.shard_positions(k)) // piece_size) for p, k in pending}
-    stitches: list[tuple[str, object]] = []
-    collected: dict[tuple[str, int], list[PieceResult]] = {}
+    stitches: list[tuple[tuple, StitchTask]] = []
+    alone: deque[tuple[tuple, PieceTask]] = deque()  # single-image retries of a lost piece
+    collected: dict[tuple[str, int], dict[int, list[PieceResult]]] = {}
+    retried: dict[tuple[str, int, int], list[PieceResult | None]] = {}
     exhausted = False
+
+    def piece_done(p: SplitPlan, k: int, j: int, results: list[PieceResult]) -> None:
+        got = collected.setdefault((p.name, k), {})
+        got[j] = results
+        if len(got) == expected[(p.name, k)]:
+            ordered = [r for jj in sorted(got) for r in got[jj]]
+            del collected[(p.name, k)]
+            stitches.append((("stitch", p, k), _stitch_task(out, p, k, ordered, keep_wds)))
+
     while True:
-        # Stitches first: they free disk (pieces) and commit chunks; new pieces only within the bound.
-        while pool.has_room() and (stitches or not exhausted):
+        # Stitches first: they free disk (pieces) and commit chunks; then the retries of a lost
+        # piece (its chunk waits for them); new pieces only within the bound.
+        while pool.has_room() and (stitches or alone or not exhausted):
             if stitches:
                 tag, task = stitches.pop(0)
                 pool.submit(stitch_chunk, task, tag)
+                continue
+            if alone:
+                tag, task = alone.popleft()
+                pool.submit(encode_piece, task, tag, limit=decode_timeout, fresh=True)
                 continue
             nxt = next(pieces, None)
             if nxt is None:
                 exhausted = True
                 break
-            p, k, task = nxt
-            pool.submit(encode_piece, task, ("piece", p, k))
+            p, k, j, task = nxt
+            pool.submit(encode_piece, task, ("piece", p, k, j, task), limit=decode_timeout)
         if pool.in_flight == 0:
             return
-        tag, result = pool.next()
-        kind, p, k = tag
-        if kind == "piece":
+        try:
+            tag, result = pool.next()
+        except TaskLost as lost:
+            tag = lost.tag
+            if tag[0] == "piece":
+                _, p, k, j, task = tag
+                retried[(p.name, k, j)] = [None] * len(task.items)
+                for i, item in enumerate(task.items):
+                    alone.append((("alone", p, k, j, i, item), PieceTask(f"{task.path}-{i:03d}", [item])))
+                continue
+            if tag[0] == "alone":
+                result = PieceResult(None, 0, [_lost_result(lost, tag[5])])
+            else:
+                raise  # a stitch: no input's doing (convert() reports it as a failure of the run)
+        if tag[0] == "piece":
+            _, p, k, j, _task = tag
             on_piece(result)
-            got = collected.setdefault((p.name, k), [])
-            got.append(result)
-            if len(got) == expected[(p.name, k)]:
-                stitches.append((("stitch", p, k), _stitch_task(out, p, k, collected.pop((p.name, k)), keep_wds)))
+            piece_done(p, k, j, [result])
+        elif tag[0] == "alone":
+            _, p, k, j, i, _item = tag
+            on_piece(result)
+            parts = retried[(p.name, k, j)]
+            parts[i] = result
+            if all(r is not None for r in parts):
+                del retried[(p.name, k, j)]
+                piece_done(p, k, j, parts)
         else:
+            _, p, k = tag
             yield p, k, result
 
 
@@ -528,6 +611,7 @@ def convert(
     max_in_flight: int | None = None,
     piece_size: int = DEFAULT_PIECE_SIZE,
     stats: RunStats | None = None,
+    decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
 ) -> dict:
     """Convert `src` into `out` (see the module docstring) and return the manifest.
 
@@ -540,12 +624,18 @@ def convert(
     `piece_size` images each are out at once, and workers hand back sizes, never image bytes.
     Neither changes the output. `stats`, when given, receives what the pool saw (`RunStats`).
 
+    An input that crashes a worker's decoder or keeps it more than `decode_timeout` seconds (None
+    or 0: no limit) is isolated and skipped (`decoder-crashed`, `decode-timeout`); the rest of its
+    chunk converts. With `workers=0` there is no worker to lose: no isolation and no limit.
+
     One conversion writes OUT at a time (`OUT/.work/convert.lock`); a second one raises DataError at
     once naming the holder. Running out of descriptors, disk or memory raises DataError (rerun to
     resume); no input is ever skipped for it."""
     t_start = time.perf_counter()
     formats = list(formats)
     _check_args(formats, max_res, quality, workers, shard_size, max_pixels, splits)
+    if decode_timeout is not None and not decode_timeout >= 0:
+        raise DataError(f"--decode-timeout must be >= 0 seconds (0 = no limit), got {decode_timeout}")
     if piece_size < 1 or (max_in_flight is not None and max_in_flight < 1):
         raise DataError(f"piece_size and max_in_flight must be >= 1, got {piece_size} and {max_in_flight}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
@@ -560,12 +650,18 @@ def convert(
         try:
             return _convert_locked(
                 src, out, formats, max_res, quality, workers, shard_size, splits, seed, strict, progress,
-                max_pixels, shard, max_in_flight, piece_size, stats, t_start,
+                max_pixels, shard, max_in_flight, piece_size, stats, t_start, decode_timeout or None,
             )  # fmt: skip
         except (OSError, MemoryError) as exc:
             if is_resource_error(exc):
                 raise _resource_failure(exc, out) from exc
             raise
+        except TaskLost as exc:
+            # A worker lost while stitching a shard or writing the .beton: no decoder ran there.
+            raise DataError(
+                f"the conversion into {out} stopped: {exc} while writing the outputs; no input was skipped "
+                "for it: rerun the same command to resume"
+            ) from exc
 
 
 def _convert_locked(
@@ -586,6 +682,7 @@ def _convert_locked(
     piece_size: int,
     stats: RunStats | None,
     t_start: float,
+    decode_timeout: float | None,
 ) -> dict:
     listing = list_source(src, splits, seed, shard_size)
     _say(progress, f"layout: {listing.description}")
@@ -653,7 +750,7 @@ def _convert_locked(
     init_args = (max_res, quality, max_pixels, os.getpid())
     with OrderedPool(workers, max_in_flight, initializer=init_worker, initargs=init_args) as pool:
         try:
-            for p, k, rec in _convert_chunks(pool, pending, src, out, keep_wds, piece_size, on_piece):
+            for p, k, rec in _convert_chunks(pool, pending, src, out, keep_wds, piece_size, on_piece, decode_timeout):
                 finished[p.name][k] = rec
         finally:
             bar.close()
@@ -1206,7 +1303,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_default_workers(),
         help="worker processes: encoding, and with --merge copying into the .beton "
-        "(default: usable CPUs; 0 = in the main process)",
+        "(default: usable CPUs; 0 = in the main process, for debugging: there an input that crashes or "
+        "hangs the decoder stops the run, as no worker can be lost in its place)",
+    )
+    p.add_argument(
+        "--decode-timeout",
+        type=float,
+        default=DEFAULT_DECODE_TIMEOUT,
+        metavar="SECONDS",
+        help="a worker that crashes or spends more than SECONDS on one image is replaced and the images of its "
+        "task are retried one by one in fresh processes; an image that crashes or hangs alone too is skipped "
+        f"as decoder-crashed or decode-timeout (default {DEFAULT_DECODE_TIMEOUT:g}; 0 = no limit)",
     )
     p.add_argument(
         "--shard-size",
@@ -1316,6 +1423,7 @@ def main(argv: list[str]) -> int:
             progress=not args.no_progress,
             max_pixels=opts["max_pixels"],
             shard=parse_shard(args.shard) if args.shard is not None else None,
+            decode_timeout=args.decode_timeout,
         )
     )
 

@@ -48,8 +48,10 @@ def poison_point(path: str, offset: int) -> None:
     if not fnmatch.fnmatchcase(name, pattern):
         return
     if kind == "crash":
+        import faulthandler
         import resource
 
+        faulthandler.disable()  # pytest's traceback dump of every thread would only be noise here
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the test's working directory
         os.kill(os.getpid(), signal.SIGSEGV)
     print(f"test hook: hanging on {name}", file=sys.stderr, flush=True)

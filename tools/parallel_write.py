@@ -26,6 +26,7 @@ same bytes as a shard written in one go; tests compare both with `tools.shards.b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -58,8 +59,44 @@ IN_FLIGHT_PER_WORKER = 4
 # The pool
 
 
-class WorkerDied(RuntimeError):
-    """A worker process ended without answering (killed, or crashed in native code)."""
+class TaskLost(RuntimeError):
+    """A task whose worker never answered: the process died (`WorkerDied`) or the task ran past its
+    time limit and the pool killed it (`TaskTimedOut`). The pool has started a fresh worker in its
+    place and goes on; `tag` is the lost task's tag (set when `next()` raises it)."""
+
+    tag: Any = None
+
+
+class WorkerDied(TaskLost):
+    """A worker process ended without answering (crashed in native code, or killed)."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        self.exitcode = exitcode
+        self.signal = -exitcode if exitcode is not None and exitcode < 0 else None
+        super().__init__(f"a worker process ended without answering ({self.how})")
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.signal is None:
+            return None
+        try:
+            return signal.Signals(self.signal).name
+        except ValueError:
+            return f"signal {self.signal}"
+
+    @property
+    def how(self) -> str:
+        if self.signal is not None:
+            return f"killed by {self.signal_name}"
+        return f"exit status {self.exitcode}" if self.exitcode is not None else "exit status unknown"
+
+
+class TaskTimedOut(TaskLost):
+    """A task spent more than its limit on one unit of work (`task_progress`); its worker was killed."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        super().__init__(f"a task made no progress for {limit:g} s; its worker process was killed")
 
 
 @dataclass
@@ -77,7 +114,28 @@ class RunStats:
         return max(self.elapsed_seconds - self.wait_seconds, 0.0)
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, initializer: Callable | None, initargs: tuple) -> None:
+# Set in each worker process: (the pool's shared array of start times, this worker's slot in it).
+_PROGRESS: tuple[Any, int] | None = None
+
+
+def task_progress() -> None:
+    """Called by a task as it starts each unit of its work (an image): a task with a time limit is
+    lost when one unit takes longer than the limit, however many units it holds. A no-op outside a
+    pool's worker process."""
+    if _PROGRESS is not None:
+        started, slot = _PROGRESS
+        started[slot] = time.monotonic()
+
+
+def _worker_main(
+    conn: multiprocessing.connection.Connection,
+    slot: int,
+    started: Any,
+    initializer: Callable | None,
+    initargs: tuple,
+) -> None:
+    global _PROGRESS
+    _PROGRESS = (started, slot)
     if initializer is not None:
         initializer(*initargs)
     while True:
@@ -100,9 +158,23 @@ def _worker_main(conn: multiprocessing.connection.Connection, initializer: Calla
         conn.send(reply)
 
 
+@dataclass
+class _Worker:
+    proc: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    used: bool = False  # has run a task (a `fresh` task gets a new process instead)
+
+
 class OrderedPool:
     """Tasks run in `workers` processes (0: in the calling process, at submission); results come
     back from `next()` in submission order; `submit` refuses a task while `max_in_flight` are out.
+
+    A worker that dies (a crash in native code, a signal) or a task that passes its time limit
+    (`submit(..., limit=)`, per `task_progress` unit; the worker is killed) loses only the task it
+    was running: `next()` raises `WorkerDied` / `TaskTimedOut` for that task, with its tag, and a
+    fresh worker takes the slot. A task submitted with `fresh=True` runs in a process that has run
+    nothing before, so that what an earlier task did to a worker's state cannot touch it. With
+    `workers=0` nothing is isolated: `limit` and `fresh` are ignored and a crash is the caller's.
 
     Use as a context manager: leaving it normally stops the workers, leaving it with an exception
     kills them."""
@@ -122,26 +194,67 @@ class OrderedPool:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         self.peak_in_flight = 0
         self.wait_seconds = 0.0
+        self.replaced_workers = 0  # workers started in place of a dead, stuck or used one
         self._submitted = 0
         self._returned = 0
-        self._queue: deque[tuple[int, Callable, Any]] = deque()
+        self._queue: deque[tuple[int, Callable, Any, float | None, bool]] = deque()
         self._done: dict[int, tuple[bool, Any]] = {}
         self._tags: dict[int, Any] = {}
-        self._idle: list[multiprocessing.connection.Connection] = []
-        self._busy: dict[multiprocessing.connection.Connection, int] = {}
-        self._procs: list[multiprocessing.process.BaseProcess] = []
+        self._initializer = initializer
+        self._initargs = initargs
+        self._slots: list[_Worker] = []
+        self._idle: list[int] = []  # slots
+        self._busy: dict[int, tuple[int, float | None]] = {}  # slot -> (seq, limit)
         if workers == 0:
             if initializer is not None:
                 initializer(*initargs)
             return
-        ctx = multiprocessing.get_context()
-        for _ in range(workers):
-            mine, theirs = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_worker_main, args=(theirs, initializer, initargs), daemon=True)
-            proc.start()
-            theirs.close()
-            self._procs.append(proc)
-            self._idle.append(mine)
+        self._ctx = multiprocessing.get_context()
+        # Per slot, when its task started its current unit of work (time.monotonic, which is one
+        # clock for every process of the machine): written by the worker, read here.
+        self._started = self._ctx.RawArray("d", workers)
+        for slot in range(workers):
+            self._slots.append(self._start(slot))
+            self._idle.append(slot)
+
+    def _start(self, slot: int) -> _Worker:
+        mine, theirs = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=_worker_main, args=(theirs, slot, self._started, self._initializer, self._initargs), daemon=True
+        )
+        proc.start()
+        theirs.close()
+        return _Worker(proc, mine)
+
+    def _replace(self, slot: int, how: str) -> int | None:
+        """End the worker in `slot` and start a fresh one there; returns the old one's exit code.
+        `how`: "kill" (SIGKILL), "dead" (it is exiting: reap it), "stop" (idle: ask it to return)."""
+        old = self._slots[slot]
+        if how == "kill":
+            old.proc.kill()
+        elif how == "stop":
+            with contextlib.suppress(OSError):
+                old.conn.send(None)
+        old.proc.join(timeout=5)
+        if old.proc.exitcode is None:  # it did not end when asked, or its pipe broke while it lives on
+            old.proc.kill()
+            # A process stuck in uninterruptible I/O (a hung network mount) dies only when the I/O
+            # returns: it is left to die on its own (PDEATHSIG ties it to this process), never waited for.
+            old.proc.join(timeout=5)
+        old.conn.close()
+        self._slots[slot] = self._start(slot)
+        self.replaced_workers += 1
+        return old.proc.exitcode
+
+    def _lose(self, slot: int, error: TaskLost, how: str) -> None:
+        """The busy worker in `slot` will not answer: its task fails with `error`, a fresh worker
+        takes the slot."""
+        seq, _ = self._busy.pop(slot)
+        exitcode = self._replace(slot, how)
+        if isinstance(error, WorkerDied) and error.exitcode is None:
+            error = WorkerDied(exitcode)
+        self._done[seq] = (False, error)
+        self._idle.append(slot)
 
     @property
     def in_flight(self) -> int:
@@ -150,8 +263,12 @@ class OrderedPool:
     def has_room(self) -> bool:
         return self.in_flight < self.max_in_flight
 
-    def submit(self, fn: Callable[[Any], Any], arg: Any, tag: Any = None) -> None:
-        """Queue `fn(arg)` (a module-level function: it is pickled by name)."""
+    def submit(
+        self, fn: Callable[[Any], Any], arg: Any, tag: Any = None, limit: float | None = None, fresh: bool = False
+    ) -> None:
+        """Queue `fn(arg)` (a module-level function: it is pickled by name). `limit`: seconds the
+        task may spend on one unit of its work (see `task_progress`; None: no limit); `fresh`: run
+        it in a process that ran nothing before."""
         if not self.has_room():
             raise RuntimeError(f"{self.max_in_flight} tasks already in flight; take a result back first")
         seq = self._submitted
@@ -161,35 +278,57 @@ class OrderedPool:
         if self.workers == 0:
             self._done[seq] = (True, fn(arg))
             return
-        self._queue.append((seq, fn, arg))
+        self._queue.append((seq, fn, arg, limit if limit else None, fresh))
         self._dispatch()
 
     def next(self) -> tuple[Any, Any]:
-        """(tag, result) of the oldest task not yet taken back; raises what the task raised."""
+        """(tag, result) of the oldest task not yet taken back; raises what the task raised, or
+        `TaskLost` (with `.tag`) when its worker died or it passed its limit."""
         if self.in_flight == 0:
             raise RuntimeError("no task in flight")
         seq = self._returned
         while seq not in self._done:
             self._dispatch()
+            conns = {self._slots[slot].conn: slot for slot in self._busy}
+            timeout = self._until_first_deadline()
             t0 = time.perf_counter()
-            ready = multiprocessing.connection.wait(list(self._busy))
+            ready = multiprocessing.connection.wait(list(conns), timeout)
             self.wait_seconds += time.perf_counter() - t0
             for conn in ready:
+                slot = conns[conn]
                 try:
                     got, ok, value = conn.recv()
-                except EOFError:
-                    codes = [p.exitcode for p in self._procs if p.exitcode is not None]
-                    raise WorkerDied(f"a worker process ended without answering (exit codes {codes})") from None
-                del self._busy[conn]
-                self._idle.append(conn)
+                except (EOFError, OSError):
+                    self._lose(slot, WorkerDied(None), "dead")
+                    continue
+                del self._busy[slot]
+                self._idle.append(slot)
                 self._done[got] = (ok, value)
+            self._kill_overdue()
         self._dispatch()
         ok, value = self._done.pop(seq)
         self._returned += 1
         tag = self._tags.pop(seq)
         if not ok:
+            if isinstance(value, TaskLost):
+                value.tag = tag
             raise value
         return tag, value
+
+    def _until_first_deadline(self) -> float | None:
+        deadlines = [self._started[slot] + limit for slot, (_, limit) in self._busy.items() if limit is not None]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic()) + 0.01
+
+    def _kill_overdue(self) -> None:
+        now = time.monotonic()
+        for slot, (_, limit) in list(self._busy.items()):
+            if limit is None or now - self._started[slot] <= limit:
+                continue
+            if self._slots[slot].conn.poll(0):
+                continue  # it answered (or died) just now: read that first
+            self._lose(slot, TaskTimedOut(limit), "kill")
 
     def run_all(self, fn: Callable[[Any], Any], args: Iterable[Any]) -> list[Any]:
         """`fn` over `args`, results in order, never more than `max_in_flight` out at once."""
@@ -207,26 +346,37 @@ class OrderedPool:
         # One task per worker at a time: a worker is sent work only after its answer was read,
         # so neither side can block writing into a pipe the other is not reading.
         while self._idle and self._queue:
-            conn = self._idle.pop()
-            item = self._queue.popleft()
-            conn.send(item)
-            self._busy[conn] = item[0]
+            seq, fn, arg, limit, fresh = self._queue.popleft()
+            slot = self._idle.pop()
+            if fresh and self._slots[slot].used:
+                self._replace(slot, "stop")
+            for attempt in (0, 1):
+                worker = self._slots[slot]
+                self._started[slot] = time.monotonic()
+                try:
+                    worker.conn.send((seq, fn, arg))
+                    break
+                except OSError:  # it died while idle: one fresh try
+                    if attempt:
+                        raise
+                    self._replace(slot, "dead")
+            worker.used = True
+            self._busy[slot] = (seq, limit)
 
     def close(self, kill: bool = False) -> None:
-        conns = self._idle + list(self._busy)
         if not kill:
-            for conn in conns:
+            for worker in self._slots:
                 try:
-                    conn.send(None)
+                    worker.conn.send(None)
                 except OSError:
                     pass
-        for proc in self._procs:
+        for worker in self._slots:
             if kill:
-                proc.kill()
-            proc.join(timeout=None if not kill else 5)
-        for conn in conns:
-            conn.close()
-        self._procs, self._idle, self._busy = [], [], {}
+                worker.proc.kill()
+            worker.proc.join(timeout=None if not kill else 5)
+        for worker in self._slots:
+            worker.conn.close()
+        self._slots, self._idle, self._busy = [], [], {}
 
     def __enter__(self) -> Self:
         return self
@@ -325,6 +475,7 @@ def encode_piece(task: PieceTask) -> PieceResult:
     parts: list[bytes] = []
     results = []
     for path, offset, size, key, label in task.items:
+        task_progress()  # the time limit (--decode-timeout) counts per image
         res = encode_source(path, offset, size)
         if res[0] == "ok":
             _, jpeg, width, height, nbytes = res
