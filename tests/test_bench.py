@@ -322,8 +322,9 @@ def test_classify_bound():
 def test_supmae_row_runs_the_trainers_step_on_a_fresh_batch(monkeypatch, tmp_path, converted_root):
     """The SupMAE row and `supmae pretrain` go through the same PretrainStep.micro; and the SupMAE row's
     input is the pristine synthetic batch, though DeiT's Mixup (run before it) mixes its input in place."""
+    from supmae.job_cli import build_config
     from supmae.train import steps as S
-    from supmae.train.pretrain import build_config, run_pretrain
+    from supmae.train.pretrain import run_pretrain
 
     calls: list[tuple[str, torch.Tensor]] = []
     original = S.PretrainStep.micro

@@ -7,8 +7,9 @@ import pytest
 from supmae.cli import main as cli_main
 from supmae.config import to_dict
 from supmae.errors import UserError
+from supmae.job_cli import build_config
 from supmae.recipes import get_recipe, list_recipes
-from supmae.train.pretrain import build_config, config_differences, resolve_accumulation
+from supmae.train.pretrain import config_differences, resolve_accumulation
 from supmae.train.pretrain_config import OptimConfig, PretrainConfig
 
 

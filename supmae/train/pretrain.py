@@ -21,8 +21,6 @@ loop, books and checkpoints are `supmae.train.engine`'s.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 from typing import Any
@@ -30,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from supmae.config import apply_overrides, to_dict
+from supmae.config import to_dict
 from supmae.errors import UserError
 from supmae.train import distributed as dist_utils
 from supmae.train.compiling import resolve_compile
@@ -70,7 +68,6 @@ __all__ = [
     "OptimConfig",
     "PretrainConfig",
     "TrainConfig",
-    "main",
     "run_pretrain",
 ]
 
@@ -370,65 +367,3 @@ def evaluate_cls(core: torch.nn.Module, loader: Any, device: torch.device, amp_d
     dist_utils.all_reduce_sum(packed)
     c, n = packed.tolist()
     return 100.0 * c / max(n, 1)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def build_config(recipe: str, overrides: list[str]) -> PretrainConfig:
-    """Recipe `recipe` with dotted command-line overrides applied (strict: unknown keys are errors)."""
-    from supmae.recipes import get_recipe
-
-    cfg = get_recipe(recipe, "pretrain")
-    apply_overrides(cfg, overrides)
-    return cfg
-
-
-_EPILOG = """\
-common overrides (any config key works as --section.key VALUE or --section.key=VALUE):
-  --data.path DIR            dataset written by 'supmae convert' (or an ImageFolder root for torchvision)
-  --output-dir DIR           run directory: config.json, log.jsonl, steps.jsonl, checkpoints
-  --resume auto|PATH         continue from the newest valid checkpoint of --output-dir, or from PATH
-  --seed S                   seed of initialisation, data order and masking
-  --train.epochs N           epochs to train (also the length of the lr schedule)
-  --data.pipeline NAME       ffcv | dali | torchvision
-  --optim.blr / --optim.lr   base lr (scaled by effective batch / 256) / absolute peak lr
-  --model.decoder_depth N, --loss.cls_weight W, --train.precision bf16, --train.compile off, ...
-
-'supmae pretrain --recipe NAME --print-config' shows every key with its value.
-"""
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="supmae pretrain",
-        description="Timed SupMAE / MAE pretraining (one CPU to many GPUs; launch multi-GPU runs with torchrun).",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--recipe", help="named configuration to start from (see --list-recipes)")
-    parser.add_argument("--list-recipes", action="store_true", help="list the pretraining recipes and exit")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    args, rest = parser.parse_known_args(argv)
-
-    if args.list_recipes:
-        from supmae.recipes import list_recipes
-
-        recipes = list_recipes("pretrain")
-        width = max(len(n) for n in recipes)
-        for name, doc in recipes.items():
-            print(f"{name:<{width}}  {doc}")
-        return 0
-    if not args.recipe:
-        raise UserError("--recipe NAME is required (see 'supmae pretrain --list-recipes')")
-    cfg = build_config(args.recipe, rest)
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return 0
-    summary = run_pretrain(cfg)
-    if summary["rank"] == 0 and summary["final_log"] is not None:
-        row = summary["final_log"]
-        print(f"done: {summary['epochs_run']} epochs in {summary['run_dir']}; final loss {row['loss']:.4f}; "
-              f"{row['images_per_sec']:.1f} img/s; last checkpoint {summary['checkpoint']}")
-    return 0
