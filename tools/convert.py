@@ -119,7 +119,6 @@ Tests run as root, for whom `chmod 000` does not make a file unreadable: there a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -137,12 +136,10 @@ from pipelines.constants import (
     SKIPPED_FILE,
     SPLITS,
     beton_path,
-    wds_dir,
 )
 from pipelines.errors import DataError
 from tools.beton import JpegSlices, write_beton_in_place
 from tools.files import (
-    OutLock,
     atomic_path,
     atomic_write,
     fsync_dir,
@@ -167,16 +164,26 @@ from tools.parallel_write import (
     stitch_chunk,
 )
 from tools.wids import write_wids_index
+from tools.workdir import (
+    DEFAULT_SHARD_SIZE,
+    FORMATS,
+    LOCK_FILE,
+    PART_FILE,
+    SOURCES_DIR,
+    STATE_FILE,
+    TOOL_VERSION,
+    WORK_DIR,
+    conversion_identity,
+    identity_diff,
+    load_finished,
+    lock_out,
+    out_entries,
+    read_json,
+    say,
+    shard_record_path,
+    shard_tar_path,
+)
 
-# Bump when the same options would give different output bytes (keys, layout, encoding rules).
-TOOL_VERSION = 2  # 2: the .beton's crc32 field
-FORMATS = ("ffcv", "wds")
-DEFAULT_SHARD_SIZE = 1000
-WORK_DIR = ".work"
-SOURCES_DIR = "sources"
-STATE_FILE = "state.json"
-PART_FILE = "part.json"
-LOCK_FILE = "convert.lock"  # in WORK_DIR: held by the one conversion or merge writing OUT
 # Seconds a worker may spend on one image before it is killed and the image retried alone (then
 # skipped as decode-timeout). A 500x375 JPEG takes about 5 ms here; the slowest images the pixel
 # limit lets through (89 Mpx: a PNG 4 s, a progressive JPEG 2.3 s on one core of the 2-core test
@@ -186,79 +193,7 @@ DEFAULT_DECODE_TIMEOUT = 120.0
 
 
 # ----------------------------------------------------------------------------------------------
-# Output directory state
-
-
-def _identity(
-    src: str,
-    formats: Sequence[str],
-    max_res: int,
-    quality: int,
-    shard_size: int,
-    splits: list[str],
-    seed: int,
-    max_pixels: int,
-    layout: str = "imagefolder",
-    shard: tuple[int, int] | None = None,
-) -> dict:
-    """Everything that decides the output bytes; a resume must match it exactly."""
-    import PIL
-
-    identity = {
-        "tool_version": TOOL_VERSION,
-        "source_root": src,
-        "layout": layout,
-        "formats": list(formats),
-        "max_res": max_res,
-        "quality": quality,
-        "shard_size": shard_size,
-        "splits": splits,
-        "seed": seed,
-        "max_pixels": max_pixels,
-        "pillow": PIL.__version__,
-    }
-    if shard is not None:
-        identity["shard"] = list(shard)
-    return identity
-
-
-def _diff(a: dict, b: dict) -> str:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys)
-
-
-def _shard_record_path(out: str, split: str, k: int) -> str:
-    return os.path.join(out, WORK_DIR, split, f"{split}-{k:06d}.json")
-
-
-def _shard_tar_path(out: str, split: str, k: int, keep_wds: bool) -> str:
-    base = wds_dir(out, split) if keep_wds else os.path.join(out, WORK_DIR, split)
-    return os.path.join(base, f"{split}-{k:06d}.tar")
-
-
-def _load_finished(out: str, plan: SplitPlan, keep_wds: bool, chunks: range) -> dict[int, dict]:
-    """Chunk records whose files are all in place; anything else is redone."""
-    done = {}
-    for k in chunks:
-        path = _shard_record_path(out, plan.name, k)
-        try:
-            with open(path) as f:
-                rec = json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-        ok = True
-        if rec["tar"] is not None:
-            for key in ("tar", "idx"):
-                if rec[key] is None:
-                    continue
-                full = os.path.join(out, rec[key])
-                if not os.path.isfile(full) or os.path.getsize(full) != rec[f"{key}_bytes"]:
-                    ok = False
-        if ok and rec["tar"] is not None and (rec["idx"] is None) == keep_wds:
-            ok = False
-        if ok:
-            done[k] = rec
-    return done
+# Encoding and stitching the chunks
 
 
 def _pieces(plan: SplitPlan, k: int, src: str, out: str, piece_size: int) -> Iterator[PieceTask]:
@@ -311,12 +246,12 @@ def _stitch_task(out: str, plan: SplitPlan, k: int, pieces: list[PieceResult], k
         "source_bytes": source_bytes,
         "jpeg_bytes": sum(sizes),
     }
-    tar_path = _shard_tar_path(out, plan.name, k, keep_wds)
+    tar_path = shard_tar_path(out, plan.name, k, keep_wds)
     return StitchTask(
         out=out,
         tar_path=tar_path,
         idx_path=tar_path[: -len(".tar")] + ".idx" if keep_wds else None,
-        record_path=_shard_record_path(out, plan.name, k),
+        record_path=shard_record_path(out, plan.name, k),
         pieces=[piece.path for piece in pieces if piece.path is not None],
         keys=keys,
         jpeg_sizes=sizes,
@@ -472,51 +407,6 @@ def _file_entry(out: str, rel: str) -> dict:
     return {"path": rel, "bytes": os.path.getsize(os.path.join(out, rel))}
 
 
-# ----------------------------------------------------------------------------------------------
-# One writer per OUT
-
-
-def _entries(out: str) -> list[str]:
-    """What OUT holds besides our lock (`.work` counts only when it holds more than the lock)."""
-    if not os.path.isdir(out):
-        return []
-    names = [n for n in os.listdir(out) if n != WORK_DIR]
-    work = os.path.join(out, WORK_DIR)
-    if os.path.isdir(work) and [n for n in os.listdir(work) if n != LOCK_FILE]:
-        names.append(WORK_DIR)
-    return names
-
-
-@contextlib.contextmanager
-def _lock_out(out: str) -> Iterator[None]:
-    """Hold OUT's lock for this conversion or merge, or refuse at once naming the holder. A folder
-    that holds something else than a conversion is refused before anything is written into it."""
-    work = os.path.join(out, WORK_DIR)
-    if _entries(out) and not os.path.isdir(work) and not os.path.isfile(os.path.join(out, MANIFEST_FILE)):
-        raise DataError(f"{out} is not empty and holds no conversion; choose an empty or new folder")
-    os.makedirs(work, exist_ok=True)
-    lock = OutLock(os.path.join(work, LOCK_FILE))
-    holder = lock.acquire()
-    if holder:
-        raise DataError(
-            f"{out} is being written by another conversion ({holder}); wait for it to end, or choose another OUT"
-        )
-    try:
-        yield
-    finally:
-        # A finished conversion keeps no work folder, also when this run refused or had nothing to do.
-        if os.path.isfile(os.path.join(out, MANIFEST_FILE)) and set(_listdir(work)) <= {LOCK_FILE}:
-            shutil.rmtree(work, ignore_errors=True)
-        lock.release()
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
-
-
 def _resource_failure(exc: BaseException, out: str) -> DataError:
     what = "out of memory" if isinstance(exc, MemoryError) else (exc.strerror or str(exc))
     return DataError(
@@ -527,11 +417,6 @@ def _resource_failure(exc: BaseException, out: str) -> DataError:
 
 # ----------------------------------------------------------------------------------------------
 # The conversion
-
-
-def _say(enabled: bool, message: str) -> None:
-    if enabled:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _check_args(
@@ -562,14 +447,6 @@ def _check_args(
         bad = [s for s in splits if s not in SPLITS]
         if bad or not splits or len(set(splits)) != len(splits):
             raise DataError(f"--splits must be distinct names from {','.join(SPLITS)}, got {','.join(splits)}")
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -646,7 +523,7 @@ def convert(
         raise DataError(f"source folder {src} does not exist")
     if out == src or out.startswith(src + os.sep):
         raise DataError(f"the output folder {out} must not be inside the source folder {src}")
-    with _lock_out(out):
+    with lock_out(out):
         try:
             return _convert_locked(
                 src, out, formats, max_res, quality, workers, shard_size, splits, seed, strict, progress,
@@ -685,51 +562,51 @@ def _convert_locked(
     decode_timeout: float | None,
 ) -> dict:
     listing = list_source(src, splits, seed, shard_size)
-    _say(progress, f"layout: {listing.description}")
+    say(progress, f"layout: {listing.description}")
     classes, plans, warnings = listing.classes, listing.plans, listing.warnings
     split_names = [p.name for p in plans]
-    identity = _identity(
+    identity = conversion_identity(
         src, formats, max_res, quality, shard_size, split_names, seed, max_pixels, listing.layout, shard
     )
     fingerprint = listing.fingerprint()
 
-    manifest = _read_json(os.path.join(out, MANIFEST_FILE))
+    manifest = read_json(os.path.join(out, MANIFEST_FILE))
     if manifest is not None:
         if manifest.get("identity") != identity or manifest.get("listing_fingerprint") != fingerprint:
-            changed = _diff(manifest.get("identity", {}), identity) or "the source file listing changed"
+            changed = identity_diff(manifest.get("identity", {}), identity) or "the source file listing changed"
             raise DataError(f"{out} already holds a different conversion ({changed}); choose another OUT or delete it")
         shutil.rmtree(os.path.join(out, WORK_DIR), ignore_errors=True)
-        _say(progress, f"{out} is already converted with these options; nothing to do")
+        say(progress, f"{out} is already converted with these options; nothing to do")
         return _finish_strict(manifest, strict, out)
 
     state_path = os.path.join(out, WORK_DIR, STATE_FILE)
-    state = _read_json(state_path)
+    state = read_json(state_path)
     if state is None:
-        if _entries(out):
+        if out_entries(out):
             raise DataError(f"{out} is not empty and holds no conversion; choose an empty or new folder")
         os.makedirs(os.path.join(out, WORK_DIR), exist_ok=True)
         atomic_write(state_path, json.dumps({"identity": identity, "listing_fingerprint": fingerprint}).encode())
     elif state.get("identity") != identity or state.get("listing_fingerprint") != fingerprint:
-        changed = _diff(state.get("identity", {}), identity) or "the source file listing changed"
+        changed = identity_diff(state.get("identity", {}), identity) or "the source file listing changed"
         raise DataError(
             f"{out} holds an unfinished conversion with other inputs ({changed}); rerun it with the "
             f"same options and source, or delete {out} to start over"
         )
     remove_stale_temporaries(out)
     for w in warnings:
-        _say(progress, f"warning: {w}")
+        say(progress, f"warning: {w}")
 
     keep_wds = "wds" in formats
     for p in plans:
         # Pieces and chunk records go here (and, without wds, the shards the .beton is made from).
         os.makedirs(os.path.join(out, WORK_DIR, p.name), exist_ok=True)
     mine = {p.name: shard_chunks(p.num_shards, shard) for p in plans}
-    finished = {p.name: _load_finished(out, p, keep_wds, mine[p.name]) for p in plans}
+    finished = {p.name: load_finished(out, p, keep_wds, mine[p.name]) for p in plans}
     resumed = sum(len(v) for v in finished.values())
     pending = [(p, k) for p in plans for k in mine[p.name] if k not in finished[p.name]]
     total_pending = sum(len(p.shard_positions(k)) for p, k in pending)
     if resumed:
-        _say(progress, f"resuming: {resumed} chunk(s) already done, {len(pending)} to go")
+        say(progress, f"resuming: {resumed} chunk(s) already done, {len(pending)} to go")
     if listing.stage is not None:  # rows with no byte range in SRC (HF parquet) are unpacked into .work first
         listing.stage(os.path.join(out, WORK_DIR), pending, progress)
 
@@ -765,7 +642,7 @@ def _convert_locked(
                 records = [finished[p.name][k] for k in mine[p.name]]
                 if not any(r["samples"] for r in records):
                     continue
-                _say(progress, f"writing {os.path.relpath(beton_path(out, p.name), out)}")
+                say(progress, f"writing {os.path.relpath(beton_path(out, p.name), out)}")
                 _write_beton(beton_path(out, p.name), _beton_sources(out, records), max_res, quality, pool)
         if stats is not None:
             stats.max_in_flight = pool.max_in_flight
@@ -878,7 +755,7 @@ def merge(
         d = os.path.abspath(d)
         if not os.path.isfile(os.path.join(d, MANIFEST_FILE)):
             raise DataError(f"{d} is not a finished conversion (no {MANIFEST_FILE}): run or rerun its --shard job")
-        part = _read_json(os.path.join(d, PART_FILE))
+        part = read_json(os.path.join(d, PART_FILE))
         if part is None:
             raise DataError(f"{d} is a whole conversion, not one part of a --shard K/N run")
         infos.append((d, part))
@@ -898,7 +775,7 @@ def merge(
     for d, p in infos[1:]:
         if _comparable(p["identity"]) != _comparable(first["identity"]):
             raise DataError(
-                f"{d} was converted with other options than {first_dir}: {_diff(first['identity'], p['identity'])}"
+                f"{d} was converted with other options than {first_dir}: {identity_diff(first['identity'], p['identity'])}"
             )
         if p["listing_fingerprint"] != first["listing_fingerprint"]:
             raise DataError(f"{d} was converted from another source listing than {first_dir}")
@@ -915,7 +792,7 @@ def merge(
                 f"converted (leave {flag} out, or reconvert the parts with it)"
             )
 
-    with _lock_out(out):
+    with lock_out(out):
         return _merge_locked(out, infos, identity, fingerprint, formats, first_dir, first, strict, progress, workers,
                              t_start)  # fmt: skip
 
@@ -933,15 +810,15 @@ def _merge_locked(
     workers: int,
     t_start: float,
 ) -> dict:
-    existing = _read_json(os.path.join(out, MANIFEST_FILE))
+    existing = read_json(os.path.join(out, MANIFEST_FILE))
     if existing is not None:
         if existing.get("identity") == identity and existing.get("listing_fingerprint") == fingerprint:
-            _say(progress, f"{out} already holds this merged conversion; nothing to do")
+            say(progress, f"{out} already holds this merged conversion; nothing to do")
             return _finish_strict(existing, strict, out)
         raise DataError(f"{out} already holds a different conversion; choose another OUT or delete it")
     marker = os.path.join(out, WORK_DIR, "merge.json")
-    if _entries(out):
-        if _read_json(marker) is None:
+    if out_entries(out):
+        if read_json(marker) is None:
             raise DataError(f"{out} is not empty and holds no conversion; choose an empty or new folder")
         # An interrupted merge: it only copied, so it starts over (keeping the lock we hold).
         for folder, names in (
@@ -981,7 +858,7 @@ def _merge_locked(
         assert sorted(records) == list(range(plan.num_shards)), "parts do not cover every chunk"
         finished[name] = records
         if "wds" in formats:
-            _say(progress, f"copying the {name} webdataset shards")
+            say(progress, f"copying the {name} webdataset shards")
             for d, p in infos:
                 for rec in p["splits"][name]["chunks"].values():
                     for key in ("tar", "idx"):
@@ -992,7 +869,7 @@ def _merge_locked(
                         with atomic_path(target) as tmp:
                             shutil.copyfile(os.path.join(d, rec[key]), tmp)
         if "ffcv" in formats:
-            _say(progress, f"writing {os.path.relpath(beton_path(out, name), out)} from the parts' samples")
+            say(progress, f"writing {os.path.relpath(beton_path(out, name), out)} from the parts' samples")
             init_args = (identity["max_res"], identity["quality"], identity["max_pixels"], os.getpid())
             with OrderedPool(workers, initializer=init_worker, initargs=init_args) as pool:
                 _merge_betons(out, name, infos, identity["max_res"], identity["quality"], pool)
