@@ -174,7 +174,7 @@ def test_pool_reports_a_dead_or_stuck_task_and_keeps_working():
 def test_sigkill_of_an_input_alone_stops_the_run_instead_of_skipping_it():
     """No decoder SIGKILLs itself: the OOM killer or a person did, so the input is not to blame."""
     from pipelines.errors import DataError
-    from tools.convert import _lost_result
+    from tools.conversion import _lost_result
 
     item = ("/src/train/a/x.jpg", -1, -1, "0007", 0)
     assert _lost_result(parallel_write.WorkerDied(-signal.SIGABRT), item)[1:3] == (
