@@ -25,8 +25,8 @@ import time
 
 import numpy as np
 import pytest
+from imagenet_layouts import tar_bytes
 from PIL import Image
-from test_convert_layouts import _tar_bytes as tar_bytes
 
 from tools.convert import verify
 

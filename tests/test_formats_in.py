@@ -13,8 +13,17 @@ import sys
 import tarfile
 
 import pytest
-from test_convert_layouts import REPO, WNIDS, _files, _jpeg, _same_outputs, _samples, kill_after_chunks, make_layouts
-from test_convert_layouts import _tar_bytes as tar_bytes
+from imagenet_layouts import (
+    WNIDS,
+    files_under,
+    jpeg_bytes,
+    kill_after_chunks,
+    make_layouts,
+    same_outputs,
+    tar_bytes,
+    wds_samples,
+)
+from procs import REPO
 
 from pipelines.errors import DataError
 from supmae.cli import main as cli_main
@@ -52,7 +61,7 @@ def make_parquet(folder: str, root: str) -> str:
     write_parquet(os.path.join(root, "data", "train-00000-of-00002.parquet"), train[:half])
     write_parquet(os.path.join(root, "data", "train-00001-of-00002.parquet"), train[half:])
     write_parquet(os.path.join(root, "data", "validation-00000-of-00001.parquet"), folder_images(folder, "val"))
-    write_parquet(os.path.join(root, "data", "test-00000-of-00001.parquet"), [("test_1.JPEG", -1, _jpeg(5))])
+    write_parquet(os.path.join(root, "data", "test-00000-of-00001.parquet"), [("test_1.JPEG", -1, jpeg_bytes(5))])
     return root
 
 
@@ -121,9 +130,9 @@ def test_hub_layouts_give_the_imagefolder_dataset_byte_for_byte(hubs, tmp_path):
             assert [(_stem(p), int(lab)) for _, lab, p in rows] == [(_stem(p), lab) for p, lab in reference.samples], (
                 name
             )
-            assert _samples(outs[name], split) == _samples(outs["folder"], split), name
+            assert wds_samples(outs[name], split) == wds_samples(outs["folder"], split), name
     for name in ("hf", "wds"):
-        _same_outputs(outs["folder"], outs[name])  # .beton, shards, their indexes, byte for byte
+        same_outputs(outs["folder"], outs[name])  # .beton, shards, their indexes, byte for byte
     assert verify(outs["hf"]) == [] and verify(outs["wds"]) == []
 
 
@@ -132,12 +141,12 @@ def test_parquet_bad_rows_and_a_truncated_file_are_reported_and_nothing_else_is_
     src = tmp_path / "src"
     rows = list(good)
     rows.insert(2, ("n01000001_99.JPEG", 0, b"\xff\xd8\xff\xe0 not really a jpeg"))  # corrupt image bytes
-    rows.insert(5, ("n02000002_98.JPEG", 0, _jpeg(77)))  # its file name says class 1, its label 0
-    rows.insert(7, ("n03000003_97.JPEG", None, _jpeg(78)))  # no label
+    rows.insert(5, ("n02000002_98.JPEG", 0, jpeg_bytes(77)))  # its file name says class 1, its label 0
+    rows.insert(7, ("n03000003_97.JPEG", None, jpeg_bytes(78)))  # no label
     write_parquet(str(src / "data" / "train-00000-of-00002.parquet"), rows)
     # A second file cut short (an interrupted download): no footer, so none of its rows is reachable.
     cut = str(src / "data" / "train-00001-of-00002.parquet")
-    write_parquet(cut, [("n01000001_50.JPEG", 0, _jpeg(79)), ("n02000002_51.JPEG", 1, _jpeg(80))])
+    write_parquet(cut, [("n01000001_50.JPEG", 0, jpeg_bytes(79)), ("n02000002_51.JPEG", 1, jpeg_bytes(80))])
     with open(cut, "rb") as f:
         data = f.read()
     with open(cut, "wb") as f:
@@ -162,8 +171,13 @@ def test_wds_bad_samples_and_a_truncated_tar_are_reported_and_nothing_else_is_lo
     src.mkdir()
     members = wds_members(good[:6], with_json=True)
     members += [("bad_1.cls", b"0"), ("bad_1.jpg", b"\xff\xd8\xff garbage")]  # corrupt image
-    members += [("n02000002_98.cls", b"0"), ("n02000002_98.jpg", _jpeg(81))]  # wnid of class 1, label 0
-    members += [("nolabel.jpg", _jpeg(82)), ("onlylabel.cls", b"1"), ("badcls.cls", b"x"), ("badcls.jpg", _jpeg(83))]
+    members += [("n02000002_98.cls", b"0"), ("n02000002_98.jpg", jpeg_bytes(81))]  # wnid of class 1, label 0
+    members += [
+        ("nolabel.jpg", jpeg_bytes(82)),
+        ("onlylabel.cls", b"1"),
+        ("badcls.cls", b"x"),
+        ("badcls.jpg", jpeg_bytes(83)),
+    ]
     (src / "imagenet1k-train-0000.tar").write_bytes(tar_bytes(members))
     rest = tar_bytes(wds_members(good[6:], with_json=False))
     with tarfile.open(fileobj=io.BytesIO(rest)) as tar:
@@ -204,7 +218,7 @@ def test_parquet_classes_come_from_a_classes_file_or_the_train_names(hubs, tmp_p
     out = str(tmp_path / "alt_out")
     m = convert(str(alt), out, max_res=32, workers=0, progress=False)
     assert m["classes"] == WNIDS
-    assert _samples(out, "val") == _samples(str(tmp_path / "val"), "val")
+    assert wds_samples(out, "val") == wds_samples(str(tmp_path / "val"), "val")
     # Neither a classes file nor train names: a one-line refusal.
     (alt / "classes.py").unlink()
     with pytest.raises(DataError, match="classes.py"):
@@ -229,7 +243,7 @@ def test_parquet_sharded_parts_merge_into_the_unsharded_conversion(hubs, tmp_pat
         convert(src, part, max_res=32, workers=0, shard_size=3, progress=False, shard=(k, 2))
     merged = str(tmp_path / "merged")
     assert main(["--merge", *parts, merged, "--no-progress"]) == 0
-    _same_outputs(whole, merged, skip=("manifest.json",))
+    same_outputs(whole, merged, skip=("manifest.json",))
     assert not os.path.exists(os.path.join(whole, ".work"))  # the unpacked rows are gone
 
 
@@ -246,9 +260,9 @@ def test_kill_9_during_a_parquet_conversion_then_resume_is_byte_identical(tmp_pa
     assert os.listdir(os.path.join(out, ".work", "hf-parquet"))  # the unpacked rows, reused by the resume
     final = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
-    fa, fb = _files(out), _files(reference)
+    fa, fb = files_under(out), files_under(reference)
     assert sorted(fa) == sorted(fb)
-    _same_outputs(out, reference, skip=("manifest.json",))
+    same_outputs(out, reference, skip=("manifest.json",))
 
 
 def test_a_missing_pyarrow_is_a_one_line_error_naming_it(hubs, tmp_path, monkeypatch, capsys):
@@ -294,7 +308,7 @@ def test_a_transient_parquet_read_error_is_retried_and_never_a_skip(hubs, tmp_pa
     assert m["skipped"]["count"] == 0 and _skipped(out) == []
     ref = str(tmp_path / "ref")
     convert(hubs["folder"], ref, max_res=32, workers=0, shard_size=4, progress=False)
-    _same_outputs(out, ref)  # every row converted, byte for byte
+    same_outputs(out, ref)  # every row converted, byte for byte
 
 
 def test_a_persistent_parquet_read_error_fails_the_run_and_the_rerun_converts_everything(hubs, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from test_convert_layouts import WNIDS, make_layouts
+from imagenet_layouts import WNIDS, make_layouts
 
 SIZE = 16
 

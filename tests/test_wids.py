@@ -10,7 +10,7 @@ import json
 import os
 
 import pytest
-from test_convert_layouts import make_layouts
+from imagenet_layouts import make_layouts
 
 from tools.convert import convert, main
 from tools.shards import read_tar_samples
