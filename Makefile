@@ -2,8 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
+# Test processes (pytest-xdist): most tests keep one core busy (a subprocess with one thread, numba or torch
+# start-up), so two keep a 2-core machine full; the kill -9 matrix spreads over them case by case.
+TEST_WORKERS ?= 2
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-fast lint
 
 setup:
 	@bash scripts/setup.sh
@@ -12,7 +15,12 @@ demo: setup
 	@$(VENV)/bin/supmae demo --output-dir $(DEMO_DIR)
 
 test: setup
-	@$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
+
+# The inner loop of a change (a few minutes): every test not marked slow, which still runs each job,
+# pipeline and input layout at least once.
+test-fast: setup
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
 
 lint: setup
 	@$(VENV)/bin/ruff check .

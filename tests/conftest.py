@@ -37,6 +37,17 @@ def synthetic_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def synthetic_converted(synthetic_root, tmp_path_factory) -> str:
+    """`synthetic_root` written once by `supmae convert` (FFCV .beton + DALI shards, 64 px max side), for
+    every test that only reads it (five modules converted the same images each)."""
+    from tools.convert import convert
+
+    out = str(tmp_path_factory.mktemp("synthetic-converted"))
+    convert(synthetic_root, out, max_res=64, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def imagenet_sample() -> str:
     """The 1,000 real ImageNet JPEGs of shared/data, or a clean skip when absent."""
     path = os.path.abspath(SAMPLE_DIR)

@@ -283,13 +283,9 @@ def test_table1_command_all_rows_tiny(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def converted_root(tmp_path_factory, synthetic_root) -> str:
+def converted_root(synthetic_converted) -> str:
     """The generated 10-class JPEG set written by `supmae convert` (FFCV .beton + DALI shards)."""
-    from tools.convert import convert
-
-    out = str(tmp_path_factory.mktemp("converted") / "c")
-    convert(synthetic_root, out, max_res=64, workers=1, progress=False)
-    return out
+    return synthetic_converted
 
 
 @pytest.mark.slow

@@ -141,12 +141,8 @@ def test_compile_auto_is_off_on_the_cpu_and_says_why():
 
 
 @pytest.fixture(scope="module")
-def converted(synthetic_root, tmp_path_factory) -> str:
-    from tools.convert import convert
-
-    out = str(tmp_path_factory.mktemp("converted"))
-    convert(synthetic_root, out, max_res=64, workers=2, progress=False)
-    return out
+def converted(synthetic_converted) -> str:
+    return synthetic_converted
 
 
 @pytest.mark.slow

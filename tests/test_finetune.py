@@ -59,13 +59,9 @@ def quick(cfg, data: str, out: str, pretrained: str, epochs: int = 1, steps: int
 
 
 @pytest.fixture(scope="module")
-def converted(synthetic_root, tmp_path_factory) -> str:
+def converted(synthetic_converted) -> str:
     """The session's synthetic dataset converted to FFCV and webdataset (64 px max side)."""
-    from tools.convert import convert
-
-    out = str(tmp_path_factory.mktemp("converted"))
-    convert(synthetic_root, out, max_res=64, workers=2, progress=False)
-    return out
+    return synthetic_converted
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,9 @@ STEP_KEYS = {"step", "epoch", "lr", "loss", "images_per_sec", "data_wait_frac", 
 
 
 @pytest.fixture(scope="module")
-def converted(synthetic_root, tmp_path_factory) -> str:
+def converted(synthetic_converted) -> str:
     """The session's synthetic dataset converted to FFCV and webdataset (64 px max side)."""
-    from tools.convert import convert
-
-    out = str(tmp_path_factory.mktemp("converted"))
-    convert(synthetic_root, out, max_res=64, workers=2, progress=False)
-    return out
+    return synthetic_converted
 
 
 def run_args(data: str, out: str, pipeline: str = "ffcv", epochs: int = 2, steps: int = 6, *extra: str) -> list[str]:

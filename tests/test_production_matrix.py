@@ -47,12 +47,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def converted(synthetic_root, tmp_path_factory) -> str:
-    from tools.convert import convert
-
-    out = str(tmp_path_factory.mktemp("matrix-data"))
-    convert(synthetic_root, out, max_res=64, workers=2, progress=False)
-    return out
+def converted(synthetic_converted) -> str:
+    return synthetic_converted
 
 
 @pytest.fixture(scope="module")
