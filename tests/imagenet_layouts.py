@@ -148,3 +148,13 @@ def kill_after_chunks(cmd: list[str], out: str, chunks: int = 3) -> None:
         time.sleep(0.005)
     proc.wait()
     assert killed, "the run finished before it could be interrupted"
+
+
+def stable_manifest(path: str) -> dict:
+    """A manifest.json less what differs between two runs of one conversion (timings, resumes, workers)."""
+    with open(path) as f:
+        m = json.load(f)
+    for key in ("elapsed_seconds", "encode_seconds", "resumed_chunks", "encoded_this_run"):
+        m.pop(key)
+    m["options"].pop("workers")
+    return m

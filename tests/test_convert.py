@@ -20,6 +20,7 @@ import zlib
 
 import numpy as np
 import pytest
+from imagenet_layouts import files_under, stable_manifest
 from PIL import Image
 
 from pipelines.constants import beton_path
@@ -449,24 +450,6 @@ def test_verify_passes_then_catches_tampering(bad_out, tmp_path):
 # Crash safety: kill -9 at random points, rerun, compare with an uninterrupted run
 
 
-def _tree_files(root: str) -> dict[str, str]:
-    found = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            found[os.path.relpath(path, root)] = path
-    return found
-
-
-def _stable_manifest(path: str) -> dict:
-    with open(path) as f:
-        m = json.load(f)
-    for key in ("elapsed_seconds", "encode_seconds", "resumed_chunks", "encoded_this_run"):
-        m.pop(key)
-    m["options"].pop("workers")
-    return m
-
-
 def _group_exits(pgid: int, timeout: float) -> bool:
     """Wait for every process of group `pgid` to end; SIGKILL the rest (and say so) after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -560,11 +543,11 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
     final = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
 
-    ours, theirs = _tree_files(out), _tree_files(reference)
+    ours, theirs = files_under(out), files_under(reference)
     assert sorted(ours) == sorted(theirs), "same files, no temporaries, no work state left"
     for rel in ours:
         if rel == "manifest.json":
-            assert _stable_manifest(ours[rel]) == _stable_manifest(theirs[rel])
+            assert stable_manifest(ours[rel]) == stable_manifest(theirs[rel])
         else:
             assert filecmp.cmp(ours[rel], theirs[rel], shallow=False), f"{rel} differs"
     assert verify(out) == []
@@ -751,11 +734,11 @@ def test_conversion_bound_and_piece_size_change_nothing_but_the_work_in_flight(t
         assert manifest["skipped"]["by_reason"] == {"corrupt": 1}
         assert stats.max_in_flight == bound and stats.peak_in_flight == bound
         assert 0 < stats.main_busy_seconds <= stats.elapsed_seconds
-        ours, theirs = _tree_files(out), _tree_files(reference)
+        ours, theirs = files_under(out), files_under(reference)
         assert sorted(ours) == sorted(theirs)
         for rel in ours:
             if rel == "manifest.json":
-                assert _stable_manifest(ours[rel]) == _stable_manifest(theirs[rel])
+                assert stable_manifest(ours[rel]) == stable_manifest(theirs[rel])
             else:
                 assert filecmp.cmp(ours[rel], theirs[rel], shallow=False), f"{rel} differs"
     with pytest.raises(DataError, match="max_in_flight"):

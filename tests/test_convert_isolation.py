@@ -21,7 +21,7 @@ import time
 
 import psutil
 import pytest
-from test_convert import _stable_manifest, _tree_files
+from imagenet_layouts import files_under, stable_manifest
 
 from tools import parallel_write
 from tools.convert import convert, main, verify
@@ -120,11 +120,11 @@ def test_resume_after_a_kill_during_a_hang_gives_the_uninterrupted_output(tmp_pa
     monkeypatch.setenv("SUPMAE_TEST_POISON", f"crash:{POISONED}")
     convert(src, out, **KW)
     _check_isolated(out, "decoder-crashed", "crashed the decoder (killed by SIGSEGV)")
-    ours, theirs = _tree_files(out), _tree_files(reference)
+    ours, theirs = files_under(out), files_under(reference)
     assert sorted(ours) == sorted(theirs), "same files, no temporaries or work state left"
     for rel in ours:
         if rel == "manifest.json":
-            assert _stable_manifest(ours[rel]) == _stable_manifest(theirs[rel])
+            assert stable_manifest(ours[rel]) == stable_manifest(theirs[rel])
         else:
             assert filecmp.cmp(ours[rel], theirs[rel], shallow=False), f"{rel} differs"
 
