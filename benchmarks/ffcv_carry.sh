@@ -364,8 +364,8 @@ import importlib.metadata, io, os, sys
 import numpy as np
 import ffcv, ffcv.loader, ffcv.fields.decoders, ffcv.transforms  # noqa: F401  what the product imports
 from ffcv.libffcv import imdecode
-import pipelines.ffcv_pipeline as p
-p._compiled_kernels()
+from pipelines.ffcv_cropdecode import compiled_kernels, decode_window
+compiled_kernels()
 h, w = 48, 64
 yy, xx = np.mgrid[0:h, 0:w]
 img = np.stack([xx * 4, yy * 5, (xx + yy) * 2], axis=-1).clip(0, 255).astype(np.uint8)
@@ -377,7 +377,7 @@ try:
 except ImportError:
     import cv2
     jpeg = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].ravel()
-ours = p.decode_window(jpeg, (h, w), (0, 0, h, w), (h, w))
+ours = decode_window(jpeg, (h, w), (0, 0, h, w), (h, w))
 theirs = np.zeros((h, w, 3), np.uint8)
 status = imdecode(jpeg, theirs, h, w, h, w, 0, 0, 1, 1, False, False)
 if status != 0:
@@ -530,8 +530,9 @@ env -i PATH="$R/venv/bin:/usr/local/bin:/usr/bin:/bin" HOME="$R/home" TMPDIR="$R
 # The exported line alone is enough, from anywhere.
 cd /
 env -i PATH="$R/venv/bin:/usr/bin:/bin" HOME="$R/home" bash -c ". '$R/env.sh' && python3 -c '
-import ffcv.loader, pipelines.ffcv_pipeline as p
-p._crop_decode_functions()
+import ffcv.loader
+from pipelines.ffcv_cropdecode import crop_decode_functions
+crop_decode_functions()
 print(\"ffcv_carry: rehearse: a fresh process with only the exported line imports ffcv.loader and loads the crop decoder\")'"
 EOF
     local t1

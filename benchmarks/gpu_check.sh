@@ -212,7 +212,8 @@ EOF
 # ---- ffcv: the carried FFCV and crop decoder, built in the background while the step part runs
 FFCV_ENV="$WORK/ffcv_env.sh"
 ffcv_ready() {  # FFCV imports and the crop decoder's library loads
-    "$PY" -c "import ffcv, pipelines.ffcv_pipeline as f; f._crop_decode_functions()" 2>/dev/null
+    "$PY" -c "import ffcv; from pipelines.ffcv_cropdecode import crop_decode_functions; crop_decode_functions()" \
+        2>/dev/null
 }
 if [ "$DRY_RUN" = 1 ]; then
     :

@@ -82,6 +82,35 @@ def test_the_rehearsal_runs_the_gpu_commands(tmp_path):
     assert step[step.index("--batch-size") + 1] == "256"
 
 
+def test_the_scripts_name_what_the_project_has():
+    """The device scripts' Python lines import names from the project (`from pipelines.X import a, b`): each
+    must exist, or the device call fails where the rehearsal took another branch (a module split once
+    renamed the crop decoder's check and both scripts silently lost the ffcv pipeline)."""
+    import importlib
+
+    for script in (SCRIPT, os.path.join(ROOT, "benchmarks", "ffcv_carry.sh")):
+        with open(script) as fh:
+            text = fh.read()
+        found = re.findall(r"from ((?:pipelines|supmae|tools|benchmarks)[\w.]*) import ([\w, ]+)", text)
+        assert found, script
+        for module, names in found:
+            mod = importlib.import_module(module)
+            for name in (n.strip() for n in names.split(",")):
+                assert hasattr(mod, name), (script, module, name)
+
+
+def test_the_ffcv_check_of_the_script_passes_where_ffcv_is_installed():
+    """gpu_check.sh's own ffcv_ready command, run here (ffcv and the crop decoder are built): it must say yes,
+    or the check trains on torchvision although the product's pipeline is there."""
+    pytest.importorskip("ffcv")
+    with open(SCRIPT) as fh:
+        text = fh.read()
+    body = re.search(r"ffcv_ready\(\) \{[^\n]*\n(.*?)\n\}", text, re.DOTALL).group(1)
+    proc = subprocess.run(["bash", "-c", body.replace('"$PY"', shlex.quote(sys.executable))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, body
+
+
 def test_sync_debug_is_refused_off_cuda_and_checked(synthetic_root, tmp_path, capsys):
     """--train.sync_debug watches CUDA host syncs: on a CPU run it is a clear error, not a flag accepted
     and ignored; a value other than off / warn / error is refused before anything runs."""
