@@ -17,10 +17,10 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
-# The inner loop of a change (a few minutes): every test not marked slow, which still runs each job,
-# pipeline and input layout at least once.
+# The inner loop of a change (a few minutes): every test not marked slow, and the slow ones marked core,
+# so that each job trains on each pipeline, under torchrun too, and each input layout converts.
 test-fast: setup
-	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow or core" tests
 
 lint: setup
 	@$(VENV)/bin/ruff check .

@@ -79,6 +79,7 @@ def snapshot(run_dir: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.core
 @pytest.mark.parametrize("pipeline", ["ffcv", "dali", "torchvision"])
 def test_two_epochs_lower_the_loss_and_write_the_run_dir(converted, tmp_path, capsys, pipeline):
     out = str(tmp_path / "run")
@@ -276,6 +277,7 @@ def torchrun(args: list[str], timeout: float = 400) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow
+@pytest.mark.core
 def test_torchrun_two_cpu_ranks(converted, tmp_path):
     out = str(tmp_path / "ddp")
     proc = torchrun(["-m", "supmae.cli", "pretrain", *run_args(converted, out, "torchvision", 2, 3)])

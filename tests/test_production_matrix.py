@@ -200,13 +200,17 @@ SPECIAL = {
     ("linprobe", "ffcv", 2): "save1",
 }
 CASES = [(*cell, SPECIAL.get(cell, "mid")) for cell in CELLS]
+# The cases `make test-fast` runs too: with test_pretrain's pipelines they train every job on every pipeline.
+CORE = {("finetune", "dali", 1), ("linprobe", "ffcv", 1)}
 
 
 def _case_id(job: str, pipeline: str, ranks: int, kill: str) -> str:
     return f"{job}-{pipeline}-{ranks}rank" + ("" if kill == "mid" else f"-kill-{kill}")
 
 
-@pytest.mark.parametrize(("job", "pipeline", "ranks", "kill"), CASES, ids=[_case_id(*c) for c in CASES])
+@pytest.mark.parametrize(("job", "pipeline", "ranks", "kill"),
+                         [pytest.param(*c, marks=[pytest.mark.core] if c[:3] in CORE else []) for c in CASES],
+                         ids=[_case_id(*c) for c in CASES])
 def test_kill_then_resume_equals_uninterrupted(job, pipeline, ranks, kill, converted, encoder_ckpt, references,
                                                tmp_path):
     ref_dir = _reference(references, job, pipeline, ranks, converted, encoder_ckpt)
