@@ -19,6 +19,10 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slow tests first (a stable sort keeps each module's order): under pytest-xdist (make test) the long
+    # ones (subprocess jobs, the kill -9 matrix, the device-check rehearsal) start at once and the many short
+    # ones fill the gaps, instead of a long test starting last and running alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if _has_cuda():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
