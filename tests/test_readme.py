@@ -197,6 +197,18 @@ def toy_paths(tmp_path_factory):
             "{0..15}": "{0..1}"}
 
 
+@pytest.fixture(scope="module")
+def toy_converted(toy_paths) -> str:
+    """The README's /data/imagenet-256 for the training blocks: the conversion test's output when it ran
+    first in this process, else converted here."""
+    from tools.convert import convert
+
+    data = toy_paths["/data/imagenet-256"]
+    if not os.path.isdir(data):
+        convert(toy_paths["SRC"], data, max_res=256, workers=2, progress=False)
+    return data
+
+
 @pytest.mark.slow
 def test_toy_conversions(toy_paths):
     """Blocks 2 (step 1), 4 and 5: convert, verify, two SLURM parts and their merge."""
@@ -216,13 +228,9 @@ def test_toy_conversions(toy_paths):
 
 
 @pytest.mark.slow
-def test_toy_guide_pretrain_report_doctor(toy_paths):
+def test_toy_guide_pretrain_report_doctor(toy_paths, toy_converted):
     """Block 2 steps 2, 3, 5 and block 9's report: the doctor (data-sheet step), torchrun on 2 ranks, the report."""
-    from tools.convert import convert
-
-    data = toy_paths["/data/imagenet-256"]
-    if not os.path.isdir(data):
-        convert(toy_paths["SRC"], data, max_res=256, workers=2, progress=False)
+    data = toy_converted
     doctor = next(c for c in PLAN if c.startswith("supmae doctor --data /data"))
     sh(toy(doctor, toy_paths) + " --pipelines ffcv --workers 1 --seconds 0.3 --data.batch_size 16 --out "
        + shlex.quote(os.path.join(os.path.dirname(data), "doctor")))
@@ -236,13 +244,9 @@ def test_toy_guide_pretrain_report_doctor(toy_paths):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("toy_converted")
 def test_toy_two_nodes(toy_paths):
     """Block 3: the multi-node line on two agents of this machine (HEAD = 127.0.0.1), one rank each."""
-    from tools.convert import convert
-
-    data = toy_paths["/data/imagenet-256"]
-    if not os.path.isdir(data):
-        convert(toy_paths["SRC"], data, max_res=256, workers=2, progress=False)
     line = next(c for c in PLAN if c.startswith("torchrun --nnodes 2"))
     command = toy(line, toy_paths).replace("--nproc_per_node 2", "--nproc_per_node 1")
     command = command.replace("HEAD:29500", f"127.0.0.1:{free_port()}")
