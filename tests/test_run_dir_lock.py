@@ -63,10 +63,13 @@ _HOLD_AND_DIE = """
 import os, signal, sys, time
 from supmae.train.run_dir import RunDir
 assert RunDir(sys.argv[1]).lock() == ""
+r, w = os.pipe()
 child = os.fork()
 if child == 0:  # a DataLoader worker, say: outlives its parent by a few seconds
+    os.write(w, b"1")  # running: its at-fork handler has run (on a loaded machine it may not yet have been)
     time.sleep(60)
     os._exit(0)
+os.read(r, 1)
 print(child, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
