@@ -9,6 +9,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "loaders": ("benchmarks.loaders:main", "images/s of every data pipeline against the torchvision baseline"),
     "convert": ("benchmarks.convert_bench:main", "conversion speed against FFCV's own DatasetWriter"),
     "step": ("benchmarks.step:main", "SupMAE training step: our configuration against a paper-faithful one"),
+    "checkpoint": ("benchmarks.checkpoint_bench:main", "the loop's stall of a checkpoint save: sync against async"),
     "table1": ("benchmarks.table1:main", "the paper's Table 1 (GPU-hours of five methods) on this hardware"),
 }
 

@@ -7,7 +7,10 @@ can only hit by luck. Setting the environment variable `SUPMAE_TEST_KILL_AT` arm
 - `step=N`: rank 0 SIGKILLs itself right after writing global step N's line to `steps.jsonl`;
 - `save=E`: rank 0 writes the first half of epoch E's `checkpoint-last.pth` to its temporary file,
   flushes and fsyncs it (so the torn file is really on disk, as after a kill by the kernel), then
-  SIGKILLs itself before the rename.
+  SIGKILLs itself before the rename (with the asynchronous writer this runs on its background
+  thread, and the SIGKILL still takes the whole process);
+- `snap=E`: the asynchronous checkpoint writer (`supmae.train.async_checkpoint`) SIGKILLs the process
+  right after its host snapshot of epoch E's checkpoint, before the background write starts.
 
 The kill is a real SIGKILL of the process (no cleanup, no `finally`), exactly what a preemption
 does; under torchrun the agent then tears the other ranks down. Unset, every check is one
@@ -24,17 +27,18 @@ from typing import IO, Any
 from supmae.errors import UserError
 
 ENV = "SUPMAE_TEST_KILL_AT"
-_POINTS = ("step", "save")
+_POINTS = ("step", "save", "snap")
 
 
 def armed(point: str) -> int | None:
-    """The value `SUPMAE_TEST_KILL_AT` arms for `point` ("step" or "save"), None when not armed for it."""
+    """The value `SUPMAE_TEST_KILL_AT` arms for `point` ("step", "save" or "snap"), None when not armed for it."""
     raw = os.environ.get(ENV, "").strip()
     if not raw:
         return None
     name, _, value = raw.partition("=")
     if name not in _POINTS or not value.strip().isdigit():
-        raise UserError(f"{ENV}={raw!r}: expected step=N or save=EPOCH (a test hook; unset it to train normally)")
+        raise UserError(f"{ENV}={raw!r}: expected step=N or save=EPOCH or snap=EPOCH "
+                        "(a test hook; unset it to train normally)")
     return int(value) if name == point else None
 
 
@@ -46,6 +50,14 @@ def kill_self() -> None:
 def after_step(step: int) -> None:
     """Test hook: die here when armed with `step=<step>` (called after the step's line is written)."""
     if armed("step") == step:
+        kill_self()
+
+
+def after_snapshot(obj: Any) -> None:
+    """Test hook: die here when armed with `snap=E` and `obj` is epoch E's checkpoint (called by the asynchronous
+    writer between its host snapshot and the start of the background write)."""
+    target = armed("snap")
+    if target is not None and isinstance(obj, dict) and obj.get("epoch") == target:
         kill_self()
 
 
