@@ -83,10 +83,11 @@ class StoredJpegs:
         path = beton_path(self.dataset.root, split)
         if not os.path.isfile(path):
             return None
-        try:
-            from ffcv.reader import Reader
-        except ImportError:
+        from pipelines.ffcv_import import ffcv_importable
+
+        if not ffcv_importable():
             return None
+        from ffcv.reader import Reader
         reader = Reader(path)
         names = list(reader.handlers)
         if FFCV_CHECKSUM_FIELD not in names or int(reader.num_samples) != self.count:
@@ -118,9 +119,12 @@ class StoredJpegs:
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def _load_beton(self, split: str) -> None:
+        from pipelines.ffcv_import import import_ffcv
+
         try:
+            import_ffcv()
             from ffcv.reader import Reader
-        except ImportError as exc:
+        except (ImportError, DataError) as exc:
             raise DataError(
                 f"split '{split}' of {self.dataset.root} is stored only as a .beton, which needs the 'ffcv' package "
                 f"to read ({exc}); convert with --formats wds as well"

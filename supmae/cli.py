@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.errors import DataError
     from supmae.errors import UserError
 
+    _stacks_on_sigusr1()
     try:
         func = _resolve(SUBCOMMANDS[name][0])
         return int(func(rest) or 0)
@@ -67,6 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"supmae {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's Python stack to the process's stderr and lets it run on: what
+    a job that seems stuck is doing (a rank in a collective, a loader waiting on a worker). DataLoader
+    workers forked later inherit it."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        except (AttributeError, ValueError, OSError, RuntimeError):  # a stderr without a file (an embedding caller)
+            pass
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from procs import REPO, subprocess_env, torchrun_command
+from procs import REPO, run_job, subprocess_env, torchrun_command
 
 from supmae.cli import main as cli_main
 from supmae.models import create_model
@@ -48,8 +48,7 @@ def tiny_ckpt(tmp_path_factory) -> str:
 
 def torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = torchrun_command(2, ["-m", "supmae.cli", *args])
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, env=subprocess_env(),
-                          cwd=REPO)
+    proc = run_job(cmd, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

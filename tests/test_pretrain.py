@@ -13,7 +13,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,12 +20,12 @@ import time
 
 import pytest
 import torch
+from procs import REPO, run_job, subprocess_env, torchrun_command
 
 from supmae.cli import main as cli_main
 from supmae.train.checkpoint import load_checkpoint
 from supmae.train.run_dir import read_jsonl
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32,
                          "decoder_num_heads": 2, "cls_hidden_dim": 32})
 LOG_KEYS = {"epoch", "train_lr", "loss", "rec_loss", "cls_loss", "epoch_seconds", "images_per_sec", "step_time_ms",
@@ -51,16 +50,8 @@ def run_args(data: str, out: str, pipeline: str = "ffcv", epochs: int = 2, steps
     ]
 
 
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def run_cli(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "supmae.cli", "pretrain", *argv], capture_output=True, text=True,
-                          check=False, timeout=timeout, env=subprocess_env(), cwd=REPO)
+    return run_job([sys.executable, "-m", "supmae.cli", "pretrain", *argv], timeout=timeout)
 
 
 def read_json(path: str) -> dict:
@@ -263,17 +254,8 @@ def test_corrupt_checkpoints_and_refusals_leave_files_intact(converted, tmp_path
     assert snapshot(out) == before
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, env=subprocess_env(),
-                          cwd=REPO)
+    return run_job(torchrun_command(2, args), timeout=timeout)
 
 
 @pytest.mark.slow

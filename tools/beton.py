@@ -149,6 +149,9 @@ def write_beton(path: str, dataset: JpegSlices, max_resolution: int, jpeg_qualit
     """Write `dataset` to the FFCV file `path` (which the caller renames into place)."""
     if len(dataset) == 0:
         raise ValueError("an FFCV file needs at least one sample")
+    from pipelines.ffcv_import import import_ffcv
+
+    import_ffcv()  # first: through the numba cache (pipelines/ffcv_import.py)
     from ffcv.writer import DatasetWriter
 
     fields = _fields(max_resolution, jpeg_quality)

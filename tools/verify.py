@@ -281,6 +281,9 @@ def _verify_ffcv(
     wds_decoded: list[tuple[bytes, int, int]] | None,
     problems: list[str],
 ) -> None:
+    from pipelines.ffcv_import import import_ffcv
+
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 
