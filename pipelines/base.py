@@ -62,21 +62,43 @@ class Pipeline(abc.ABC):
                 + ": lower batch_size"
             )
         self.epoch = 0
+        self.start_batch = 0  # set_epoch's skip for the next iteration
+        self._iter_start = 0  # the skip of the iteration running now
 
     def __len__(self) -> int:
         return self._num_batches
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration reads (its order and its augmentation seeds)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch the next iteration reads (its order and its augmentation seeds), from its batch
+        `start_batch` on: the batches before it are skipped without being read or decoded (a run resumed
+        from a checkpoint taken inside the epoch). The skip applies to that one iteration."""
         if epoch < 0:
             raise DataError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_batch <= len(self):
+            raise DataError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
 
     def _start_epoch(self) -> int:
-        """The epoch this iteration reads; the next iteration defaults to the one after it."""
+        """The epoch this iteration reads; the next iteration defaults to the one after it, from its start."""
         epoch = self.epoch
         self.epoch = epoch + 1
+        self._iter_start = self.start_batch
+        self.start_batch = 0
         return epoch
+
+    def position_state(self) -> bytes | None:
+        """What, besides (epoch, batches read), the running epoch's position needs to resume exactly: None
+        for pipelines whose order and augmentation are functions of (seed, epoch, sample index)."""
+        return None
+
+    def restore_position(self, state: bytes | None) -> None:
+        """Give the next `set_epoch(e, start_batch)` iteration the `position_state()` saved at that point."""
+
+    def batch_indices(self, epoch: int, batch: int) -> np.ndarray | None:
+        """The dataset indices of this rank's batch `batch` of `epoch` (without reading it), or None when the
+        pipeline cannot tell them in advance."""
+        return None
 
     @property
     def real_samples(self) -> int:
@@ -91,9 +113,10 @@ class Pipeline(abc.ABC):
         return max(0, min(self.num_samples, self._unrepeated()))
 
     def _unrepeated(self) -> int:
-        """This rank's share of the N samples before clamping: FFCV's order
-        (`rank_order`) cuts the padded list into contiguous pieces, so only the last ranks repeat."""
-        return self.num_total - self.rank * self.num_samples
+        """This rank's share of the N samples before clamping: the padded permutation is dealt out in
+        turn (`rank_order`, DistributedSampler), so rank r's real samples are positions r, r + S, ...
+        below N and its repeats (if any) come last."""
+        return len(range(self.rank, self.num_total, self.world_size))
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -180,20 +203,37 @@ def counter_uniform_jit() -> Any:
 
 
 def rank_order(
-    num_total: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool
+    num_total: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool,
+    batch_size: int = 0,
 ) -> np.ndarray:
     """Sample indices this rank reads in `epoch` (FFCV's traversal order).
 
-    One permutation of all samples per (seed, epoch), shared by every rank, is cut into S
-    equal contiguous pieces, so the ranks' sets are disjoint and together cover the epoch."""
+    One permutation of all samples per (seed, epoch), shared by every rank. Training (`drop_last`, with
+    its `batch_size` B) deals it out in blocks of B: rank r's batch k is block k S + r, so micro-batch
+    k of all ranks together is positions [k B S, (k + 1) B S), and each rank's batch is the very block
+    a single process with S times the accumulation reads as its micro-batch k S + r: an optimiser step
+    of a given effective batch reads the same samples in the same micro-batches (BatchNorm statistics
+    included) on 1, 2, 4 or 8 ranks. Otherwise (evaluation) positions are dealt out in turn (r, r + S,
+    ...), as torch's DistributedSampler does. Either way the ranks' sets are disjoint and cover the
+    epoch (its first N // S * S positions with drop_last; padded by wrapping around to ceil(N / S) per
+    rank without)."""
     order = np.arange(num_total, dtype=np.int64)
     if shuffle:
         order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_total)
     per_rank = num_total // world_size if drop_last else math.ceil(num_total / world_size)
-    if not drop_last:
-        # Pad by wrapping around so that every rank gets ceil(N / S) samples.
-        order = np.resize(order, per_rank * world_size)
-    return order[rank * per_rank : (rank + 1) * per_rank]
+    order = np.resize(order, per_rank * world_size)
+    return deal(order, rank, world_size, batch_size if drop_last else 0)
+
+
+def deal(order: np.ndarray, rank: int, world_size: int, block: int) -> np.ndarray:
+    """Rank `rank`'s share of `order` (length a multiple of `world_size`): blocks of `block` dealt out in
+    turn (block k S + r is rank r's k-th; a last partial round is dealt out one by one), or single
+    positions in turn when `block` is 0."""
+    if block <= 0 or world_size == 1:
+        return order[rank::world_size]
+    full = len(order) // (block * world_size) * block * world_size
+    blocks = order[:full].reshape(-1, world_size, block)[:, rank, :].reshape(-1)
+    return np.concatenate([blocks, order[full:][rank::world_size]])
 
 
 class ConvertedDataset:

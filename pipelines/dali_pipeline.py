@@ -307,6 +307,8 @@ class DaliPipeline(Pipeline):
         # Training prepares epoch e + 1's pipeline while epoch e runs (see __iter__).
         self.prepare_ahead = spec.train
         self._builder: Any = None  # a one-thread executor building the next epoch's pipeline
+        self._current: _EpochRun | None = None  # the epoch being iterated
+        self._restore: bytes | None = None  # the position state the next set_epoch(e, start_batch) iteration resumes
         # Build epoch 0 now so that unreadable shards fail here, not in the training loop.
         self._ready: _EpochRun | None = _EpochRun(self.epoch, self.build_graph(self.epoch))
         reader_size = int(self._ready.pipe.epoch_size(READER_NAME))
@@ -335,9 +337,11 @@ class DaliPipeline(Pipeline):
         """The augmentation this pipeline applies, for the run's log."""
         return self.augmentation
 
-    def build_graph(self, epoch: int) -> Any:
-        """A built DALI pipeline seeded for `epoch` (what iterating that epoch runs); its wall time is
-        appended to `build_seconds`. Iterate the pipeline itself in training; this is for benchmarks."""
+    def build_graph(self, epoch: int, checkpoint: bytes | None = None) -> Any:
+        """A built DALI pipeline seeded for `epoch` (what iterating that epoch runs), or restored from a DALI
+        `checkpoint` of that epoch's pipeline (its readers' positions and its generators' states: the
+        batches before it are neither read nor decoded); its wall time is appended to `build_seconds`.
+        Iterate the pipeline itself in training; this is for benchmarks."""
         from nvidia.dali import pipeline_def
 
         t0 = time.perf_counter()
@@ -351,12 +355,15 @@ class DaliPipeline(Pipeline):
                 **graph_args,
             )
 
-        pipe = pipeline_def(graph, enable_conditionals=self.randaugment is not None)(
+        # Checkpointing on in every pipeline (DALI: no cost), so that a pipeline restored from a checkpoint
+        # continues the very order an uninterrupted one reads (DALI shuffles differently with it on).
+        pipe = pipeline_def(graph, enable_conditionals=self.randaugment is not None, enable_checkpointing=True)(
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=self.device.index if self.placement == "gpu" else None,
             seed=derive_seed(self.seed, epoch, self.rank, 1),
             prefetch_queue_depth=self.prefetch,
+            **({"checkpoint": checkpoint} if checkpoint is not None else {}),
         )
         try:
             pipe.build()
@@ -410,11 +417,23 @@ class DaliPipeline(Pipeline):
         has scheduled its last batch it starts filling, so its first batches decode while e's last
         ones are consumed and the gap between epochs is about one batch."""
         epoch = self._start_epoch()
-        run = self._take(epoch)
-        n = len(self)
+        start = self._iter_start
+        if start:
+            state, self._restore = self._restore, None
+            if state is None:
+                raise DataError(f"the dali pipeline resumes epoch {epoch} at batch {start} only from the position "
+                                "state saved there (position_state), and none was given")
+            if self._ready is not None and self._ready.future is not None:
+                self._ready.future.result()  # a stale build finishes before its pipeline is dropped
+            self._ready = None
+            run = _EpochRun(epoch, self.build_graph(epoch, checkpoint=state))
+        else:
+            run = self._take(epoch)
+        self._current = run
+        n = len(self) - start
         if self.prepare_ahead:
             self._prepare(epoch + 1)
-        remaining = self.num_samples
+        remaining = self.num_samples - start * self.batch_size
         try:
             for _ in range(n):
                 run.schedule(n, self.prefetch)
@@ -433,7 +452,20 @@ class DaliPipeline(Pipeline):
                     images = self._normalize(images)
                 yield images, labels
         finally:
+            self._current = None
             del run  # release this epoch's threads and buffers (also when the consumer stops early)
+
+    def position_state(self) -> bytes | None:
+        """DALI's checkpoint of the running epoch's pipeline, as of the batches handed out so far (its
+        readers' positions and its generators' states; a few hundred bytes)."""
+        run = getattr(self, "_current", None)
+        if run is None or run.pipe is None:
+            return None
+        state = run.pipe.checkpoint()
+        return state.encode() if isinstance(state, str) else bytes(state)
+
+    def restore_position(self, state: bytes | None) -> None:
+        self._restore = state
 
 
 class _EpochRun:

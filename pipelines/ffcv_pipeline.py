@@ -91,12 +91,9 @@ _DAMAGE = {
 
 
 def _import_ffcv() -> Any:
-    try:
-        import ffcv
-        import ffcv.loader
-    except ImportError as exc:
-        raise DataError(f"the ffcv pipeline needs the 'ffcv' package, which cannot be imported: {exc}") from None
-    return ffcv
+    from pipelines.ffcv_import import import_ffcv
+
+    return import_ffcv()
 
 
 def check_beton(path: str) -> Any:
@@ -129,7 +126,8 @@ def check_beton(path: str) -> Any:
     return reader
 
 
-def _traversal_order_factory(rank: int, world_size: int, seed: int, shuffle: bool, drop_last: bool) -> Any:
+def _traversal_order_factory(rank: int, world_size: int, seed: int, shuffle: bool, drop_last: bool,
+                             batch_size: int) -> Any:
     """An object FFCV's Loader accepts as `order`.
 
     FFCV 1.0.2 takes a custom order as a `TraversalOrder` *instance* and then calls it with the
@@ -149,7 +147,7 @@ def _traversal_order_factory(rank: int, world_size: int, seed: int, shuffle: boo
             return self
 
         def sample_order(self, epoch: int) -> np.ndarray:
-            picks = rank_order(len(self.indices), rank, world_size, seed, epoch, shuffle, drop_last)
+            picks = rank_order(len(self.indices), rank, world_size, seed, epoch, shuffle, drop_last, batch_size)
             return np.asarray(self.indices)[picks]
 
     return RankedOrder()
@@ -344,7 +342,9 @@ def _guarded_loader_class() -> Any:
         def __iter__(self) -> Any:
             Compiler.set_num_threads(self.num_workers)
             order = self.next_traversal_order()
-            selected_order = order[: len(self) * self.batch_size]
+            # The pipeline's set_epoch(e, start_batch): the batches before it are not read at all.
+            skip = getattr(self, "skip_batches", 0) * self.batch_size
+            selected_order = order[skip : len(self) * self.batch_size]
             self.next_epoch += 1
             if self.code is None or self.recompile:
                 self.generate_code()
@@ -410,8 +410,9 @@ class FfcvPipeline(Pipeline):
         else:
             image_ops += [_normalize_chw_op(), ToTensor()]
 
-        order = _traversal_order_factory(
-            self.rank, self.world_size, spec.seed, shuffle=spec.train, drop_last=self.drop_last
+        order = self._order = _traversal_order_factory(
+            self.rank, self.world_size, spec.seed, shuffle=spec.train, drop_last=self.drop_last,
+            batch_size=self.batch_size,
         )
         # FFCV's Loader sets torch's intra-op thread count to its worker count (Compiler.set_num_threads,
         # at construction and at every epoch start); the training process keeps its own setting
@@ -444,6 +445,7 @@ class FfcvPipeline(Pipeline):
         # before iter() starts FFCV's epoch thread, so that thread's first batch already sees it.
         self._decoder.epoch_cell[0] = epoch
         self._decoder.damage[:] = (-1, 0)  # nothing met yet in this epoch
+        self.loader.skip_batches = self._iter_start
         torch_threads = torch.get_num_threads()
         batches = iter(self.loader)
         try:
@@ -456,6 +458,13 @@ class FfcvPipeline(Pipeline):
         finally:
             batches.close()  # stop FFCV's prefetch thread when the consumer stops early
             torch.set_num_threads(torch_threads)
+
+    def batch_indices(self, epoch: int, batch: int) -> np.ndarray:
+        """Dataset indices of this rank's batch `batch` of `epoch` (the traversal order; nothing is read)."""
+        cached = getattr(self, "_order_cache", None)
+        if cached is None or cached[0] != epoch:
+            cached = self._order_cache = (epoch, self._order.sample_order(epoch))
+        return cached[1][batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def _damage_error(self) -> DataError | None:
         """The one-line error naming the damaged record the decoder met, or None."""

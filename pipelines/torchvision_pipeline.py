@@ -9,8 +9,9 @@ Determinism: a training sample's augmentation is drawn from a torch.Generator se
 (seed, epoch, dataset index) alone (`sample_seed`), not from the worker processes' RNG state; the
 sampler hands each index to the workers together with its epoch. So the same seed gives the same
 batches with any worker count, after a resume (`set_epoch(e)` on a fresh pipeline), and on every
-rank (DistributedSampler's permutation depends on (seed, epoch) only; rank r reads positions
-r, r + S, ... of it).
+rank (DistributedSampler's permutation depends on (seed, epoch) only; in training it is dealt out in
+blocks of a batch, `pipelines.base.rank_order`'s rule, so that an optimiser step reads the same
+micro-batches on any rank count).
 
 It is the baseline every loader benchmark compares against, so it stays plain on purpose.
 
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from pipelines.base import ConvertedDataset, Pipeline, counter_hash, derive_seed, is_converted, reject_unknown
+from pipelines.base import ConvertedDataset, Pipeline, counter_hash, deal, derive_seed, is_converted, reject_unknown
 from pipelines.constants import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, SKIPPED_FILE
 from pipelines.errors import DataError
 from pipelines.spec import ReadSpec
@@ -303,14 +304,33 @@ class _SeededSamples(Dataset):
 
 
 class _EpochTaggedSampler(Sampler):
-    """DistributedSampler's indices of the epoch set on it, each paired with that epoch."""
+    """This rank's indices of the epoch set on the DistributedSampler, each paired with that epoch; the first
+    `skip` of them left out (a resume inside the epoch: those samples are never loaded).
 
-    def __init__(self, sampler: DistributedSampler) -> None:
+    Training (drop_last, `block` = the batch size): DistributedSampler's permutation of (seed, epoch),
+    dealt out in blocks of a batch (`pipelines.base.deal`), so that an optimiser step reads the same
+    micro-batches on any rank count (see `rank_order`); evaluation: DistributedSampler's own order."""
+
+    def __init__(self, sampler: DistributedSampler, block: int) -> None:
         self.sampler = sampler
+        self.block = block
+        self.skip = 0
+
+    def epoch_order(self) -> np.ndarray:
+        s = self.sampler
+        if not (s.drop_last and self.block):
+            return np.fromiter(iter(s), dtype=np.int64)
+        if s.shuffle:  # exactly DistributedSampler's permutation
+            g = torch.Generator()
+            g.manual_seed(s.seed + s.epoch)
+            perm = torch.randperm(len(s.dataset), generator=g).numpy()
+        else:
+            perm = np.arange(len(s.dataset), dtype=np.int64)
+        return deal(perm[: s.total_size], s.rank, s.num_replicas, self.block)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = int(self.sampler.epoch)
-        return ((int(i), epoch) for i in self.sampler)
+        return ((int(i), epoch) for i in self.epoch_order()[self.skip :])
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -367,7 +387,7 @@ class TorchvisionPipeline(Pipeline):
         self.loader = DataLoader(
             _SeededSamples(images, transform, self.seed, spec.train),
             batch_size=self.batch_size,
-            sampler=_EpochTaggedSampler(self.sampler),
+            sampler=_EpochTaggedSampler(self.sampler, self.batch_size if self.drop_last else 0),
             num_workers=spec.num_workers,
             pin_memory=pin,
             drop_last=self.drop_last,
@@ -376,13 +396,22 @@ class TorchvisionPipeline(Pipeline):
         )
         assert len(self.loader) == len(self), (len(self.loader), len(self))
 
-    def _unrepeated(self) -> int:
-        # DistributedSampler deals the samples out in turn: rank r gets r, r + S, ...
-        return len(range(self.rank, self.num_total, self.world_size))
+    def batch_indices(self, epoch: int, batch: int) -> np.ndarray:
+        """Dataset indices of this rank's batch `batch` of `epoch` (DistributedSampler's order; nothing is read)."""
+        cached = getattr(self, "_order_cache", None)
+        if cached is None or cached[0] != epoch:
+            saved = self.sampler.epoch
+            self.sampler.set_epoch(epoch)
+            try:
+                cached = self._order_cache = (epoch, self.loader.sampler.epoch_order())
+            finally:
+                self.sampler.set_epoch(saved)
+        return cached[1][batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self._start_epoch()
         self.sampler.set_epoch(epoch)
+        self.loader.sampler.skip = self._iter_start * self.batch_size
         self._generator.manual_seed(derive_seed(self.seed, epoch, self.rank))
         # With CUDA: each batch is a fresh pinned tensor (pin_memory) that torch's host allocator
         # keeps until the non_blocking copy has read it; the copy lands in torch-owned device memory

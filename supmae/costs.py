@@ -188,13 +188,20 @@ def process_costs(run: Run) -> list[dict[str, Any]]:
         span = process_span(rec)
         world = int(rec.get("world_size") or 1)
         beat = float(rec.get("heartbeat", rec["start"]))
-        saves = [(int(e), float(t)) for e, t in rec.get("saves") or []]
+        # [last complete epoch, time, global step] (records from before checkpoints inside epochs: no step)
+        saves = [(int(s[0]), float(s[1]), s[2] if len(s) > 2 else None) for s in rec.get("saves") or []]
         lost = 0.0
         nxt = records[i + 1] if i + 1 < len(records) else None
         if nxt is not None:
             resumed_from = int(nxt.get("start_epoch") or 0) - 1
-            kept = [t for e, t in saves if e == resumed_from]
-            if kept and rec.get("ended") and saves[-1][0] == resumed_from:
+            resumed_step = nxt.get("start_step")
+            if resumed_step is not None and any(st is not None for _, _, st in saves):
+                kept = [t for _, t, st in saves if st == int(resumed_step)]
+                last_is_it = bool(saves) and saves[-1][2] == int(resumed_step)
+            else:
+                kept = [t for e, t, _ in saves if e == resumed_from]
+                last_is_it = bool(saves) and saves[-1][0] == resumed_from
+            if kept and rec.get("ended") and last_is_it:
                 lost = 0.0  # stopped by itself after that checkpoint: the tail is the process's own end
             else:
                 begin = kept[-1] if kept else float(rec.get("first_step") or rec["start"])
@@ -246,19 +253,31 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
     compute_pi = per_image(steady, lambda r: float(r["epoch_seconds"]) - (_wait_seconds(r) or 0.0)) if steady else None
 
     # ---- the wall-time split of the logged epochs.
-    split = {"compute": 0.0, "data_wait": 0.0, "evaluation": 0.0, "checkpointing": 0.0, "compile_warmup": 0.0}
-    have = {"data_wait": False, "evaluation": False, "checkpointing": False}
+    split = {"compute": 0.0, "data_wait": 0.0, "epoch_boundary": 0.0, "evaluation": 0.0, "checkpointing": 0.0,
+             "compile_warmup": 0.0}
+    have = {"data_wait": False, "evaluation": False, "checkpointing": False, "epoch_boundary": False}
     warmups: list[float] = []
+    background_writes = 0.0
     for r in epochs:
         e = float(r["epoch_seconds"])
         wait = _wait_seconds(r)
         have["data_wait"] |= wait is not None
         wait = wait or 0.0
         ev, ck = number_at(r, "eval_seconds"), number_at(r, "checkpoint_seconds")
+        # Inside the epoch's seconds: the saves' stalls inside it, and its first batch's wait (the loader's
+        # restart at the epoch boundary), each a line of its own instead of compute and data wait.
+        inside = number_at(r, "checkpoint_stall_inside_seconds") or 0.0
+        boundary = number_at(r, "epoch_start_wait_seconds")
+        have["epoch_boundary"] |= boundary is not None
+        boundary = min(boundary or 0.0, wait)
+        background_writes += number_at(r, "checkpoint_write_seconds") or 0.0
         have["evaluation"] |= ev is not None
         have["checkpointing"] |= ck is not None
         split["evaluation"] += ev or 0.0
-        split["checkpointing"] += ck or 0.0
+        split["checkpointing"] += (ck or 0.0) + inside
+        split["epoch_boundary"] += boundary
+        e -= inside + boundary
+        wait -= boundary
         if int(r["epoch"]) in firsts and steady and compute_pi is not None and r.get("images"):
             # What a steady epoch of this length spends waiting and computing; any excess of either
             # (torch.compile, FFCV's JIT, cold caches) is this process's compilation and warm-up.
@@ -301,6 +320,8 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
         split_out["other"] = max(0.0, wall - parts) if wall is not None else None
         split_out["wall"] = parts + split_out["other"] if wall is not None else None
     split_out["elapsed_seconds"] = wall
+    # Not a part of the wall: the checkpoint files were written on a background thread while training went on.
+    split_out["checkpoint_background_write"] = background_writes if have["checkpointing"] else None
 
     # ---- the projection from the steady epochs.
     def epoch_train_seconds(r: dict[str, Any]) -> float:
@@ -310,9 +331,10 @@ def figures(run: Run, price_per_gpu_hour: float | None = None, num_images: int |
 
     if num_images is not None and not all(r.get("images") for r in used):
         raise UserError("the log has no 'images' per epoch, so it cannot be projected to --num-images")
-    between_source = "eval_seconds + checkpoint_seconds in log.jsonl"
+    between_source = "eval_seconds + checkpoint_seconds (+ the stalls of saves inside the epoch) in log.jsonl"
     if have["evaluation"] or have["checkpointing"]:
-        between = [(number_at(r, "eval_seconds") or 0.0) + (number_at(r, "checkpoint_seconds") or 0.0) for r in used]
+        between = [(number_at(r, "eval_seconds") or 0.0) + (number_at(r, "checkpoint_seconds") or 0.0)
+                   + (number_at(r, "checkpoint_stall_inside_seconds") or 0.0) for r in used]
     else:
         # An older log: evaluation and checkpointing happen between epochs, outside epoch_seconds, so
         # measure that gap from the cumulative elapsed time of consecutive epochs of one process.

@@ -67,8 +67,9 @@ def _setting_text(s: dict[str, Any]) -> str:
 _SPLIT_LABELS = (
     ("compute", "compute (training step)"),
     ("data_wait", "data wait"),
+    ("epoch_boundary", "epoch boundaries (the loader's restart: each epoch's first batch)"),
     ("evaluation", "evaluation"),
-    ("checkpointing", "checkpointing"),
+    ("checkpointing", "checkpointing (the loop's stall: host snapshots)"),
     ("compile_warmup", "compilation and warm-up"),
     ("startup", "start-up"),
     ("lost_to_interruptions", "lost to interruptions (work redone after a resume)"),
@@ -104,6 +105,9 @@ def render_markdown(run: Run, fig: dict[str, Any], png_name: str | None) -> str:
         share = f"{v / wall:.1%}" if v is not None and wall else "n/a"
         lines.append(f"| {label} | {_fmt(v, '.2f')} | {share} |")
     lines.append(f"| **wall (all processes, start-up included)** | {_fmt(wall, '.2f')} | |")
+    if split.get("checkpoint_background_write") is not None:
+        lines.append(f"| (checkpoint files written in the background, beside training: not in the wall) | "
+                     f"{_fmt(split['checkpoint_background_write'], '.2f')} | |")
     lines += [
         "",
         (f"Compilation and warm-up: the first epoch of each process ({_epoch_list(fig['process_first_epochs'])}, "

@@ -241,7 +241,7 @@ def test_the_fault_hook_knows_snap(monkeypatch):
     assert faults.armed("snap") == 2 and faults.armed("save") is None
     faults.after_snapshot({"epoch": 1})  # another epoch: no kill
     monkeypatch.setenv(faults.ENV, "snap=x")
-    with pytest.raises(UserError, match="snap=EPOCH"):
+    with pytest.raises(UserError, match="snap=STEP"):
         faults.armed("snap")
 
 
@@ -253,7 +253,7 @@ from supmae.train.async_checkpoint import CheckpointWriter
 d = sys.argv[1]
 writer = CheckpointWriter()
 for epoch in range(2):
-    payload = {"model": {"w": torch.full((256, 256), float(epoch))}, "epoch": epoch}
+    payload = {"model": {"w": torch.full((256, 256), float(epoch))}, "epoch": epoch, "step": epoch}
     writer.save(payload, f"{d}/checkpoint-last.pth", copies=[f"{d}/checkpoint-{epoch:04d}.pth"])
     writer.wait()
     print(f"saved {epoch}", flush=True)

@@ -79,6 +79,27 @@ def _check_consistent(r):
     s = r["step"]
     assert s["mfu"] == pytest.approx(s["flops_per_image"] * step / s["peak_flops"])
     assert 0 < s["mfu"] < 1
+    # The loop's own costs at the projected rate: a measured snapshot stall per save, an epoch-end save plus one
+    # every checkpoint_minutes, and the evaluation of the val split at its measured rate.
+    c = r["loop_costs"]
+    epoch = 48 / rate
+    assert c["epoch_train_seconds"] == pytest.approx(epoch) and c["snapshot_seconds"] > 0
+    saves = 1 + epoch / (60 * c["checkpoint_minutes"])
+    ev = c["val_images"] / c["eval_images_per_sec"] if c["val_images"] else 0.0
+    assert c["checkpoint_share"] == pytest.approx(saves * c["snapshot_seconds"] / (epoch + saves * c["snapshot_seconds"]
+                                                                                   + ev))
+
+
+def test_loop_projection_arithmetic():
+    from supmae.doctor.verdict import loop_projection
+
+    c = loop_projection({"snapshot_seconds": 0.1, "eval_images_per_sec": 5000.0}, rate=12000.0, devices=8,
+                        images_per_epoch=1_281_167, val_images=50_000, checkpoint_minutes=10.0, val_every=1)
+    epoch = 1_281_167 / 96_000  # 13.3 s: one save at the epoch's end (10 minutes never pass inside it)
+    assert c["epoch_train_seconds"] == pytest.approx(epoch)
+    assert c["checkpoints_per_epoch"] == pytest.approx(1 + epoch / 600)
+    ev = 50_000 / 40_000
+    assert c["eval_share"] == pytest.approx(ev / (epoch + c["checkpoint_seconds_per_epoch"] + ev))
 
 
 @pytest.mark.slow

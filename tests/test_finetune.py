@@ -136,7 +136,7 @@ def test_linprobe_trains_only_the_head_and_writes_the_run_dir(synthetic_root, ra
         "checkpoint-best.pth", "checkpoint-last.pth", "config.json", "log.jsonl", "processes", "starts.jsonl",
         "steps.jsonl"]
     (record,) = read_process_records(out)  # this process's device time, at its own world size
-    assert record["ended"] and record["world_size"] == 1 and [e for e, _ in record["saves"]] == [0, 1]
+    assert record["ended"] and record["world_size"] == 1 and [e for e, *_ in record["saves"]] == [0, 1]
     assert record["energy_kwh"] is None and record["energy_note"].startswith("not measured")  # no GPU: no guess
     before = load_checkpoint(random_ckpt)["model"]
     after = load_checkpoint(os.path.join(out, "checkpoint-last.pth"))

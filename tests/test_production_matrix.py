@@ -2,17 +2,23 @@
 and resumed with `--resume auto`, against an uninterrupted run.
 
 Each case runs the killed process and the resumed one on a tiny model and dataset, with gradient
-accumulation 2 and deterministic CPU kernels, and requires the resumed run to end with exactly
-the uninterrupted reference's weights, optimiser state and logged losses (one reference per job x
-pipeline x ranks). Two ranks run under torchrun (gloo). Every cell is killed once, at one of:
+accumulation 2, deterministic CPU kernels and a checkpoint after every optimiser step (the
+time-based checkpoints inside epochs, `--train.checkpoint_minutes`, at a tiny interval; written in
+the background), and requires the resumed run to end with exactly the uninterrupted reference's
+weights, optimiser state and logged losses (one reference per job x pipeline x ranks). Two ranks run
+under torchrun (gloo). An epoch is 2 optimiser steps (steps 1-2 epoch 0, 3-4 epoch 1, 5-6 epoch 2).
+Every cell is killed once, at one of:
 
-- `mid`: every process of the job (torchrun and its ranks) is SIGKILLed from outside,
-  as a lost node would be, as soon as a step of epoch 1 is logged (so after the first checkpoint);
-- `step1`: rank 0 SIGKILLs itself right after step 1 of epoch 0, before any checkpoint: `--resume
-  auto` must move the books aside and start over;
-- `save0` / `save1`: rank 0 SIGKILLs itself half-way through writing epoch 0's / 1's checkpoint
-  (a torn temporary file on disk): it must never be taken for a checkpoint.
-The last three are exact through the trainer's test hook `SUPMAE_TEST_KILL_AT` (`supmae.train.faults`);
+- `mid`: every process of the job (torchrun and its ranks) is SIGKILLed from outside, as a lost node
+  would be, as soon as a step of epoch 1 is logged (whatever save is then in flight);
+- `step1`: rank 0 SIGKILLs itself right after step 1's line, before any checkpoint: `--resume auto`
+  must move the books aside and start over;
+- `saveS`: half-way through writing step S's checkpoint on the writer's thread (a torn temporary
+  file on disk; S = 2 an epoch's end, S = 3 inside epoch 1): it must never be taken for a checkpoint;
+- `snapS`: between the host snapshot of step S's checkpoint and the start of its write;
+- `doneS`: right after step S's checkpoint is in place (S = 1 or 3: inside an epoch), so the run
+  resumes inside that epoch, its consumed batches skipped without being read.
+The exact points go through the trainer's test hook `SUPMAE_TEST_KILL_AT` (`supmae.train.faults`);
 a poller outside the process could hit them only by luck.
 
 The matrix is marked `slow` (CI runs it; `-m "not slow"` skips it on a laptop).
@@ -31,7 +37,7 @@ import time
 
 import pytest
 import torch
-from procs import REPO, kill_job, subprocess_env, torchrun_command
+from procs import REPO, kill_job, run_job, subprocess_env, torchrun_command
 
 from supmae.train import faults
 from supmae.train.checkpoint import load_checkpoint
@@ -42,6 +48,9 @@ TINY_PRETRAIN = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "decode
 TINY_ENCODER = {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2,
                 "cls_hidden_dim": 32, "num_classes": 10}
 EPOCHS, MICRO_STEPS, BATCH = 3, 4, 16
+# A run takes 5-40 s here; one still going after JOB_TIMEOUT is stuck and is killed with its threads' stacks
+# (procs.run_job). A collective stuck on one rank raises after DIST_TIMEOUT first, with its traceback.
+JOB_TIMEOUT, DIST_TIMEOUT = 300, 200
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +76,8 @@ def _job_args(job: str, pipeline: str, data: str, out: str, ckpt: str) -> list[s
     common = ["--output-dir", out, "--data.path", data, "--data.pipeline", pipeline, "--data.num_workers", "1",
               "--data.batch_size", str(BATCH), "--train.epochs", str(EPOCHS),
               "--train.max_steps_per_epoch", str(MICRO_STEPS), "--optim.accum_iter", "2", "--train.log_every", "1",
-              "--train.cpu_threads", "1", "--train.device", "cpu", "--train.deterministic", "true"]
+              "--train.cpu_threads", "1", "--train.device", "cpu", "--train.deterministic", "true",
+              "--train.dist_timeout_s", str(DIST_TIMEOUT), "--train.checkpoint_minutes", "1e-6"]
     if job == "pretrain":
         return ["pretrain", "--recipe", "tiny_cpu", "--model.kwargs", TINY_PRETRAIN, "--optim.lr", "2e-3",
                 "--optim.warmup_epochs", "0.5", *common]
@@ -100,8 +110,7 @@ def _reference(references: dict, job: str, pipeline: str, ranks: int, data: str,
 
 
 def _run(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(ranks, args), capture_output=True, text=True, check=False, timeout=600,
-                          env=subprocess_env(), cwd=REPO)
+    proc = run_job(_command(ranks, args), timeout=JOB_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -149,12 +158,14 @@ def _assert_same_run(ref_dir: str, run_dir: str, loss_keys: tuple[str, ...]) -> 
         assert [r.get(key) for r in rows] == [r.get(key) for r in ref_rows], key
 
 
-def _kill_at(ranks: int, args: list[str], run_dir: str, point: str) -> None:
-    """Run the job with the test hook armed at `point` (step=N or save=E) and check it died there."""
+def _kill_at(ranks: int, args: list[str], run_dir: str, kill: str) -> None:
+    """Run the job with the test hook armed at `kill` (step1, saveS, snapS or doneS) and check it died there."""
+    name, value = kill.rstrip("0123456789"), int(kill[len(kill.rstrip("0123456789")):])
+    point = f"{name}={value}"
     proc = subprocess.Popen(_command(ranks, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**subprocess_env(), faults.ENV: point}, cwd=REPO, start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=300)
+        _, stderr = proc.communicate(timeout=JOB_TIMEOUT)
     finally:
         # Under torchrun the agent tears the other rank down; anything left of the job goes too.
         kill_job(proc.pid)
@@ -164,40 +175,40 @@ def _kill_at(ranks: int, args: list[str], run_dir: str, point: str) -> None:
         assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
     else:
         assert proc.returncode != 0, stderr[-3000:]
-    name, value = point.split("=")
-    checkpoints = glob.glob(os.path.join(run_dir, "checkpoint-*.pth"))
-    if name == "step":  # died right after that step's line, before any checkpoint of its epoch
-        assert read_jsonl(os.path.join(run_dir, "steps.jsonl"))[-1]["step"] == int(value)
-        assert not checkpoints
-    else:  # a torn temporary file on disk; the finished checkpoints are the previous epoch's
-        torn = glob.glob(os.path.join(run_dir, ".checkpoint-last.pth.tmp-*"))
-        assert len(torn) == 1 and os.path.getsize(torn[0]) > 0, os.listdir(run_dir)
-        if int(value) == 0:
-            assert not checkpoints
-        else:
-            assert load_checkpoint(os.path.join(run_dir, "checkpoint-last.pth"))["epoch"] == int(value) - 1
+    last = os.path.join(run_dir, "checkpoint-last.pth")
+    torn = glob.glob(os.path.join(run_dir, ".checkpoint-last.pth.tmp-*"))
+    if name == "step":  # died right after that step's line, before any checkpoint
+        assert read_jsonl(os.path.join(run_dir, "steps.jsonl"))[-1]["step"] == value
+        assert not glob.glob(os.path.join(run_dir, "checkpoint-*.pth"))
+    elif name == "done":  # the checkpoint of that step is in place, nothing after it
+        assert load_checkpoint(last)["step"] == value and not torn
+    else:  # save: a torn temporary file; snap: none. Either way the checkpoint in place is the step before.
+        assert (len(torn) == 1 and os.path.getsize(torn[0]) > 0) if name == "save" else not torn, os.listdir(run_dir)
+        assert load_checkpoint(last)["step"] == value - 1
 
 
-KILL_POINTS = {"step1": "step=1", "save0": "save=0", "save1": "save=1"}  # step 1 is in epoch 0 (of 2 steps)
 CELLS = [
     *[("pretrain", p, r) for p in ("ffcv", "dali", "torchvision") for r in (1, 2)],
     *[(job, p, r) for job in ("finetune", "linprobe") for p in ("ffcv", "dali", "torchvision") for r in (1, 2)],
 ]
 # One kill point per cell keeps the matrix within CI's time (each case is a reference, a killed and a
-# resumed run). The exact kill points go to ten cells, each job on 1 and 2 ranks, each kind of kill
-# on more than one job; the other eight cells are killed from outside mid-run (covering every job on
-# 1 and 2 ranks, and the external kill of a whole torchrun group).
+# resumed run). The exact points go to twelve cells: each job on 1 and 2 ranks, each kind of kill on more
+# than one job, and a resume inside an epoch (done1/done3, save2/snap2: the checkpoint in place is one
+# inside an epoch) on every pipeline at 1 and 2 ranks; the other six are killed from outside mid-run
+# (every job, 1 and 2 ranks, and the external kill of a whole torchrun group).
 SPECIAL = {
     ("pretrain", "torchvision", 1): "step1",
     ("pretrain", "dali", 2): "step1",
     ("finetune", "ffcv", 1): "step1",
     ("linprobe", "torchvision", 2): "step1",
-    ("pretrain", "ffcv", 2): "save0",
-    ("finetune", "torchvision", 1): "save0",
-    ("linprobe", "dali", 1): "save0",
-    ("pretrain", "ffcv", 1): "save1",
-    ("finetune", "dali", 2): "save1",
-    ("linprobe", "ffcv", 2): "save1",
+    ("pretrain", "ffcv", 2): "save2",
+    ("finetune", "torchvision", 1): "save3",
+    ("linprobe", "dali", 1): "snap2",
+    ("linprobe", "ffcv", 2): "snap3",
+    ("pretrain", "ffcv", 1): "done3",
+    ("finetune", "dali", 2): "done3",
+    ("linprobe", "torchvision", 1): "done1",
+    ("finetune", "torchvision", 2): "done1",
 }
 CASES = [(*cell, SPECIAL.get(cell, "mid")) for cell in CELLS]
 # The cases `make test-fast` runs too: with test_pretrain's pipelines they train every job on every pipeline.
@@ -230,9 +241,9 @@ def test_kill_then_resume_equals_uninterrupted(job, pipeline, ranks, kill, conve
             pytest.fail("three runs finished before the kill reached them")
         assert logged >= 1
     else:
-        _kill_at(ranks, args, run_dir, KILL_POINTS[kill])
+        _kill_at(ranks, args, run_dir, kill)
     resumed = _run(ranks, [*args, "--resume", "auto"])
-    if kill in ("step1", "save0"):
+    if kill == "step1":
         # No checkpoint yet: the books are moved aside (kept, not overwritten) and the run starts over.
         assert "stopped before its first checkpoint" in resumed.stdout, resumed.stdout[-2000:]
         aside = os.path.join(run_dir, "interrupted-1")
@@ -243,6 +254,8 @@ def test_kill_then_resume_equals_uninterrupted(job, pipeline, ranks, kill, conve
     # starts.jsonl is the run's history: the killed process's start and the resumed one's.
     starts = read_jsonl(os.path.join(run_dir, "starts.jsonl"))
     assert [s["job"] for s in starts] == [job, job], (starts, resumed.stdout[-2000:])
+    if kill in ("save2", "snap2", "done1", "done3"):  # the checkpoint in place was one inside an epoch
+        assert starts[1]["start_micro"] > 0 and "inside epoch" in resumed.stdout, (starts, resumed.stdout[-2000:])
 
     loss_keys = ("loss", "rec_loss", "cls_loss", "val_cls_acc1") if job == "pretrain" else (
         "train_loss", "test_loss", "test_acc1")

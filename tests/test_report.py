@@ -100,6 +100,26 @@ def _start(epoch, startup, peak, t):
             "peak_flops": peak, "peak_dtype": "float32"}
 
 
+def test_the_loops_own_costs_are_lines_of_the_split(tmp_path, capsys):
+    """Saves inside an epoch stall the loop inside epoch_seconds, and each epoch's first batch waits for the
+    loader's restart: both are lines of their own (checkpointing, epoch boundaries), taken out of compute
+    and data wait; the background writes are shown beside the wall, not in it."""
+    rows = [_book_row(0, 0, 20.0, 3.0, 30.0), _book_row(1, 1, 20.0, 3.0, 55.0)]
+    for r in rows:
+        r.update(checkpoint_stall_inside_seconds=0.25, checkpoints_inside=2, epoch_start_wait_seconds=2.0,
+                 checkpoint_write_seconds=4.0, checkpoint_writes=3)
+    run = _write_run(tmp_path / "run", rows)
+    out = write_report(run)
+    split = out["split_seconds"]
+    assert split["checkpointing"] == pytest.approx(2 * (0.5 + 0.25))
+    assert split["epoch_boundary"] == pytest.approx(4.0) and split["data_wait"] == pytest.approx(2.0)
+    assert split["compute"] + split["compile_warmup"] == pytest.approx(2 * (20.0 - 3.0 - 0.25))
+    assert split["checkpoint_background_write"] == pytest.approx(8.0)
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "| epoch boundaries (the loader's restart: each epoch's first batch) | 4.00 |" in text
+    assert "| (checkpoint files written in the background, beside training: not in the wall) | 8.00 | |" in text
+
+
 def test_split_mfu_energy_and_projection_of_a_resumed_run(tmp_path):
     """Hand-computed figures of a run resumed at epoch 2 (two processes, each with a warm-up epoch)."""
     rows = [_book_row(0, 0, 30.0, 5.0, 40.0), _book_row(1, 1, 10.0, 1.0, 52.0),

@@ -155,7 +155,7 @@ def test_an_uncreatable_run_directory_is_a_one_line_error(tmp_path):
 
 def test_the_fault_hook_refuses_a_malformed_value(monkeypatch):
     monkeypatch.setenv(faults.ENV, "step=two")
-    with pytest.raises(UserError, match="expected step=N or save=EPOCH"):
+    with pytest.raises(UserError, match="expected step=N, save=STEP, snap=STEP or done=STEP"):
         faults.armed("step")
     monkeypatch.setenv(faults.ENV, "save=3")
     assert faults.armed("save") == 3 and faults.armed("step") is None

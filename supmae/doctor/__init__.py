@@ -57,6 +57,7 @@ from supmae.doctor.measure import (
     default_workers,
     machine_info,
     measure_loaders,
+    measure_loop_costs,
     measure_read,
     measure_step,
     parse_workers,
@@ -67,6 +68,7 @@ from supmae.doctor.render import render_markdown
 from supmae.doctor.verdict import (
     GPU_BF16_DENSE_TFLOPS,
     gpu_images_per_sec,
+    loop_projection,
     node_inputs,
     node_verdict,
     projection,
@@ -136,7 +138,7 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
     from supmae.config import apply_overrides
     from supmae.models.flops import training_flops_per_image
     from supmae.recipes import get_recipe, list_recipes
-    from supmae.train.job_setup import resolve_accumulation
+    from supmae.train.job_setup import has_split, resolve_accumulation
     from supmae.train.metrics import device_name, measure_matmul_peak
     from supmae.train.precision import resolve_precision
 
@@ -234,6 +236,19 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
             step_row.update({"flops_per_image": flops, "peak_flops": peak,
                              "peak_dtype": str(peak_dtype).split(".")[-1],
                              "mfu": flops * step_row["images_per_sec"] / peak, "accum_note": accum_note})
+            log("[doctor] the loop's own costs: a checkpoint's stall, the evaluation's rate")
+            loop_costs = measure_loop_costs(step, dev, step_cfg.data.batch_size, step_cfg.data.img_size, num_classes,
+                                            seconds)
+            del step
+            gc.collect()
+        if given_step is not None or sheet:
+            from supmae.train.steps import build_pretrain_step
+
+            log("[doctor] the loop's own costs: a checkpoint's stall, the evaluation's rate (the recipe's model "
+                "built here for them)")
+            lc_batch = min(step_cfg.data.batch_size, 8) if dev.type == "cpu" else step_cfg.data.batch_size
+            step = build_pretrain_step(step_cfg, dev, num_classes, accum=1)
+            loop_costs = measure_loop_costs(step, dev, lc_batch, step_cfg.data.img_size, num_classes, seconds)
             del step
             gc.collect()
         if sheet:
@@ -310,6 +325,9 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         proj_devices = devices
     proj = projection(epochs, per_epoch, v["rate"], proj_devices, machines, price_per_gpu_hour)
     proj["basis"] = basis
+    val_images = dataset_facts(data, cfg.data.val_split)[0] if has_split(data, cfg.data.val_split) else 0
+    loop = loop_projection(loop_costs, v["rate"], proj_devices, per_epoch, val_images if cfg.train.val else 0,
+                           cfg.train.checkpoint_minutes, cfg.train.val_every)
     result = {
         "data": os.path.abspath(data),
         "recipe": recipe,
@@ -334,6 +352,7 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         "best_loader": v["best"],
         "recommendation": v["recommendation"],
         "projection": proj,
+        "loop_costs": loop,
         "price_per_gpu_hour": price_per_gpu_hour,
         "node": node,
         "doctor_seconds": time.perf_counter() - t_all,

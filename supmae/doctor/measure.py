@@ -367,3 +367,45 @@ def datasheet_step(cfg: Any, gpu: str, mfu: float, num_classes: int) -> dict[str
             "source": (f"not measured (this machine has no {gpu}): --mfu {mfu:g} x the {gpu} data sheet's dense "
                        f"bf16 peak {GPU_BF16_DENSE_TFLOPS[gpu]:g} TFLOP/s / {flops / 1e9:.2f} GFLOP per image "
                        "(counted)")}
+
+
+def measure_loop_costs(step: Any, device: Any, batch: int, img_size: int, num_classes: int,
+                       seconds: float) -> dict[str, Any]:
+    """What the training loop spends on its own books, per event, on this device with `step`'s model and
+    optimiser state: the stall of one checkpoint (the host snapshot the trainer takes before writing in the
+    background: its second call, the first allocates the reused buffers) and the evaluation's rate
+    (forward of the classification branch, every patch visible, no gradient)."""
+    import torch
+
+    from supmae.train.async_checkpoint import HostSnapshot
+
+    if not step.optimizer.state:  # AdamW's moments exist after a first update
+        imgs, labels = synthetic_batch(batch, img_size, num_classes, device)
+        step.micro(imgs, labels)
+        step.update()
+    payload = {"model": step.core.state_dict(), "optimizer": step.optimizer.state_dict()}
+    snap = HostSnapshot()
+    times = []
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        snap.copy(payload)
+        times.append(time.perf_counter() - t0)
+    core = step.core
+    was_training = core.training
+    core.eval()
+    imgs, _ = synthetic_batch(batch, img_size, num_classes, device)
+    try:
+        with torch.no_grad():
+            core.classify(imgs)
+            _sync(device)
+            n, t0 = 0, time.perf_counter()
+            while n < 2 or time.perf_counter() - t0 < min(seconds, 2.0):
+                core.classify(imgs)
+                n += 1
+            _sync(device)
+            eval_ips = n * batch / (time.perf_counter() - t0)
+    finally:
+        core.train(was_training)
+    return {"snapshot_seconds": min(times[1:]), "first_snapshot_seconds": times[0], "snapshot_bytes": snap.bytes,
+            "eval_images_per_sec": eval_ips, "eval_batch": batch, "device": str(device)}

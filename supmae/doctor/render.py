@@ -54,6 +54,7 @@ def render_markdown(r: dict[str, Any]) -> str:
          + (f", {p['cost_on_machines']:,.2f}" if p["cost_on_machines"] is not None else "")
          + " (ideal scaling: the all-reduce between machines is not measured)"
          if p["machines"] > 1 else "- on N such machines: pass --machines N"),
+        _loop_line(r.get("loop_costs")),
         ("- not in the projection: evaluation, checkpointing, start-up and the first epoch's compilation "
         "(`supmae report` of a real run measures them)"),
     ]
@@ -159,3 +160,16 @@ def render_node(n: dict[str, Any]) -> list[str]:
               + (" (what a worker hands a GPU: normalisation left to the device)." if n["loader_dtype"] == "uint8"
                  else ".")]
     return lines
+
+
+def _loop_line(c: dict[str, Any] | None) -> str:
+    """The loop's own costs at the projected rate (`loop_projection`), in one line."""
+    if not c:
+        return "- the loop's own costs: not measured"
+    every = f"every {c['checkpoint_minutes']:g} min and at each epoch's end" if c["checkpoint_minutes"] > 0 else \
+        "at each epoch's end"
+    evaluation = (f"evaluation {c['eval_share']:.2%} ({c['val_images']:,} images at {c['eval_images_per_sec']:,.0f}/s "
+                  f"per device, every {c['val_every']} epoch(s))" if c["val_images"] else "evaluation 0% (no val split)")
+    return (f"- the loop's own costs at {c['rate']:,.0f} img/s per device on {c['devices']} device(s) (an epoch of "
+            f"{c['epoch_train_seconds']:.1f} s): checkpoints {c['checkpoint_share']:.2%} ({c['snapshot_seconds']:.3f} s "
+            f"stall each on {c['device']}, {every}; the files are written in the background), {evaluation}")

@@ -55,6 +55,23 @@ def projection(epochs: int, images_per_epoch: int, rate: float, devices: int, ma
             "cost_on_machines": device_hours * price if price is not None else None}
 
 
+def loop_projection(costs: dict[str, Any], rate: float, devices: int, images_per_epoch: int, val_images: int,
+                    checkpoint_minutes: float, val_every: int) -> dict[str, Any]:
+    """The loop's own costs as shares of the projected wall: an epoch at `rate` images/s per device on
+    `devices` devices, a checkpoint stall (`costs["snapshot_seconds"]`) every `checkpoint_minutes` and at
+    each epoch's end, and an evaluation of `val_images` at the measured evaluation rate every `val_every`
+    epochs (all devices evaluate their share)."""
+    epoch = images_per_epoch / (rate * devices)
+    saves = (epoch / (60.0 * checkpoint_minutes) if checkpoint_minutes > 0 else 0.0) + 1.0
+    ckpt = saves * costs["snapshot_seconds"]
+    evaluation = val_images / (costs["eval_images_per_sec"] * devices) / max(val_every, 1) if val_images else 0.0
+    total = epoch + ckpt + evaluation
+    return {"epoch_train_seconds": epoch, "checkpoints_per_epoch": saves, "checkpoint_seconds_per_epoch": ckpt,
+            "eval_seconds_per_epoch": evaluation, "checkpoint_share": ckpt / total, "eval_share": evaluation / total,
+            "rate": rate, "devices": devices, "checkpoint_minutes": checkpoint_minutes, "val_every": val_every,
+            "val_images": val_images, **costs}
+
+
 # ---------------------------------------------------------------------------------------------- node verdict
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from each GPU's data sheet. The sheets print

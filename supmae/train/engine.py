@@ -32,6 +32,7 @@ import torch
 
 from supmae.errors import UserError
 from supmae.train import distributed as dist_utils
+from supmae.train import faults
 from supmae.train.energy import EnergyMeter
 from supmae.train.process import (
     ProcessRecord,
@@ -161,6 +162,15 @@ def decide_resume(resume: str, run_dir: Any, info: dist_utils.DistInfo, log: Cal
     return path, ckpt
 
 
+def resume_point(ckpt: dict[str, Any]) -> str:
+    """Where a checkpoint resumes, in words: "epoch E complete, step S" or "inside epoch E: step S, ..."."""
+    pos = ckpt.get("position")
+    if pos:
+        return (f"inside epoch {pos['epoch']}: step {ckpt['step']}, {pos['steps']} of the epoch's steps done, "
+                f"at {pos['world_size']} rank(s)")
+    return f"epoch {ckpt['epoch']} complete, step {ckpt['step']}"
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -174,9 +184,21 @@ class Job:
     def epoch_start(self, epoch: int) -> None:
         """Per-epoch set-up of the job's own generators (the engine sets the loader's epoch)."""
 
-    def micro(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> Sequence[torch.Tensor]:
-        """One micro-batch through the step; the detached device values to accumulate (`meter_names`)."""
+    # Whether `micro` uses the batch's sample indices (then the engine passes them when the pipeline knows them).
+    wants_indices = False
+
+    def micro(self, images: torch.Tensor, labels: torch.Tensor, sync: bool, indices: torch.Tensor | None = None
+              ) -> Sequence[torch.Tensor]:
+        """One micro-batch through the step; the detached device values to accumulate (`meter_names`).
+        `indices`: the batch's dataset indices on the device, or None."""
         raise NotImplementedError
+
+    def rank_state(self) -> Any:
+        """This rank's own generator states inside an epoch (for a checkpoint taken there), or None."""
+        return None
+
+    def restore_rank_state(self, state: Any) -> None:
+        """Put back what `rank_state` returned (None: nothing to restore)."""
 
     def loss_row(self, means: dict[str, float]) -> dict[str, Any]:
         """The epoch's loss keys of log.jsonl from the meter means."""
@@ -277,13 +299,30 @@ class Engine:
         if early is not None:  # written when the lock was taken, beating since (set-up counted)
             self.record = early
             self.started, self.started_from = float(early.row["start"]), str(early.row["start_from"])
-            early.row.update(job=job.name, device=self.dev_name, start_epoch=start_epoch)
+            early.row.update(job=job.name, device=self.dev_name, start_epoch=start_epoch, start_step=start.global_step)
         else:
             self.started, self.started_from = process_start_time(time.time() - (time.perf_counter() - ctx.t_start))
             self.record = ProcessRecord(run_dir.path, info.is_main, job=job.name, world_size=info.world_size,
                                         device=self.dev_name, start_epoch=start_epoch, started=self.started,
                                         started_from=self.started_from)
+            self.record.row["start_step"] = start.global_step
         self.record.row["energy_note"] = energy.reason or "measured (NVML, every rank's GPU)"
+        # Checkpoints: rank 0 writes them on a background thread (the loop waits only for a host snapshot),
+        # at every epoch end and, inside epochs, every --train.checkpoint_minutes (decided at log points).
+        from supmae.train.async_checkpoint import CheckpointWriter
+
+        self.writer = CheckpointWriter() if info.is_main else None
+        self.checkpoint_every = 60.0 * float(getattr(self.tc, "checkpoint_minutes", 0.0) or 0.0)
+        self._t_saved = time.perf_counter()
+        self._costs = _EpochCosts()
+        self._written: list[Any] = []  # SaveStats of finished background writes, appended by the writer's thread
+        # Where the first epoch of this process starts (a checkpoint taken inside an epoch): micro-batch index.
+        self.start_micro = 0
+        self._resume_meter: tuple[list[float], int] | None = None
+        self._resume_job_state: Any = None
+        self._resume_lr_sum = 0.0
+        self._epoch_order: Any = None  # this rank's sample indices of the running epoch, on the device
+        self.trace = bool(getattr(self.tc, "trace_samples", False))
         # The earlier processes of this run, each at its own world size from its start to its last
         # heartbeat (their records survive a SIGKILL); a run begun before those records existed falls
         # back to the checkpoint's elapsed time at this process's world size.
@@ -319,7 +358,7 @@ class Engine:
         rd.create()
         if ckpt is not None:
             done = self.start_epoch - 1
-            rd.truncate_after(done)
+            rd.truncate_after(done, step=int(ckpt["step"]) if ckpt.get("position") else None)
             row = ckpt.get("log_row")
             logged = rd.writer and any(int(r.get("epoch", -1)) == done for r in read_jsonl(rd.file(LOG_FILE)))
             if rd.writer and isinstance(row, dict) and not logged:
@@ -344,6 +383,8 @@ class Engine:
             "job": self.job.name,
             "process": self.record.name,
             "start_epoch": self.start_epoch,
+            "start_step": self.global_step,
+            "start_micro": self.start_micro,
             "startup_seconds": time.time() - started,
             "startup_from": source,
             "time": time.time(),
@@ -367,25 +408,113 @@ class Engine:
         if ckpt is not None and ckpt.get("rng"):
             restore_rank_rng(ckpt["rng"], self.info.rank, self.info.world_size, self.device)
 
-    def save(self, epoch: int, row: dict[str, Any]) -> str:
-        """checkpoint-last.pth (and a numbered one when the job asks), serialised by rank 0 once: the numbered
-        file is a copy of the same bytes. A collective (every rank's RNG is gathered)."""
+    def save(self, epoch: int, row: dict[str, Any] | None, position: dict[str, Any] | None = None,
+             rank_part: dict[str, Any] | None = None) -> str:
+        """checkpoint-last.pth (and a numbered one when the job asks, a copy of the same bytes), handed to the
+        background writer by rank 0: the loop waits for the host snapshot only (`_costs` books the stall).
+        `epoch` is the last complete epoch; a checkpoint inside epoch `epoch + 1` also carries its
+        `position` (micro-batches read, partial sums) and every rank's `rank_part` (its job generators,
+        pipeline position, meter sums). A collective: every rank's RNG (and part) is gathered."""
         from supmae.config import to_dict
-        from supmae.train.checkpoint import LAST_NAME, atomic_save, copy_checkpoint
+        from supmae.train.checkpoint import LAST_NAME
 
+        t0 = time.perf_counter()
         rng = gather_rng(self.device)
+        parts = None
+        if position is not None:
+            parts = dist_utils.all_gather_object(rank_part) if self.info.distributed else [rank_part]
         last = self.run_dir.file(LAST_NAME)
         if not self.info.is_main:
+            self._costs.add_stall(time.perf_counter() - t0)
             return last
         payload = {**self.job.payload(epoch), "epoch": epoch, "step": self.global_step, "config": to_dict(self.cfg),
-                   "rng": rng, "elapsed_seconds": self.elapsed(), "log_row": row}
-        atomic_save(payload, last)
-        self.job.extra_saves(epoch, row)
-        if self.job.numbered(epoch):
-            numbered = self.run_dir.file(f"checkpoint-{epoch:04d}.pth")
-            copy_checkpoint(last, numbered)
-            return numbered
-        return last
+                   "rng": rng, "elapsed_seconds": self.elapsed(), "log_row": row, "position": position,
+                   "ranks": parts}
+        copies: list[str] = []
+        if row is not None and self.job.numbered(epoch):
+            copies.append(self.run_dir.file(f"checkpoint-{epoch:04d}.pth"))
+        record, written, step = self.record, self._written, self.global_step
+
+        def done(stats: Any) -> None:  # on the writer's thread, once the files are in place
+            written.append(stats)
+            record.saved(epoch, step=step)
+            faults.after_saved(step)  # test hook (SUPMAE_TEST_KILL_AT=done=S): a kill right after this save
+
+        assert self.writer is not None
+        self.writer.save(payload, last, copies=copies, on_done=done)
+        if row is not None:
+            self.job.extra_saves(epoch, row)
+        self._t_saved = time.perf_counter()
+        self._costs.add_stall(self._t_saved - t0)
+        return copies[0] if copies else last
+
+    def _save_due(self) -> bool:
+        """Whether --train.checkpoint_minutes have passed since the last save, on any rank (a collective:
+        called at log points, where the loop reads the device anyway)."""
+        if self.checkpoint_every <= 0:
+            return False
+        due = time.perf_counter() - self._t_saved >= self.checkpoint_every
+        if self.info.distributed:
+            due = not dist_utils.agree(not due, self.device)
+        return due
+
+    def _save_inside(self, epoch: int, micro_done: int, meter: Any, lr_sum: float) -> None:
+        """A checkpoint after micro-batch `micro_done` of `epoch` (an optimiser step's end): resuming from it
+        continues this epoch exactly where it stands."""
+        position = {"epoch": epoch, "micro": micro_done, "steps": micro_done // self.accum, "lr_sum": lr_sum,
+                    "world_size": self.info.world_size, "accum": self.accum,
+                    "batch_size": self.cfg.data.batch_size, "pipeline": self.train_loader.kind}
+        rank_part = {"job": self.job.rank_state(), "data": self.train_loader.position_state(),
+                     "meter": [meter.sums.tolist(), meter.count]}
+        self.last_ckpt = self.save(epoch - 1, None, position, rank_part)
+
+    def restore_position(self, ckpt: dict[str, Any] | None) -> None:
+        """A checkpoint taken inside an epoch: where this process's first epoch starts, and this rank's part
+        (its job generators, pipeline position and meter sums). The same world size resumes bit for bit; a
+        different one (same effective batch) continues with the same global batches (ffcv, torchvision)."""
+        pos = ckpt.get("position") if isinstance(ckpt, dict) else None
+        if not pos:
+            return
+        if pos.get("pipeline") != self.train_loader.kind:
+            raise UserError(f"the checkpoint was taken inside epoch {pos['epoch']} with the {pos.get('pipeline')} "
+                            f"pipeline; resume it with --data.pipeline {pos.get('pipeline')} (its position in the "
+                            f"epoch means nothing to {self.train_loader.kind})")
+        world, old_world = self.info.world_size, int(pos["world_size"])
+        eff_old = int(pos["batch_size"]) * old_world * int(pos["accum"])
+        eff_new = self.cfg.data.batch_size * world * self.accum
+        if eff_new != eff_old:
+            raise UserError(f"the checkpoint was taken inside epoch {pos['epoch']} at an effective batch of {eff_old} "
+                            f"({pos['batch_size']} x {old_world} ranks x {pos['accum']}); resume it with the same "
+                            f"effective batch (now {eff_new}): set --optim.effective_batch {eff_old}")
+        parts = ckpt.get("ranks") or []
+        if world == old_world:
+            part = parts[self.info.rank] if self.info.rank < len(parts) else None
+            self.start_micro = int(pos["micro"])
+            if part:
+                self._resume_job_state = part.get("job")
+                self.train_loader.restore_position(part.get("data"))
+                sums, count = part["meter"]
+                self._resume_meter = (list(sums), int(count))
+        else:
+            if self.train_loader.batch_indices(int(pos["epoch"]), 0) is None:
+                raise UserError(f"the checkpoint was taken inside epoch {pos['epoch']} on {old_world} rank(s) with "
+                                f"the {pos.get('pipeline')} pipeline, whose order depends on the rank count: resume "
+                                f"it on {old_world} rank(s) (ffcv and torchvision resume on any)")
+            self.start_micro = int(pos["steps"]) * self.accum
+            # The epoch's partial sums so far, all on rank 0 (the other ranks start theirs at zero).
+            total = [0.0] * len(self.job.meter_names)
+            count = 0
+            for part in parts:
+                if part:
+                    total = [a + b for a, b in zip(total, part["meter"][0], strict=True)]
+                    count += int(part["meter"][1])
+            self._resume_meter = (total, count) if self.info.is_main else ([0.0] * len(total), 0)
+            self.log(f"resuming inside epoch {pos['epoch']} on {world} rank(s) (the checkpoint's: {old_world}): the "
+                     f"same global batches from step {pos['steps']} of the epoch on")
+        self._resume_lr_sum = float(pos["lr_sum"])
+        if not 0 < self.start_micro < self.micro_steps:
+            raise UserError(f"the checkpoint's position in epoch {pos['epoch']} (micro-batch {self.start_micro}) is "
+                            f"outside this run's {self.micro_steps} micro-batches per epoch: the epoch length changed")
 
     # ---- the epoch loop
 
@@ -394,6 +523,10 @@ class Engine:
         run the epochs up to --train.epochs (or --train.epochs_per_run of them) and check that the
         ranks agree. Returns (the last log row, `check_in_sync()`)."""
         tc = self.tc
+        if self.trace and self.train_loader.batch_indices(self.start_epoch, 0) is None:
+            raise UserError(f"--train.trace_samples needs a pipeline that knows its sample order (ffcv, torchvision); "
+                            f"{self.train_loader.kind}'s reader does not tell it")
+        self.restore_position(ckpt)
         self.open_books(ckpt)
         self.restore_rng(ckpt)
         end_epoch = tc.epochs if not tc.epochs_per_run else min(tc.epochs, self.start_epoch + tc.epochs_per_run)
@@ -408,13 +541,24 @@ class Engine:
         show_bar = bool(getattr(self.tc, "progress", True)) and self.info.is_main and sys.stderr.isatty()
         meter = DeviceMeter(self.job.meter_names, self.device)
         final_row: dict[str, Any] | None = None
+        completed = False
         self.record.beat()
         try:
             for epoch in range(self.start_epoch, end_epoch):
-                self.train_loader.set_epoch(epoch)
+                first_micro = self.start_micro if self.process_epochs == 0 else 0
+                self.train_loader.set_epoch(epoch, first_micro)
                 self.job.epoch_start(epoch)
+                if first_micro:  # after epoch_start's reseeding: the generators as they stood at the save
+                    self.job.restore_rank_state(self._resume_job_state)
                 self.step_obj.core.train()
                 meter.reset()
+                lr_start = 0.0
+                if first_micro:
+                    if self._resume_meter is not None:
+                        meter.restore(*self._resume_meter)
+                    lr_start = self._resume_lr_sum
+                self._costs = _EpochCosts()
+                self._prepare_epoch_order(epoch)
                 if self.process_epochs == 0:
                     self.write_start(precision_config, compile_config, augmentation)
                 # After write_start: its matmul-peak buffers are not the training step's memory.
@@ -430,45 +574,58 @@ class Engine:
                 t_epoch = self._t_epoch = time.perf_counter()
                 batches = TimedIterator(self.train_loader)
                 try:
-                    lr_sum = self._train_epoch(epoch, batches, meter, bar)
+                    lr_sum = self._train_epoch(epoch, batches, meter, bar, first_micro, lr_start)
                 finally:
                     batches.close()
                     if bar is not None:
                         bar.close()
                 synchronize(self.device)
                 epoch_seconds = time.perf_counter() - t_epoch
-                final_row = self._end_epoch(epoch, meter, batches, lr_sum, epoch_seconds)
+                final_row = self._end_epoch(epoch, meter, batches, lr_sum, epoch_seconds, first_micro)
                 self.process_epochs += 1
             # Every rank gets here after the same epochs: one last energy reading covers the last
             # epoch's evaluation and checkpoint too.
             self._read_energy(None)
+            if self.writer is not None:  # the job is done when its last checkpoint is on disk
+                self.writer.close()
+            completed = True
         finally:
+            if self.writer is not None and not completed:
+                # On an error too: a save in flight is a valid older state, finished before the process ends.
+                try:
+                    self.writer.close()
+                except Exception as exc:  # noqa: BLE001 - the error that stopped the run goes on
+                    self.log(f"error: {exc}")
             # Also when the run stops on an error: the process is over, and its span ends here.
             self.record.beat(ended=True, energy_kwh=self.process_energy_kwh)
             self.run_dir.close()
         return final_row
 
-    def _train_epoch(self, epoch: int, batches: Any, meter: Any, bar: Any) -> float:
+    def _train_epoch(self, epoch: int, batches: Any, meter: Any, bar: Any, first_micro: int, lr_start: float
+                     ) -> float:
         debug = getattr(self.tc, "sync_debug", "off")
         if debug != "off" and self.device.type != "cuda":
             raise UserError(f"--train.sync_debug {debug} watches CUDA host syncs; this run is on {self.device.type}")
         try:
-            return self._train_epoch_steps(epoch, batches, meter, bar)
+            return self._train_epoch_steps(epoch, batches, meter, bar, first_micro, lr_start)
         finally:
             if debug != "off":
                 torch.cuda.set_sync_debug_mode("default")
 
-    def _train_epoch_steps(self, epoch: int, batches: Any, meter: Any, bar: Any) -> float:
+    def _train_epoch_steps(self, epoch: int, batches: Any, meter: Any, bar: Any, first_micro: int, lr_start: float
+                           ) -> float:
         from supmae.train.schedule import set_lr
 
         step, accum, opt = self.step_obj, self.accum, self.step_obj.optimizer
-        window = {"t": time.perf_counter(), "wait": 0.0, "sums": [0.0] * len(self.job.meter_names), "count": 0,
-                  "micro": 0}
-        lr_sum, lr = 0.0, 0.0
+        sums0, count0 = (list(self._resume_meter[0]), self._resume_meter[1]) if first_micro and self._resume_meter \
+            else ([0.0] * len(self.job.meter_names), 0)
+        window = {"t": time.perf_counter(), "wait": 0.0, "sums": sums0, "count": count0, "micro": first_micro}
+        lr_sum, lr = lr_start, 0.0
+        step_ids: list[Any] = []  # --train.trace_samples: this rank's sample indices of the step so far
         # --train.sync_debug (CUDA): torch reports every host sync in the steps between log reads, once
         # the first SYNC_DEBUG_AFTER optimiser steps (compilation, cudnn autotuning) are behind.
         debug = getattr(self.tc, "sync_debug", "off")
-        for i in range(self.micro_steps):
+        for i in range(first_micro, self.micro_steps):
             if debug != "off" and self.process_steps >= self.SYNC_DEBUG_AFTER:
                 torch.cuda.set_sync_debug_mode(debug)
             if i % accum == 0:
@@ -482,7 +639,12 @@ class Engine:
                 raise RuntimeError(f"the {self.train_loader.kind} pipeline ended after {i} batches, but its "
                                    f"len() promised {len(self.train_loader)}") from None
             boundary = (i + 1) % accum == 0
-            meter.add(*self.job.micro(images, labels, boundary))
+            ids = None
+            if self._epoch_order is not None:  # this batch's sample indices, sliced on the device (no copy)
+                ids = self._epoch_order[i * images.shape[0] : (i + 1) * images.shape[0]]
+                if self.trace:
+                    step_ids.append(ids)
+            meter.add(*self.job.micro(images, labels, boundary, ids))
             if not boundary:
                 continue
             step.update()
@@ -497,12 +659,40 @@ class Engine:
                 self._first_step_done = time.perf_counter()
             if bar is not None:
                 bar.update(1)
+            if self.trace:
+                self._trace_step(epoch, step_ids)
+                step_ids = []
             if self.global_step % self.tc.log_every == 0:
                 self._log_window(meter, batches, window, epoch, lr, bar, i + 1)
+                if i + 1 < self.micro_steps and self._save_due():
+                    self._save_inside(epoch, i + 1, meter, lr_sum)
             elif self.record.due():
                 # Host-side only (a clock read, a small file renamed): no device sync in the step.
                 self.record.beat(step=self.global_step)
         return lr_sum
+
+    def _prepare_epoch_order(self, epoch: int) -> None:
+        """This rank's sample indices of `epoch`, on the device once per epoch, when the job wants them (the
+        per-sample masking noise) or --train.trace_samples is on, and the pipeline can tell them."""
+        self._epoch_order = None
+        if not (getattr(self.job, "wants_indices", False) or self.trace):
+            return
+        loader = self.train_loader
+        first = loader.batch_indices(epoch, 0)
+        if first is None:
+            return
+        import numpy as np
+
+        order = np.concatenate([loader.batch_indices(epoch, k) for k in range(self.micro_steps)])
+        self._epoch_order = torch.from_numpy(order).to(self.device)
+
+    def _trace_step(self, epoch: int, ids: list[Any]) -> None:
+        """One samples.jsonl line: the global step and the sorted sample indices of its global batch."""
+        mine = torch.cat(ids).tolist() if ids else []
+        every = dist_utils.all_gather_object(mine) if self.info.distributed else [mine]
+        if self.info.is_main:
+            self.run_dir.log_samples({"step": self.global_step, "epoch": epoch,
+                                      "indices": sorted(i for part in every for i in part)})
 
     def _log_window(self, meter: Any, batches: Any, window: dict[str, Any], epoch: int, lr: float, bar: Any,
                     micro_done: int) -> None:
@@ -531,8 +721,8 @@ class Engine:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
         window.update(t=now, wait=batches.wait_seconds, sums=sums, count=count, micro=micro_done)
 
-    def _end_epoch(self, epoch: int, meter: Any, batches: Any, lr_sum: float, epoch_seconds: float
-                   ) -> dict[str, Any]:
+    def _end_epoch(self, epoch: int, meter: Any, batches: Any, lr_sum: float, epoch_seconds: float,
+                   first_micro: int = 0) -> dict[str, Any]:
         from supmae.train.metrics import peak_memory_mb
 
         info, device = self.info, self.device
@@ -556,7 +746,7 @@ class Engine:
         row.update(evaluated)
         eval_seconds = time.perf_counter() - t_eval if evaluated else 0.0
         self.record.beat()  # an evaluation can take a while: a kill during the save must not hide it
-        images = self.micro_steps * self.cfg.data.batch_size * info.world_size
+        images = (self.micro_steps - first_micro) * self.cfg.data.batch_size * info.world_size
         total_elapsed = self.elapsed()
         row.update({
             "epoch_seconds": epoch_seconds,
@@ -573,6 +763,12 @@ class Engine:
             "device": self.dev_name,
             "steps": self.updates_per_epoch,
             "images": images,
+            **({"resumed_at_step": first_micro // self.accum} if first_micro else {}),
+            # The loop's own costs: the epoch's first batch (loader restart: FFCV's thread, DALI's next
+            # pipeline, DataLoader workers), the saves' stall inside the epoch (the one at its end follows).
+            "epoch_start_wait_seconds": batches.first_wait,
+            "checkpoints_inside": self._costs.saves,
+            "checkpoint_stall_inside_seconds": self._costs.stall,
             "total_epochs": self.total_epochs,
             "process_epoch": self.process_epochs,
             "flops_per_image": self.flops_per_image,
@@ -580,8 +776,11 @@ class Engine:
         })
         t_ckpt = time.perf_counter()
         self.last_ckpt = self.save(epoch, row)
-        row["checkpoint_seconds"] = time.perf_counter() - t_ckpt
-        self.record.saved(epoch)
+        row["checkpoint_seconds"] = time.perf_counter() - t_ckpt  # the loop's stall: the host snapshot
+        # The background writes finished since the last epoch row (usually the previous epoch's saves).
+        written, self._written[:] = list(self._written), []
+        row["checkpoint_write_seconds"] = sum(w.write_seconds for w in written)
+        row["checkpoint_writes"] = len(written)
         self.run_dir.log_epoch(row)
         self.log(self.job.message(row))
         return row
@@ -641,3 +840,16 @@ def _reset_peak_memory(device: torch.device) -> None:
     from supmae.train.metrics import reset_peak_memory
 
     reset_peak_memory(device)
+
+
+class _EpochCosts:
+    """What the loop spent on its own books in one epoch: checkpoint stalls (host snapshots, and waits for
+    a previous write) and their count."""
+
+    def __init__(self) -> None:
+        self.saves = 0
+        self.stall = 0.0
+
+    def add_stall(self, seconds: float) -> None:
+        self.saves += 1
+        self.stall += seconds

@@ -58,6 +58,7 @@ from supmae.train.engine import (
     decide_resume,
     describe_augmentation,
     load_on_main,
+    resume_point,
 )
 from supmae.train.evaluation import RealBatches
 from supmae.train.finetune_config import TASKS, DownstreamConfig
@@ -196,6 +197,7 @@ def _check_config(cfg: DownstreamConfig) -> None:
         (t.epochs_per_run >= 0, f"--train.epochs_per_run must be >= 0, got {t.epochs_per_run}"),
         (t.max_steps_per_epoch >= 0, f"--train.max_steps_per_epoch must be >= 0, got {t.max_steps_per_epoch}"),
         (t.cpu_threads >= 0, f"--train.cpu_threads must be >= 0, got {t.cpu_threads}"),
+        (t.checkpoint_minutes >= 0, f"--train.checkpoint_minutes must be >= 0, got {t.checkpoint_minutes}"),
         (t.compile in ("auto", "on", "off"), f"--train.compile must be auto, on or off, got {t.compile!r}"),
         (t.precision in ("auto", "fp32", "bf16", "fp16"),
          f"--train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}"),
@@ -322,7 +324,7 @@ def _setup(cfg: DownstreamConfig, info: Any, run_dir: RunDir, log: Callable[[str
             diffs = config_differences(ckpt["config"], to_dict(cfg))
             if diffs:
                 log("warning: resuming with a config that differs from the checkpoint's: " + "; ".join(diffs))
-        log(f"resumed from {ckpt_path} (epoch {ckpt['epoch']} done)")
+        log(f"resumed from {ckpt_path} ({resume_point(ckpt)})")
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{cfg.task}: {n_params:,} trainable parameters, {num_classes} classes, effective batch "
@@ -355,7 +357,8 @@ class _DownstreamJob(Job):
         self.last_stats: dict[str, float] = {}
         self.train_loss = float("nan")
 
-    def micro(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[torch.Tensor]:
+    def micro(self, images: torch.Tensor, labels: torch.Tensor, sync: bool, indices: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor]:
         return (self.step.micro(images, labels, sync=sync),)
 
     def loss_row(self, means: dict[str, float]) -> dict[str, Any]:

@@ -79,6 +79,9 @@ class DownstreamTrainConfig:
     epochs: int = 100
     log_every: int = 20  # steps between reads of the device-side loss sums (steps.jsonl lines)
     save_every: int = 0  # epochs between numbered checkpoints; 0 = only checkpoint-last / checkpoint-best
+    # checkpoint-last.pth also inside epochs, every this many minutes (0: at epoch ends only); see pretraining's
+    checkpoint_minutes: float = 10.0
+    trace_samples: bool = False  # samples.jsonl: each global step's sorted sample indices
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)
     device: str = "auto"  # auto | cpu | cuda
     compile: str = "auto"  # auto (on for CUDA) | on | off

@@ -52,6 +52,11 @@ class DeviceMeter:
         self.sums.zero_()
         self.count = 0
 
+    def restore(self, sums: list[float], count: int) -> None:
+        """Start from this rank's sums and count as a checkpoint inside an epoch saved them."""
+        self.sums.copy_(torch.tensor(sums, dtype=torch.float64))
+        self.count = int(count)
+
     def read_sums(self) -> tuple[list[float], int, int | None]:
         """Global sums and count since the last reset (summed over ranks), and the first step whose values
         were not finite on any rank (None if all were). A sync point, and a collective when distributed."""
@@ -74,6 +79,7 @@ class TimedIterator:
     def __init__(self, iterable: Iterable[Any]):
         self._it = iter(iterable)
         self.wait_seconds = 0.0
+        self.first_wait: float | None = None  # the first next(): the loader's start (workers, threads)
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -83,7 +89,10 @@ class TimedIterator:
         try:
             return next(self._it)
         finally:
-            self.wait_seconds += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.wait_seconds += waited
+            if self.first_wait is None:
+                self.first_wait = waited
 
     def close(self) -> None:
         """Close the underlying iterator when it can be closed (a generator runs its cleanup)."""

@@ -42,6 +42,7 @@ from supmae.train.engine import (
     StartPoint,
     decide_resume,
     describe_augmentation,
+    resume_point,
 )
 from supmae.train.evaluation import RealBatches, real_samples  # noqa: F401  (real_samples: re-exported)
 from supmae.train.job_setup import (
@@ -53,6 +54,7 @@ from supmae.train.job_setup import (
     restore_step,
     set_up_on_every_rank,
 )
+from supmae.train.masking_noise import sample_noise
 from supmae.train.metrics import device_name
 from supmae.train.precision import autocast, configure_determinism, resolve_precision
 from supmae.train.pretrain_config import LossConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
@@ -92,6 +94,8 @@ def validate(cfg: PretrainConfig) -> None:
         (t.compile in ("auto", "on", "off"), f"--train.compile must be auto, on or off, got {t.compile!r}"),
         (t.device in ("auto", "cpu", "cuda"), f"--train.device must be auto, cpu or cuda, got {t.device!r}"),
         (t.dist_timeout_s > 0, "--train.dist_timeout_s must be positive"),
+        (t.checkpoint_minutes >= 0, f"--train.checkpoint_minutes must be >= 0, got {t.checkpoint_minutes}"),
+        (t.val_every >= 1, f"--train.val_every must be >= 1, got {t.val_every}"),
         (t.cpu_threads >= 0, f"--train.cpu_threads must be >= 0, got {t.cpu_threads}"),
         (t.sync_debug in ("off", "warn", "error"), f"--train.sync_debug must be off, warn or error, got {t.sync_debug!r}"),
         (o.accum_iter >= 1, f"--optim.accum_iter must be >= 1, got {o.accum_iter}"),
@@ -252,7 +256,7 @@ def _setup(cfg: PretrainConfig, info: dist_utils.DistInfo, run_dir: RunDir, log:
     if cfg.optim.warmup_epochs >= tc.epochs:
         log(f"note: warmup ({cfg.optim.warmup_epochs:g} epochs) covers the whole run of {tc.epochs}: the lr only rises")
     if ckpt is not None:
-        log(f"resuming from {ckpt_path} (epoch {start_epoch - 1} complete, step {step})")
+        log(f"resuming from {ckpt_path} ({resume_point(ckpt)})")
 
     return JobSetup(
         StartPoint(start_epoch, step, prev_elapsed, ckpt, ckpt_path),
@@ -268,25 +272,41 @@ class _PretrainJob(Job):
 
     name = "pretrain"
     meter_names = METER_NAMES
+    wants_indices = True
 
     def __init__(self, cfg: PretrainConfig, info: dist_utils.DistInfo, step: Any, val_loader: Any):
         self.cfg, self.info, self.step, self.val_loader = cfg, info, step, val_loader
         self.gen = torch.Generator(device=info.device)
         self.num_patches = step.core.num_patches
+        self.epoch = 0
 
     def epoch_start(self, epoch: int) -> None:
         # The masking noise of an epoch depends on (seed, epoch, rank) only: a resumed run draws the same.
+        self.epoch = epoch
         self.gen.manual_seed(_epoch_seed(self.cfg.seed, epoch, self.info.rank))
 
-    def micro(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[torch.Tensor, ...]:
-        noise = torch.rand(images.shape[0], self.num_patches, generator=self.gen, device=images.device)  # [N, L]
+    def micro(self, images: torch.Tensor, labels: torch.Tensor, sync: bool, indices: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, ...]:
+        if indices is not None:
+            # Per sample (seed, epoch, dataset index): the same mask on any rank count (ffcv, torchvision).
+            noise = sample_noise(self.cfg.seed, self.epoch, indices, self.num_patches)  # [N, L]
+        else:  # a pipeline that cannot tell its sample indices (dali): this rank's generator
+            noise = torch.rand(images.shape[0], self.num_patches, generator=self.gen, device=images.device)  # [N, L]
         return self.step.micro(images, labels, noise=noise, sync=sync)
+
+    def rank_state(self) -> Any:
+        return {"mask_generator": self.gen.get_state()}
+
+    def restore_rank_state(self, state: Any) -> None:
+        if state and state.get("mask_generator") is not None:
+            self.gen.set_state(state["mask_generator"])
 
     def loss_row(self, means: dict[str, float]) -> dict[str, Any]:
         return dict(means)
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
-        if self.val_loader is None:
+        tc = self.cfg.train
+        if self.val_loader is None or not (epoch == tc.epochs - 1 or (epoch + 1) % max(tc.val_every, 1) == 0):
             return {}
         return {"val_cls_acc1": evaluate_cls(self.step.core, self.val_loader, self.info.device, self.step.amp_dtype)}
 

@@ -158,10 +158,12 @@ class ProcessRecord:
         """Whether HEARTBEAT_SECONDS have passed since the last write."""
         return self.writer and time.perf_counter() - self.last_beat >= HEARTBEAT_SECONDS
 
-    def saved(self, epoch: int) -> None:
-        """The checkpoint of `epoch` is complete on disk (work up to now survives a kill)."""
+    def saved(self, epoch: int, step: int | None = None) -> None:
+        """The checkpoint after global step `step` (last complete epoch `epoch`) is on disk: the work up to it
+        survives a kill. Called from the checkpoint writer's thread; `beat` holds the lock."""
         if self.writer:
-            self.row["saves"].append([epoch, time.time()])
+            with self._lock:
+                self.row["saves"].append([epoch, time.time(), step])
             self.beat()
 
     def span(self) -> float:

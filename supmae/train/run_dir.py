@@ -30,6 +30,7 @@ from supmae.train import faults
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 STEPS_FILE = "steps.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 STARTS_FILE = "starts.jsonl"
 LOCK_FILE = "run.lock"
 TB_DIR = "tb"
@@ -256,7 +257,8 @@ class RunDir:
             n += 1
         dest = self.file(f"{INTERRUPTED_PREFIX}{n}")
         os.makedirs(dest)
-        names = [CONFIG_FILE, LOG_FILE, STEPS_FILE, TB_DIR, *(os.path.basename(p) for p in self.checkpoint_files())]
+        names = [CONFIG_FILE, LOG_FILE, STEPS_FILE, SAMPLES_FILE, TB_DIR,
+                 *(os.path.basename(p) for p in self.checkpoint_files())]
         for name in names:
             if os.path.exists(self.file(name)):
                 os.replace(self.file(name), os.path.join(dest, name))
@@ -299,20 +301,28 @@ class RunDir:
                 if key in row:
                     self._tb.add_scalar(f"step/{key}", row[key], row["step"])
 
+    def log_samples(self, row: dict[str, Any]) -> None:
+        """One line of `samples.jsonl` (--train.trace_samples: a global step's sorted sample indices)."""
+        self._append(SAMPLES_FILE, row)
+
     def log_start(self, row: dict[str, Any]) -> None:
         """One line of `starts.jsonl` (one per process start; kept across resumes: it is the run's history)."""
         self._append(STARTS_FILE, row)
 
-    def truncate_after(self, epoch: int) -> None:
-        """Drop log and step lines of epochs after `epoch` (-1 drops all): a resumed run redoes them."""
+    def truncate_after(self, epoch: int, step: int | None = None) -> None:
+        """Drop the lines a resumed run redoes: log lines of epochs after `epoch` (-1 drops all), and step and
+        sample lines after global step `step` (a checkpoint inside an epoch), else after epoch `epoch`."""
         if not self.writer:
             return
-        for name in (LOG_FILE, STEPS_FILE):
+        for name in (LOG_FILE, STEPS_FILE, SAMPLES_FILE):
             path = self.file(name)
             if not os.path.isfile(path):
                 continue
             rows = read_jsonl(path)
-            kept = [r for r in rows if int(r.get("epoch", -1)) <= epoch]
+            if name != LOG_FILE and step is not None:
+                kept = [r for r in rows if int(r.get("step", -1)) <= step]
+            else:
+                kept = [r for r in rows if int(r.get("epoch", -1)) <= epoch]
             _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def open_tensorboard(self) -> None:
