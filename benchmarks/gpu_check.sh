@@ -53,7 +53,7 @@ VAL_PER_CLASS=26           # 260 images: one evaluation batch and a padded one
 IMAGE_SIDE=256             # the stored side, as a conversion at --max-res 256 keeps it
 CROP=224
 MODEL_KW='{}'              # the recipe's ViT-B/16 with a 1-block decoder
-STEP_MODEL=(--model supmae_vit_base_patch16 --depth 12)
+STEP_MODEL=(--model supmae_vit_base_patch16 --depth 12 --model-kwargs "$MODEL_KW")
 TABLE1_MODEL=(--model-scale base --depth 12)
 WORKERS=14                 # of the machine's 16 cores: the trainer and the main process keep two
 STEP_ITERS=(--warmup 3 --iters 8 --rounds 2 --min-seconds 2)
@@ -69,7 +69,7 @@ if [ "$DEVICE" != cuda ]; then
     NODE=(--gpu h100 --gpus-per-node 8 --cores-per-node 96)  # no GPU here to judge: the data sheet's
     MODEL_KW='{"embed_dim": 64, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2,
                "cls_hidden_dim": 64}'
-    STEP_MODEL=(--model supmae_vit_tiny_patch4 --depth 1)
+    STEP_MODEL=(--model supmae_vit_tiny_patch4 --depth 1 --model-kwargs "$MODEL_KW")
     TABLE1_MODEL=(--model-scale tiny --depth 1)
     IMAGE_SIDE=40
     TRAIN_PER_CLASS=103    # 1,030 images: 4 batches of 256 = 2 optimiser steps an epoch

@@ -83,7 +83,8 @@ class Settings:
                 else "none", "optimizer": f"AdamW {self.impl}"}
 
 
-def step_config(model_name: str, batch_size: int, depth: int | None, mask_ratio: float, s: Settings | None) -> Any:
+def step_config(model_name: str, batch_size: int, depth: int | None, mask_ratio: float, s: Settings | None,
+                model_kwargs: dict[str, Any] | None = None) -> Any:
     """The pretraining config of one row: the recipe at `model_name`'s geometry with the row's settings
     (None: the recipe's own auto settings, i.e. the trainer's step)."""
     from supmae.models import model_defaults
@@ -94,6 +95,8 @@ def step_config(model_name: str, batch_size: int, depth: int | None, mask_ratio:
     cfg.model.mask_ratio = mask_ratio
     if depth is not None:
         cfg.model.kwargs = {**cfg.model.kwargs, "depth": depth}
+    if model_kwargs:
+        cfg.model.kwargs = {**cfg.model.kwargs, **model_kwargs}
     cfg.data.img_size = int(model_defaults(model_name)["img_size"])
     cfg.data.batch_size = batch_size
     if s is not None:
@@ -184,6 +187,7 @@ def run_step_bench(
     warmup: int = 5, compile_row: bool = True, mask_ratio: float = 0.75, rounds: int = 4, depth: int | None = None,
     out: str | None = None, seed: int = 0, compile_backend: str = "auto", trainer_compile: str = "auto",
     row_names: list[str] | None = None, min_seconds: float = 0.0, log: Any = print,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time every factor row and return the result (also written to `out`/step.json and step.md after
     every row, so a run cut short keeps the rows it finished).
@@ -224,7 +228,7 @@ def run_step_bench(
 
     def build(s: Settings | None) -> tuple[Any, Callable[[torch.Tensor, torch.Tensor], Any]]:
         torch.manual_seed(seed)
-        cfg = step_config(model_name, batch_size, depth, mask_ratio, s)
+        cfg = step_config(model_name, batch_size, depth, mask_ratio, s, model_kwargs)
         cfg.train.compile_backend = compile_backend
         if s is None:
             cfg.train.compile = trainer_compile
@@ -250,7 +254,7 @@ def run_step_bench(
             "device": str(dev), "device_name": device_name(dev), "model": model_name, "recipe": RECIPE,
             "depth": depth if depth is not None else int(args["depth"]), "batch_size": batch_size, "iters": iters,
             "warmup": warmup, "rounds": rounds, "mask_ratio": mask_ratio, "compile_backend": compile_backend,
-            "trainer_compile": trainer_compile, "min_seconds": min_seconds,
+            "trainer_compile": trainer_compile, "min_seconds": min_seconds, "model_kwargs": dict(model_kwargs or {}),
             "flops_per_image": flops[0] if flops else None,
             "peak_tflops": peak / 1e12, "peak_dtype": precision_name(peak_dtype),
             "rows": _entries(rows, measured, flops[0] if flops else 0.0, peak, batch_size),
@@ -440,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when present)")
     p.add_argument("--model", default="supmae_vit_base_patch16", help="registry name of the SupMAE variant")
     p.add_argument("--depth", type=int, default=None, help="override the encoder depth of the model")
+    p.add_argument("--model-kwargs", default="{}",
+                   help="JSON of model arguments over the variant's (as --model.kwargs: width, heads, ...), e.g. "
+                   "'{\"embed_dim\": 64, \"num_heads\": 2}'")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=20, help="timed iterations per row")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation happens here)")
@@ -463,10 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
+    try:
+        model_kwargs = json.loads(a.model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--model-kwargs is not JSON: {exc}") from None
+    if not isinstance(model_kwargs, dict):
+        raise UserError(f"--model-kwargs must be a JSON object, got {a.model_kwargs!r}")
     apply_threads(a.threads)
     result = run_step_bench(
         device=a.device, model_name=a.model, batch_size=a.batch_size, iters=a.iters, warmup=a.warmup,
         compile_row=a.compile_row, mask_ratio=a.mask_ratio, rounds=a.rounds, depth=a.depth, out=a.out or None,
+        model_kwargs=model_kwargs,
         seed=a.seed, compile_backend=a.compile_backend, trainer_compile=a.trainer_compile,
         row_names=[n.strip() for n in a.rows.split(",") if n.strip()] if a.rows is not None else None,
         min_seconds=a.min_seconds,

@@ -20,7 +20,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 PARTS = ("preflight", "step", "data", "convert", "pretrain", "resume", "doctor", "table1", "nvjpeg", "dali")
 # The options whose values the CPU rehearsal may change (device; model width/depth; image count and size;
 # iteration counts; workers), and the options only the rehearsal passes (the node the doctor judges: no GPU here).
-SUBSTITUTED = {"--device", "--train.device", "--train.sync_debug", "--model.kwargs", "--model", "--depth",
+SUBSTITUTED = {"--device", "--train.device", "--train.sync_debug", "--model.kwargs", "--model-kwargs", "--model", "--depth",
                "--model-scale", "--size", "--train-per-class", "--data.img_size", "--data.num_workers", "--warmup",
                "--iters", "--rounds", "--min-seconds"}
 REHEARSAL_ONLY = {"--gpu", "--gpus-per-node", "--cores-per-node"}
