@@ -216,8 +216,9 @@ class Job:
         """Whether epoch `epoch` also keeps a numbered checkpoint."""
         return False
 
-    def extra_saves(self, epoch: int, row: dict[str, Any]) -> None:
-        """Further files rank 0 writes with the checkpoint (e.g. the best weights)."""
+    def extra_saves(self, epoch: int, row: dict[str, Any], save: Callable[[dict[str, Any], str], None]) -> None:
+        """Further files rank 0 writes with the checkpoint (e.g. the best weights), each through `save(payload,
+        path)`: a host snapshot now, the file written in the background."""
 
     def message(self, row: dict[str, Any]) -> str:
         raise NotImplementedError
@@ -312,6 +313,7 @@ class Engine:
         from supmae.train.async_checkpoint import CheckpointWriter
 
         self.writer = CheckpointWriter() if info.is_main else None
+        self._extra_writer: CheckpointWriter | None = None
         self.checkpoint_every = 60.0 * float(getattr(self.tc, "checkpoint_minutes", 0.0) or 0.0)
         self._t_saved = time.perf_counter()
         self._costs = _EpochCosts()
@@ -443,10 +445,33 @@ class Engine:
         assert self.writer is not None
         self.writer.save(payload, last, copies=copies, on_done=done)
         if row is not None:
-            self.job.extra_saves(epoch, row)
+            self.job.extra_saves(epoch, row, self._save_extra)
         self._t_saved = time.perf_counter()
         self._costs.add_stall(self._t_saved - t0)
         return copies[0] if copies else last
+
+    def _save_extra(self, payload: dict[str, Any], path: str) -> None:
+        """A job's further file (the best weights) through a writer of its own, so that it does not wait for
+        the checkpoint being written."""
+        if self._extra_writer is None:
+            from supmae.train.async_checkpoint import CheckpointWriter
+
+            self._extra_writer = CheckpointWriter()
+        self._extra_writer.save(payload, path)
+
+    def _close_writers(self, completed: bool) -> None:
+        """Wait for the files in flight (the job is done when they are on disk). After an error, a write's own
+        failure is only told: the error that stopped the run goes on."""
+        for writer in (self.writer, self._extra_writer):
+            if writer is None:
+                continue
+            if completed:
+                writer.close()
+                continue
+            try:
+                writer.close()
+            except Exception as exc:  # noqa: BLE001
+                self.log(f"error: {exc}")
 
     def _save_due(self) -> bool:
         """Whether --train.checkpoint_minutes have passed since the last save, on any rank (a collective:
@@ -586,16 +611,11 @@ class Engine:
             # Every rank gets here after the same epochs: one last energy reading covers the last
             # epoch's evaluation and checkpoint too.
             self._read_energy(None)
-            if self.writer is not None:  # the job is done when its last checkpoint is on disk
-                self.writer.close()
+            self._close_writers(completed=True)  # the job is done when its last checkpoint is on disk
             completed = True
         finally:
-            if self.writer is not None and not completed:
-                # On an error too: a save in flight is a valid older state, finished before the process ends.
-                try:
-                    self.writer.close()
-                except Exception as exc:  # noqa: BLE001 - the error that stopped the run goes on
-                    self.log(f"error: {exc}")
+            if not completed:  # on an error too: a save in flight is a valid older state, finished first
+                self._close_writers(completed=False)
             # Also when the run stops on an error: the process is over, and its span ends here.
             self.record.beat(ended=True, energy_kwh=self.process_energy_kwh)
             self.run_dir.close()
@@ -617,8 +637,9 @@ class Engine:
         from supmae.train.schedule import set_lr
 
         step, accum, opt = self.step_obj, self.accum, self.step_obj.optimizer
-        sums0, count0 = (list(self._resume_meter[0]), self._resume_meter[1]) if first_micro and self._resume_meter \
-            else ([0.0] * len(self.job.meter_names), 0)
+        sums0, count0 = [0.0] * len(self.job.meter_names), 0
+        if first_micro:  # the restored partial sums, all ranks' (a collective, once per resumed epoch)
+            sums0, count0, _ = meter.read_sums()
         window = {"t": time.perf_counter(), "wait": 0.0, "sums": sums0, "count": count0, "micro": first_micro}
         lr_sum, lr = lr_start, 0.0
         step_ids: list[Any] = []  # --train.trace_samples: this rank's sample indices of the step so far
@@ -641,7 +662,8 @@ class Engine:
             boundary = (i + 1) % accum == 0
             ids = None
             if self._epoch_order is not None:  # this batch's sample indices, sliced on the device (no copy)
-                ids = self._epoch_order[i * images.shape[0] : (i + 1) * images.shape[0]]
+                b = self.cfg.data.batch_size
+                ids = self._epoch_order[i * b : i * b + images.shape[0]]
                 if self.trace:
                     step_ids.append(ids)
             meter.add(*self.job.micro(images, labels, boundary, ids))

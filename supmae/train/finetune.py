@@ -46,7 +46,7 @@ from supmae.models.vit import (
     registry_encoder_args,
 )
 from supmae.train.augment import mixup_and_loss  # noqa: F401  (re-exported: the downstream step's augmentation)
-from supmae.train.checkpoint import atomic_save, load_checkpoint, model_state
+from supmae.train.checkpoint import load_checkpoint, model_state
 from supmae.train.compiling import resolve_compile
 from supmae.train.distributed import all_reduce_sum, distributed
 from supmae.train.engine import (
@@ -389,11 +389,11 @@ class _DownstreamJob(Job):
         tc = self.cfg.train
         return bool(tc.save_every) and ((epoch + 1) % tc.save_every == 0 or epoch == tc.epochs - 1)
 
-    def extra_saves(self, epoch: int, row: dict[str, Any]) -> None:
+    def extra_saves(self, epoch: int, row: dict[str, Any], save: Any) -> None:
         if "test_acc1" in row and row["test_acc1"] >= self.best_acc1:
-            atomic_save({**self._common(epoch), "epoch": epoch, "config": to_dict(self.cfg),
-                         "test_acc1": row["test_acc1"], "test_acc5": row["test_acc5"],
-                         "elapsed_seconds": row["elapsed_seconds"]}, self.run_dir.file(BEST_NAME))
+            save({**self._common(epoch), "epoch": epoch, "config": to_dict(self.cfg),
+                  "test_acc1": row["test_acc1"], "test_acc5": row["test_acc5"],
+                  "elapsed_seconds": row["elapsed_seconds"]}, self.run_dir.file(BEST_NAME))
 
     def message(self, row: dict[str, Any]) -> str:
         acc = f", test top-1 {row['test_acc1']:.2f}% top-5 {row['test_acc5']:.2f}%" if "test_acc1" in row else ""
