@@ -6,7 +6,8 @@ accumulation 2, deterministic CPU kernels and a checkpoint after every optimiser
 time-based checkpoints inside epochs, `--train.checkpoint_minutes`, at a tiny interval; written in
 the background), and requires the resumed run to end with exactly the uninterrupted reference's
 weights, optimiser state and logged losses (one reference per job x pipeline x ranks). Two ranks run
-under torchrun (gloo). An epoch is 2 optimiser steps (steps 1-2 epoch 0, 3-4 epoch 1, 5-6 epoch 2).
+under torchrun (gloo). An epoch is 2 optimiser steps (steps 1-2 epoch 0, 3-4 epoch 1): two epochs give
+every kill point (inside an epoch, at its end, after the first checkpoint) at the least cost.
 Every cell is killed once, at one of:
 
 - `mid`: every process of the job (torchrun and its ranks) is SIGKILLed from outside, as a lost node
@@ -50,7 +51,7 @@ TINY_PRETRAIN = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "decode
                             "decoder_num_heads": 2, "cls_hidden_dim": 32})
 TINY_ENCODER = {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2,
                 "cls_hidden_dim": 32, "num_classes": 10}
-EPOCHS, MICRO_STEPS, BATCH = 3, 4, 16
+EPOCHS, MICRO_STEPS, BATCH = 2, 4, 16
 # A run takes 5-40 s here; one still going after JOB_TIMEOUT is stuck and is killed with its threads' stacks
 # (procs.run_job). A collective stuck on one rank raises after DIST_TIMEOUT first, with its traceback.
 JOB_TIMEOUT, DIST_TIMEOUT = 300, 200
@@ -81,12 +82,15 @@ def _job_args(job: str, pipeline: str, data: str, out: str, ckpt: str) -> list[s
               "--train.max_steps_per_epoch", str(MICRO_STEPS), "--optim.accum_iter", "2", "--train.log_every", "1",
               "--train.cpu_threads", "1", "--train.device", "cpu", "--train.deterministic", "true",
               "--train.dist_timeout_s", str(DIST_TIMEOUT), "--train.checkpoint_minutes", "1e-6"]
+    # Evaluation at the last epoch only: a killed run then never builds its evaluation pipeline (FFCV compiles
+    # one per loader), and the resumed run's evaluation is still compared with the reference's.
     if job == "pretrain":
         return ["pretrain", "--recipe", "tiny_cpu", "--model.kwargs", TINY_PRETRAIN, "--optim.lr", "2e-3",
-                "--optim.warmup_epochs", "0.5", *common]
+                "--optim.warmup_epochs", "0.5", "--train.val_every", str(EPOCHS), *common]
     recipe = {"finetune": "tiny_cpu_ft", "linprobe": "tiny_cpu_lin"}[job]
     extra = ["--data.randaugment", ""] if job == "finetune" and pipeline == "ffcv" else []
-    return [job, "--recipe", recipe, "--pretrained", ckpt, "--optim.warmup_epochs", "0.5", *extra, *common]
+    return [job, "--recipe", recipe, "--pretrained", ckpt, "--optim.warmup_epochs", "0.5",
+            "--train.eval_every", str(EPOCHS), *extra, *common]
 
 
 def _command(ranks: int, args: list[str]) -> list[str]:

@@ -32,12 +32,14 @@ pytestmark = pytest.mark.slow
 
 TINY = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2,
                    "cls_hidden_dim": 32})
-KILL_STEP = 17  # inside epoch 1 (12 optimiser steps an epoch: 400 images, effective batch 32)
+# 6 optimiser steps of 32 images an epoch (--train.max_steps_per_epoch counts a rank's micro-batches: 12 on one
+# rank at accumulation 2, 6 on two at 1), 2 epochs: step 9 is inside epoch 1.
+STEPS, KILL_STEP = 6, 9
 TOLERANCE = 1e-6
 
 
-def _args(data: str, out: str, pipeline: str, *extra: str, trace: bool = True) -> list[str]:
-    return ["pretrain", "--recipe", "tiny_cpu", "--model.kwargs", TINY, "--optim.lr", "2e-3",
+def _args(data: str, out: str, pipeline: str, *extra: str, trace: bool = True, ranks: int = 1) -> list[str]:
+    return ["pretrain", "--train.max_steps_per_epoch", str(2 * STEPS // ranks), "--recipe", "tiny_cpu", "--model.kwargs", TINY, "--optim.lr", "2e-3",
             "--optim.warmup_epochs", "0.5", "--data.path", data, "--data.pipeline", pipeline,
             "--data.num_workers", "1", "--data.batch_size", "16", "--optim.effective_batch", "32",
             "--train.epochs", "2", "--train.log_every", "1", "--train.cpu_threads", "1", "--train.device", "cpu",
@@ -71,15 +73,16 @@ def test_a_resume_on_another_rank_count_reads_the_same_global_batches(synthetic_
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
     done = run_job(_command(1, _args(synthetic_converted, ref, pipeline)), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    _killed(before, _args(synthetic_converted, run, pipeline), f"done={KILL_STEP}")
+    _killed(before, _args(synthetic_converted, run, pipeline, ranks=before), f"done={KILL_STEP}")
     assert load_checkpoint(os.path.join(run, "checkpoint-last.pth"))["position"]["world_size"] == before
-    resumed = run_job(_command(after, _args(synthetic_converted, run, pipeline, "--resume", "auto")), timeout=300)
+    resumed = run_job(_command(after, _args(synthetic_converted, run, pipeline, "--resume", "auto", ranks=after)),
+                      timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming inside epoch 1 on {after} rank(s) (the checkpoint's: {before})" in resumed.stdout
 
     # The same global batches, step by step: samples.jsonl of the killed-and-resumed run equals the reference's.
     ref_samples, run_samples = read_jsonl(os.path.join(ref, "samples.jsonl")), read_jsonl(os.path.join(run, "samples.jsonl"))
-    assert len(ref_samples) == 24 and [r["step"] for r in run_samples] == list(range(1, 25))
+    assert len(ref_samples) == 2 * STEPS and [r["step"] for r in run_samples] == list(range(1, 2 * STEPS + 1))
     assert run_samples == ref_samples
     starts = read_jsonl(os.path.join(run, "starts.jsonl"))
     assert [(s["world_size"], s["start_step"]) for s in starts] == [(before, 0), (after, KILL_STEP)]
@@ -98,11 +101,11 @@ def test_dali_refuses_another_rank_count_inside_an_epoch_and_tracing(synthetic_c
     """DALI's reader cuts the shards between ranks itself: a checkpoint inside an epoch resumes on its own rank
     count only (one line naming it), and --train.trace_samples is refused (its reader does not tell the order)."""
     run = str(tmp_path / "run")
-    args = _args(synthetic_converted, run, "dali", "--train.max_steps_per_epoch", "4", trace=False)
+    args = _args(synthetic_converted, run, "dali", trace=False, ranks=2)
     _killed(2, args, "done=3")
     refused = run_job(_command(1, [*args, "--resume", "auto"]), timeout=300)
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     assert "resume it on 2 rank(s)" in refused.stderr and refused.stderr.count("\n") <= 3, refused.stderr
-    traced = run_job(_command(1, _args(synthetic_converted, str(tmp_path / "t"), "dali",
-                                       "--train.max_steps_per_epoch", "2", "--train.epochs", "1")), timeout=300)
+    traced = run_job(_command(1, _args(synthetic_converted, str(tmp_path / "t"), "dali", "--train.epochs", "1")),
+                     timeout=300)
     assert traced.returncode == 2 and "--train.trace_samples needs a pipeline" in traced.stderr, traced.stderr[-2000:]
