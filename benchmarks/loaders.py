@@ -1,8 +1,9 @@
-"""`supmae bench loaders`: images/s per CPU core of every data pipeline against the decode ceiling.
+"""`supmae bench loaders`: images/s per CPU core of every data pipeline against the decode ceilings.
 
     supmae bench loaders --data DIR [--batch-size 64] [--workers 1,2] [--img-size 224] [--dtype uint8]
-                         [--batches 30] [--warmup 5] [--json OUT] [--pipelines ffcv,dali,torchvision]
-                         [--device cpu] [--randaugment rand-m9-mstd0.5-inc1] [--dali-rebuild EPOCHS]
+                         [--batches 30] [--warmup 5] [--rounds 5] [--json OUT]
+                         [--pipelines ffcv,dali,torchvision] [--device cpu]
+                         [--randaugment rand-m9-mstd0.5-inc1] [--dali-rebuild EPOCHS]
                          [--ceiling-images 2000] [--dali-rounds 5]
 
 DIR is a directory written by `supmae convert`. Every pipeline reads the same stored JPEGs: ffcv
@@ -12,28 +13,37 @@ PIL decode + torchvision transforms). Each runs the same training augmentation
 over: uint8 [B, 3, S, S] batches, normalisation left to the device (`--dtype float32` delivers
 normalised float32 instead), one pipeline after the other in this process (torchvision first).
 
-The ceiling, measured first on the same stored files on ONE core (this process, nothing else
-running): the bare decode rate (a full decode of every stored JPEG with libjpeg-turbo through
-cv2.imdecode, or PIL where OpenCV is missing; nothing else), and a plain loop that decodes, crops
-(RandomResizedCrop's window) and resizes one image at a time (cv2, bilinear) + flip, as a
-reference. Each is the median of 3 passes over the first `--ceiling-images` images.
+The ceilings, on the same stored files (the first `--ceiling-images`, read into memory first so
+that only decoding is timed), on ONE core (this process's main thread):
+  entropy floor  libjpeg-turbo's entropy decoding alone (jpeg_read_coefficients: Huffman codes to
+                 DCT coefficients, no IDCT, upsampling or colour conversion), in C: what any
+                 decoder of these files must do, the floor of the storage format;
+  full C decode  a full libjpeg-turbo decode to RGB in C at the pipelines' settings (fast integer
+                 IDCT, fancy upsampling): what a decoder without crop windows pays;
+  bare decode    cv2.imdecode of every file (or PIL where OpenCV is missing): the same decode
+                 through Python and OpenCV;
+  plain loop     decode + crop (RandomResizedCrop's window) + resize + flip one image at a time
+                 (cv2, bilinear), as a reference.
+The first two come from a small compiled helper beside the ffcv pipeline's crop decoder
+(pipelines/_cropdecode.cpp, `supmae_decode_ceiling`): one call decodes all the files.
 
-Per-core figures come from runs with ONE worker (threads or processes: `--workers` lists the
-counts, the smallest first); each pipeline's img/s per worker core is printed beside the bare
-decode rate as a fraction of it, and the scaling to the largest worker count is a separate
-column (img/s there, and its efficiency: rate / (workers x per-core rate)).
+Rounds: each pipeline is built once per worker count (`--workers`, the smallest first) and warmed
+up for `--warmup` batches (FFCV compiles its JIT code then, DALI fills its queues, the
+torchvision workers start); then `--rounds` times: each worker count's run is timed over
+`--batches` batches, the pipeline is left to go idle (its prefetching ends), and one pass of every
+ceiling is timed right after, so each round pairs a pipeline's runs with a ceiling measured
+moments later, and the load of a shared machine moves both. Per core (the one-worker run): the
+median over rounds of img/s, and of its ratio to each ceiling of the same round. Scaling: the
+median over rounds of the largest worker count's img/s over the one-worker img/s (efficiency: that
+divided by the worker ratio). When an epoch ends the next one starts, its set-up included in the
+time, as in training. With `--randaugment SPEC` every pipeline adds that RandAugment policy (a
+pipeline that refuses it, ffcv, is listed with its reason). A pipeline whose library is missing is
+reported as unavailable. The figures are the loader's throughput alone (nothing consumes the
+batches).
 
-Each run is built, warmed up for `--warmup` batches (FFCV compiles its JIT code then, DALI fills its
-queues, the torchvision workers start), timed over `--batches` batches, and closed before the next
-starts. When an epoch ends the next one starts, its set-up included in the time, as in training.
-With `--randaugment SPEC` every pipeline adds that RandAugment policy (a pipeline that refuses it,
-ffcv, is listed with its reason). A pipeline whose library is missing is reported as unavailable.
-The figures are the loader's throughput alone (nothing consumes the batches); on a machine shared
-with other work they are indicative.
-
-`--dali-rebuild EPOCHS` also measures the dali pipeline across epoch boundaries (at the largest
-worker count): the whole gap between the last batch of epoch e and the first of e+1, and EPOCHS
-epochs as training reads them against stock DALI on the same shards (fn.readers.webdataset +
+`--dali-rebuild EPOCHS` also measures the dali pipeline across epoch boundaries at every worker
+count: the whole gap between the last batch of epoch e and the first of e+1, and EPOCHS epochs as
+training reads them against stock DALI on the same shards (fn.readers.webdataset +
 decoders.image_random_crop + resize + flip, same batch, threads and output), in this run:
 `--dali-rounds` paired rounds, the ratio being the median of the per-round ratios.
 """
@@ -70,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batches", type=int, default=30, help="timed batches per pipeline")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first (FFCV compiles then)")
+    p.add_argument(
+        "--rounds", type=int, default=5, help="paired rounds: every worker count's run, then one pass of each ceiling"
+    )
     p.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda[:N]")
     p.add_argument("--pipelines", default="ffcv,dali,torchvision", help="comma-separated subset to run")
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--randaugment", default="", help="timm RandAugment spec every pipeline adds, e.g. rand-m9-mstd0.5-inc1"
     )
-    p.add_argument("--ceiling-images", type=int, default=2000, help="stored images the one-core ceiling decodes")
+    p.add_argument("--ceiling-images", type=int, default=2000, help="stored images the one-core ceilings decode")
     p.add_argument(
         "--dali-rebuild",
         type=int,
@@ -135,90 +148,131 @@ def _crop_window(rng: Any, height: int, width: int, scale: tuple[float, float], 
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def decode_ceiling(data: str, split: str, img_size: int, limit: int = 2000, passes: int = 3, seed: int = 0) -> dict:
-    """One core's ceiling on the stored JPEGs of `split` (see the module docstring): the bare decode
-    rate and the plain decode + crop + resize + flip loop, each the median of `passes` passes over
-    the first `limit` images, read into memory first so that only decoding is timed."""
-    import numpy as np
+CEILINGS = ("entropy_floor", "full_c_decode", "bare_decode", "plain_loop")
+CEILING_NAMES = {
+    "entropy_floor": "entropy floor",
+    "full_c_decode": "full C decode",
+    "bare_decode": "bare decode",
+    "plain_loop": "plain loop",
+}
 
-    from pipelines.constants import RRC_RATIO, RRC_SCALE
-    from pipelines.stored import StoredJpegs
 
-    stored = StoredJpegs(data, split)
-    blobs = [stored.read(p) for p in range(min(limit, stored.count))]
-    if not blobs:
-        raise ValueError(f"split '{split}' of {data} holds no images")
-    try:
-        import cv2
-    except ImportError:
-        cv2 = None
-    if cv2 is not None:
-        decoder = "cv2.imdecode (libjpeg-turbo)"
-        threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)  # one core: OpenCV's resize would otherwise use its own thread pool
+class Ceilings:
+    """The one-core ceilings on the stored JPEGs of `split` (see the module docstring), measured a
+    pass at a time (`measure_pass`) so that passes can be paired with pipeline runs."""
 
-        def decode(blob: bytes) -> Any:
-            return cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+    def __init__(self, data: str, split: str, img_size: int, limit: int = 2000, seed: int = 0) -> None:
+        import numpy as np
 
-        def crop_resize(img: Any, top: int, left: int, h: int, w: int, flip: bool) -> Any:
-            out = cv2.resize(img[top : top + h, left : left + w], (img_size, img_size), interpolation=cv2.INTER_LINEAR)
-            return cv2.flip(out, 1) if flip else out
-    else:
+        from pipelines.constants import RRC_RATIO, RRC_SCALE
+        from pipelines.stored import StoredJpegs
+
+        stored = StoredJpegs(data, split)
+        self.blobs = [np.frombuffer(stored.read(p), np.uint8) for p in range(min(limit, stored.count))]
+        if not self.blobs:
+            raise ValueError(f"split '{split}' of {data} holds no images")
+        self.stored_in = stored.source
+        self.img_size = img_size
+        try:
+            import cv2
+        except ImportError:
+            cv2 = None
+        self.cv2 = cv2
+        self.decoder = "cv2.imdecode (libjpeg-turbo)" if cv2 is not None else "PIL (libjpeg-turbo)"
+        self.shapes = [self._decode(b).shape for b in self.blobs]  # also an untimed warm-up pass
+        rng = np.random.default_rng(seed)
+        self.windows = [
+            (*_crop_window(rng, h, w, RRC_SCALE, RRC_RATIO), bool(rng.random() < 0.5)) for h, w, _ in self.shapes
+        ]
+        # The compiled helper (entropy floor, full C decode); missing when the crop decoder is unbuilt.
+        self.c_reason = ""
+        try:
+            from pipelines.ffcv_cropdecode import decode_ceiling_function
+
+            self.c_decode = decode_ceiling_function()
+        except Exception as exc:  # noqa: BLE001 - DataError (unbuilt) or ImportError: reported, not fatal
+            self.c_decode, self.c_reason = None, str(exc)
+        self.addresses = np.array([b.ctypes.data for b in self.blobs], dtype=np.uint64)
+        self.sizes = np.array([b.size for b in self.blobs], dtype=np.uint64)
+        self.scratch = np.empty(max(h * w * 3 for h, w, _ in self.shapes), dtype=np.uint8)
+        self.passes: dict[str, list[float]] = {k: [] for k in CEILINGS}
+
+    def _decode(self, blob: Any) -> Any:
+        if self.cv2 is not None:
+            return self.cv2.imdecode(blob, self.cv2.IMREAD_COLOR)
         import io
 
+        import numpy as np
         from PIL import Image
 
-        decoder = "PIL (libjpeg-turbo)"
+        with Image.open(io.BytesIO(blob.tobytes())) as img:
+            return np.asarray(img.convert("RGB"))
 
-        def decode(blob: bytes) -> Any:
-            with Image.open(io.BytesIO(blob)) as img:
-                return np.asarray(img.convert("RGB"))
+    def _crop_resize(self, img: Any, top: int, left: int, h: int, w: int, flip: bool) -> Any:
+        size = self.img_size
+        if self.cv2 is not None:
+            cv2 = self.cv2
+            out = cv2.resize(img[top : top + h, left : left + w], (size, size), interpolation=cv2.INTER_LINEAR)
+            return cv2.flip(out, 1) if flip else out
+        import numpy as np
+        from PIL import Image
 
-        def crop_resize(img: Any, top: int, left: int, h: int, w: int, flip: bool) -> Any:
-            out = Image.fromarray(img[top : top + h, left : left + w]).resize((img_size, img_size), Image.BILINEAR)
-            return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out)
+        out = Image.fromarray(img[top : top + h, left : left + w]).resize((size, size), Image.BILINEAR)
+        return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out)
 
-    shapes = [decode(b).shape for b in blobs]  # also the untimed warm-up pass
-    rng = np.random.default_rng(seed)
-    windows = [(*_crop_window(rng, h, w, RRC_SCALE, RRC_RATIO), bool(rng.random() < 0.5)) for h, w, _ in shapes]
-    try:
-        bare, plain = [], []
-        for _ in range(passes):
+    def _c_pass(self, mode: int) -> float:
+        t0 = time.perf_counter()
+        failed = self.c_decode(
+            self.addresses.ctypes.data, self.sizes.ctypes.data, len(self.blobs), mode,
+            self.scratch.ctypes.data, self.scratch.size,
+        )
+        elapsed = time.perf_counter() - t0
+        if failed:
+            raise ValueError(f"the ceiling's C decode failed on {failed} of the stored JPEGs")
+        return len(self.blobs) / elapsed
+
+    def measure_pass(self) -> dict[str, float]:
+        """One timed pass of every ceiling (img/s); also appended to `passes`."""
+        threads = self.cv2.getNumThreads() if self.cv2 is not None else 0
+        if self.cv2 is not None:
+            self.cv2.setNumThreads(1)  # one core: OpenCV's resize would otherwise use its own pool
+        try:
+            rates: dict[str, float] = {}
+            if self.c_decode is not None:
+                rates["entropy_floor"] = self._c_pass(0)
+                rates["full_c_decode"] = self._c_pass(1)
             t0 = time.perf_counter()
-            for blob in blobs:
-                decode(blob)
-            bare.append(len(blobs) / (time.perf_counter() - t0))
+            for blob in self.blobs:
+                self._decode(blob)
+            rates["bare_decode"] = len(self.blobs) / (time.perf_counter() - t0)
             t0 = time.perf_counter()
-            for blob, window in zip(blobs, windows):
-                crop_resize(decode(blob), *window)
-            plain.append(len(blobs) / (time.perf_counter() - t0))
-    finally:
-        if cv2 is not None:
-            cv2.setNumThreads(threads)
-    return {
-        "decoder": decoder,
-        "stored_in": stored.source,
-        "images": len(blobs),
-        "mean_kpx": float(np.mean([h * w for h, w, _ in shapes]) / 1000),
-        "mean_kb": float(np.mean([len(b) for b in blobs]) / 1000),
-        "passes": passes,
-        "bare_decode_images_per_sec": statistics.median(bare),
-        "plain_loop_images_per_sec": statistics.median(plain),
-        "bare_decode_passes": bare,
-        "plain_loop_passes": plain,
-    }
+            for blob, window in zip(self.blobs, self.windows):
+                self._crop_resize(self._decode(blob), *window)
+            rates["plain_loop"] = len(self.blobs) / (time.perf_counter() - t0)
+        finally:
+            if self.cv2 is not None:
+                self.cv2.setNumThreads(threads)
+        for key, rate in rates.items():
+            self.passes[key].append(rate)
+        return rates
 
+    def summary(self) -> dict[str, Any]:
+        import numpy as np
 
-def merge_ceilings(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """One ceiling from the passes measured before and after the pipelines (medians of all passes)."""
-    merged = dict(before)
-    for key in ("bare_decode", "plain_loop"):
-        passes = before[f"{key}_passes"] + after[f"{key}_passes"]
-        merged[f"{key}_passes"] = passes
-        merged[f"{key}_images_per_sec"] = statistics.median(passes)
-        merged[f"{key}_before_after"] = [before[f"{key}_images_per_sec"], after[f"{key}_images_per_sec"]]
-    merged["passes"] = before["passes"] + after["passes"]
-    return merged
+        out: dict[str, Any] = {
+            "decoder": self.decoder,
+            "stored_in": self.stored_in,
+            "images": len(self.blobs),
+            "mean_kpx": float(np.mean([h * w for h, w, _ in self.shapes]) / 1000),
+            "mean_kb": float(np.mean([b.size for b in self.blobs]) / 1000),
+            "passes": len(self.passes["bare_decode"]),
+            "c_helper": None if self.c_decode is not None else self.c_reason,
+        }
+        for key in CEILINGS:
+            passes = self.passes[key]
+            out[f"{key}_passes"] = passes
+            out[f"{key}_images_per_sec"] = statistics.median(passes) if passes else None
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- the pipelines
@@ -242,6 +296,7 @@ class _Runner:
         self.batches = 0
         self.shape: list[int] | None = None
         self.dtype: str | None = None
+        self.last_seconds, self.last_batches = 0.0, 0
 
     def _batches(self) -> Any:
         while True:  # successive epochs, each with its own order, as in training
@@ -266,6 +321,7 @@ class _Runner:
         elapsed = time.perf_counter() - t0
         if timed:
             self.seconds += elapsed
+        self.last_seconds, self.last_batches = elapsed, n
         return elapsed
 
     def close(self) -> None:
@@ -278,7 +334,6 @@ class _Runner:
             "pipeline": self.kind,
             "available": True,
             "workers": self.workers,
-            "images_per_sec": self.images / self.seconds,
             "images": self.images,
             "batches": self.batches,
             "seconds": self.seconds,
@@ -289,15 +344,29 @@ class _Runner:
             "augmentation": getattr(self.pipe, "augmentation", None),
         }
 
+    def idle(self) -> None:
+        """Wait until the pipeline's prefetching is over (it keeps decoding a few batches ahead after
+        the consumer stops), so that the ceiling pass that follows runs alone: about three batches'
+        worth of one worker's time (FFCV's batches_ahead, DataLoader's prefetch_factor 2, DALI's
+        prefetch queue), at most 2 s."""
+        per_batch = self.last_seconds / max(1, self.last_batches)
+        time.sleep(min(2.0, max(0.1, 3 * self.workers * per_batch)))
 
-def measure_all(kinds: list[str], args: argparse.Namespace, worker_counts: list[int]) -> list[dict[str, Any]]:
-    """Each available pipeline in turn, at each worker count: build, warm up, time, close, so that
-    only one loader's workers run at a time. One row per pipeline: its figures at the smallest
-    worker count (the per-core run) and, under "scaling", at every count. The baseline goes first:
-    its DataLoader forks worker processes at every epoch, which must not happen while another
-    pipeline's compiled thread pool (numba's TBB layer, used by FFCV) is alive in this process:
-    numba warns at each such fork, and in an interleaved trial on a shared machine FFCV ran at
-    about half its speed measured alone."""
+
+def _per_round(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
+
+
+def measure_all(
+    kinds: list[str], args: argparse.Namespace, worker_counts: list[int], ceilings: Ceilings
+) -> list[dict[str, Any]]:
+    """Each available pipeline in turn (see the module docstring for the rounds). One row per
+    pipeline: its figures at the smallest worker count (the per-core run), the ratios to each
+    ceiling, and under "scaling" every worker count. The baseline goes first: its DataLoader forks
+    worker processes at every epoch, which must not happen while another pipeline's compiled thread
+    pool (numba's TBB layer, used by FFCV) is alive in this process: numba warns at each such fork,
+    and in an interleaved trial on a shared machine FFCV ran at about half its speed measured
+    alone."""
     from pipelines import DataError, available
 
     rows = []
@@ -306,32 +375,58 @@ def measure_all(kinds: list[str], args: argparse.Namespace, worker_counts: list[
         if reason:
             rows.append({"pipeline": kind, "available": False, "reason": reason})
             continue
-        runs = []
+        runners: dict[int, _Runner] = {}
+        warmups: dict[int, float] = {}
+        try:
+            for workers in worker_counts:
+                print(f"[bench loaders] {kind}, {workers} worker(s): build, warm up", file=sys.stderr, flush=True)
+                runner = runners[workers] = _Runner(kind, args, workers)
+                warmups[workers] = runner.run(args.warmup, timed=False)
+        except DataError as exc:
+            for runner in runners.values():
+                runner.close()
+            if not args.randaugment or "randaugment" not in str(exc).lower():
+                raise
+            # A backend without RandAugment refuses the spec: a row with its reason, not a failed run.
+            rows.append({"pipeline": kind, "available": False, "reason": str(exc)})
+            continue
+        rates: dict[int, list[float]] = {w: [] for w in worker_counts}
+        fractions: dict[str, list[float]] = {k: [] for k in CEILINGS}
+        for r in range(args.rounds):
+            print(f"[bench loaders] {kind}: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            for workers in worker_counts:
+                runner = runners[workers]
+                before_images, before_seconds = runner.images, runner.seconds
+                runner.run(args.batches, timed=True)
+                rates[workers].append((runner.images - before_images) / (runner.seconds - before_seconds))
+                runner.idle()
+            ceiling = ceilings.measure_pass()
+            for key, rate in ceiling.items():
+                fractions[key].append(rates[worker_counts[0]][-1] / (worker_counts[0] * rate))
+        base_workers = worker_counts[0]
+        row = runners[base_workers].row(warmups[base_workers])
+        row["rounds"] = args.rounds
+        row["images_per_sec"] = statistics.median(rates[base_workers])
+        row["images_per_sec_rounds"] = rates[base_workers]
+        row["images_per_sec_per_core"] = row["images_per_sec"] / base_workers
+        row["per_core_fraction_of"] = {k: _per_round(v) for k, v in fractions.items() if v}
+        row["scaling"] = []
         for workers in worker_counts:
-            print(f"[bench loaders] {kind}, {workers} worker(s): build, warm up, time", file=sys.stderr, flush=True)
-            try:
-                runner = _Runner(kind, args, workers)
-            except DataError as exc:
-                if not args.randaugment or "randaugment" not in str(exc).lower():
-                    raise
-                # A backend without RandAugment refuses the spec: a row with its reason, not a failed run.
-                runs = [{"pipeline": kind, "available": False, "reason": str(exc)}]
-                break
-            warmup = runner.run(args.warmup, timed=False)
-            runner.run(args.batches, timed=True)
-            runs.append(runner.row(warmup))
-            runner.close()
-        row = dict(runs[0])
-        if row["available"]:
-            row["images_per_sec_per_core"] = row["images_per_sec"] / row["workers"]
-            row["scaling"] = [
+            ratios = [a / b for a, b in zip(rates[workers], rates[base_workers])]
+            ratio = statistics.median(ratios)
+            row["scaling"].append(
                 {
-                    "workers": r["workers"],
-                    "images_per_sec": r["images_per_sec"],
-                    "efficiency": r["images_per_sec"] / (r["workers"] * row["images_per_sec_per_core"]),
+                    "workers": workers,
+                    "images_per_sec": statistics.median(rates[workers]),
+                    "images_per_sec_rounds": rates[workers],
+                    "speedup": ratio,
+                    "speedup_rounds": ratios,
+                    "efficiency": ratio * base_workers / workers,
+                    "build_seconds": runners[workers].build_seconds,
                 }
-                for r in runs
-            ]
+            )
+        for runner in runners.values():
+            runner.close()
         rows.append(row)
     return rows
 
@@ -495,52 +590,63 @@ def format_epochs(r: dict[str, Any]) -> str:
 
 
 def format_ceiling(c: dict[str, Any]) -> str:
-    return (
-        f"ceiling, one core, {c['images']} stored images ({c['stored_in']}, mean {c['mean_kpx']:.0f} kpx, "
-        f"{c['mean_kb']:.0f} kB), {c['decoder']}: bare decode {c['bare_decode_images_per_sec']:,.0f} img/s; "
-        f"decode + crop + resize + flip, plain loop {c['plain_loop_images_per_sec']:,.0f} img/s "
-        f"({c['plain_loop_images_per_sec'] / c['bare_decode_images_per_sec']:.2f}x bare)"
-        + (
-            " [bare before/after the pipelines: "
-            + " / ".join(f"{v:,.0f}" for v in c["bare_decode_before_after"])
-            + " img/s]"
-            if "bare_decode_before_after" in c
-            else ""
-        )
+    def rate(key: str) -> str:
+        value = c.get(f"{key}_images_per_sec")
+        return f"{value:,.0f} img/s" if value else "n/a"
+
+    line = (
+        f"ceilings, one core, {c['images']} stored images ({c['stored_in']}, mean {c['mean_kpx']:.0f} kpx, "
+        f"{c['mean_kb']:.1f} kB), median of {c['passes']} passes: entropy floor {rate('entropy_floor')}, "
+        f"full C decode {rate('full_c_decode')}, bare decode ({c['decoder']}) {rate('bare_decode')}, "
+        f"plain decode + crop + resize + flip loop {rate('plain_loop')}"
     )
+    if c.get("c_helper"):
+        line += f" [no entropy floor / full C decode: {c['c_helper']}]"
+    return line
 
 
 def format_table(rows: list[dict[str, Any]], ceiling: dict[str, Any] | None = None) -> str:
-    """One line per pipeline: img/s per worker core (the one-worker run), its fraction of the bare
-    decode rate, the largest worker count's img/s and scaling efficiency, the ratio to the baseline."""
+    """One line per pipeline: img/s per worker core (the one-worker run), its fraction of each
+    ceiling (median of the per-round ratios), the largest worker count's img/s and speed-up over one
+    worker, the ratio to the baseline. Ceilings first, as fractions of the full C decode."""
     base = next((r["images_per_sec"] for r in rows if r["pipeline"] == BASELINE and r["available"]), None)
-    bare = ceiling["bare_decode_images_per_sec"] if ceiling else None
     top = max((s["workers"] for r in rows if r["available"] for s in r["scaling"]), default=1)
+    cols = [("entropy_floor", "x floor"), ("full_c_decode", "x full C"), ("bare_decode", "x bare")]
     lines = [
-        (
-            f"{'pipeline':<12} {'img/s/core':>10} {'x bare':>7} {f'img/s @{top}':>10} {'scaling':>8} "
-            f"{'vs ' + BASELINE:>15} {'build s':>8} {'warm-up s':>10}"
-        ),
-        "-" * 87,
+        f"{'pipeline':<14} {'img/s/core':>10} " + " ".join(f"{name:>8}" for _, name in cols)
+        + f" {f'img/s @{top}':>10} {'speed-up':>9} {'vs ' + BASELINE:>15} {'build s':>8} {'warm-up s':>10}",
+        "-" * 106,
     ]
     if ceiling:
-        plain = ceiling["plain_loop_images_per_sec"]
-        lines.append(f"{'bare decode':<12} {bare:>10.1f} {'1.00x':>7}")
-        lines.append(f"{'plain loop':<12} {plain:>10.1f} {f'{plain / bare:.2f}x':>7}")
+        for key in CEILINGS:
+            value = ceiling.get(f"{key}_images_per_sec")
+            if not value:
+                continue
+            fracs = []
+            for k, _ in cols:
+                ref = ceiling.get(f"{k}_images_per_sec")
+                fracs.append(f"{value / ref:.2f}x" if ref else "n/a")
+            lines.append(f"{CEILING_NAMES[key]:<14} {value:>10.1f} " + " ".join(f"{f:>8}" for f in fracs))
     for r in rows:
         if not r["available"]:
-            lines.append(f"{r['pipeline']:<12} {'unavailable: ' + r['reason']}")
+            lines.append(f"{r['pipeline']:<14} {'unavailable: ' + r['reason']}")
             continue
-        per_core = r["images_per_sec_per_core"]
-        frac = f"{per_core / bare:.2f}x" if bare else "n/a"
+        fracs = []
+        for key, _ in cols:
+            f = r.get("per_core_fraction_of", {}).get(key)
+            fracs.append(f"{f['median']:.2f}x" if f else "n/a")
         last = r["scaling"][-1]
         at_top = f"{last['images_per_sec']:.1f}" if last["workers"] == top else "n/a"
-        eff = f"{100 * last['efficiency']:.0f} %" if last["workers"] == top else "n/a"
+        speedup = f"{last['speedup']:.2f}x" if last["workers"] == top else "n/a"
         ratio = f"{r['images_per_sec'] / base:.2f}x" if base else "n/a"
         lines.append(
-            f"{r['pipeline']:<12} {per_core:>10.1f} {frac:>7} {at_top:>10} {eff:>8} {ratio:>15} "
-            f"{r['build_seconds']:>8.1f} {r['warmup_seconds']:>10.1f}"
+            f"{r['pipeline']:<14} {r['images_per_sec_per_core']:>10.1f} " + " ".join(f"{f:>8}" for f in fracs)
+            + f" {at_top:>10} {speedup:>9} {ratio:>15} {r['build_seconds']:>8.1f} {r['warmup_seconds']:>10.1f}"
         )
+    lines.append(
+        f"per core: one worker, median of {rows[0].get('rounds', '?') if rows else '?'} rounds, each ratio taken "
+        "against the ceiling pass of the same round; speed-up: the largest worker count over one worker"
+    )
     return "\n".join(lines)
 
 
@@ -574,18 +680,17 @@ def main(argv: list[str]) -> int:
         raise DataError(f"--dali-rounds must be >= 1, got {args.dali_rounds}")
     if args.ceiling_images < 1:
         raise DataError(f"--ceiling-images must be >= 1, got {args.ceiling_images}")
+    if args.rounds < 1:
+        raise DataError(f"--rounds must be >= 1, got {args.rounds}")
     worker_counts = _worker_counts(args.workers)
-    # The ceiling first, alone on its core, then the baseline, then the others in the order given.
-    print("[bench loaders] one-core ceiling: bare decode, plain loop", file=sys.stderr, flush=True)
-    ceiling = decode_ceiling(args.data, args.split, args.img_size, args.ceiling_images, seed=args.seed)
+    print("[bench loaders] one-core ceilings: read the stored files, warm up", file=sys.stderr, flush=True)
+    ceilings = Ceilings(args.data, args.split, args.img_size, args.ceiling_images, seed=args.seed)
+    # The baseline first, then the others in the order given.
     kinds = sorted(dict.fromkeys(kinds), key=lambda k: k != BASELINE)
-    rows = measure_all(kinds, args, worker_counts)
-    # Again after the pipelines: on a machine shared with other work the load drifts during the run,
-    # and a fraction of a ceiling measured only before the pipelines would carry that drift.
-    print("[bench loaders] one-core ceiling again", file=sys.stderr, flush=True)
-    ceiling = merge_ceilings(
-        ceiling, decode_ceiling(args.data, args.split, args.img_size, args.ceiling_images, seed=args.seed)
-    )
+    rows = measure_all(kinds, args, worker_counts, ceilings)
+    if not any(r["available"] for r in rows):
+        ceilings.measure_pass()  # nothing ran: the ceilings alone
+    ceiling = ceilings.summary()
     config = {
         "data": os.path.abspath(args.data),
         "split": args.split,
@@ -595,6 +700,7 @@ def main(argv: list[str]) -> int:
         "img_size": args.img_size,
         "batches": args.batches,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "device": args.device,
         "augmentation": "RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) + flip"
         + (f" + RandAugment {args.randaugment}" if args.randaugment else "")
@@ -605,12 +711,9 @@ def main(argv: list[str]) -> int:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     base = next((r["images_per_sec"] for r in rows if r["pipeline"] == BASELINE and r["available"]), None)
-    bare = ceiling["bare_decode_images_per_sec"]
     for r in rows:
-        if r["available"]:
-            r["fraction_of_bare_decode"] = r["images_per_sec_per_core"] / bare
-            if base:
-                r["ratio_to_baseline"] = r["images_per_sec"] / base
+        if r["available"] and base:
+            r["ratio_to_baseline"] = r["images_per_sec"] / base
     if args.randaugment:
         print(f"augmentation: {config['augmentation']}")
     print(format_ceiling(ceiling))
@@ -623,9 +726,12 @@ def main(argv: list[str]) -> int:
         if reason:
             print(f"dali across epochs: not measured ({reason})")
         else:
-            print("[bench loaders] dali: across epochs, against stock DALI", file=sys.stderr, flush=True)
-            result["dali_epochs"] = measure_dali_epochs(args, max(worker_counts), args.dali_rounds)
-            print(format_epochs(result["dali_epochs"]))
+            result["dali_epochs"] = []
+            for workers in worker_counts:
+                print(f"[bench loaders] dali, {workers} thread(s): across epochs, against stock DALI", file=sys.stderr,
+                      flush=True)
+                result["dali_epochs"].append(measure_dali_epochs(args, workers, args.dali_rounds))
+                print(format_epochs(result["dali_epochs"][-1]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:

@@ -181,6 +181,37 @@ def crop_decode_functions() -> tuple[Any, Any, Any, Any]:
     return decode, resize, set_output, get_output
 
 
+@functools.cache
+def decode_ceiling_function() -> Any:
+    """The C library's `supmae_decode_ceiling(jpegs, sizes, n, mode, scratch, scratch_size)` as a
+    ctypes function: n JPEGs (arrays of addresses and sizes) decoded in one call, mode 0 entropy
+    decoding only (the floor of any decoder of these files), mode 1 a full decode to RGB at the
+    pipeline's settings; returns how many failed. What `supmae bench loaders` measures the pipelines
+    against. DataError when the library was not built."""
+    crop_decode_functions()  # the DataError when unbuilt
+    lib = ctypes.CDLL(importlib.util.find_spec(CROP_DECODE_MODULE).origin)
+    fn = lib.supmae_decode_ceiling
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint64]
+    fn.restype = ctypes.c_int64
+    return fn
+
+
+@functools.cache
+def test_switches() -> tuple[Any, Any, Any]:
+    """The C library's switches for tests, as ctypes functions: (no_row_cut(on), force_scalar(on),
+    row_cut_count()): decode every window with libjpeg's row skipping even where restart markers
+    allow a cut; run the resize's scalar path even on an AVX2 CPU; how many windows this thread
+    decoded from a cut. Process-wide switches: tests only."""
+    crop_decode_functions()  # the DataError when unbuilt
+    lib = ctypes.CDLL(importlib.util.find_spec(CROP_DECODE_MODULE).origin)
+    no_row_cut, force_scalar, count = lib.supmae_crop_decode_no_row_cut, lib.supmae_resize_force_scalar, lib.supmae_row_cut_count
+    no_row_cut.argtypes = force_scalar.argtypes = [ctypes.c_int64]
+    no_row_cut.restype = force_scalar.restype = None
+    count.argtypes = []
+    count.restype = ctypes.c_int64
+    return no_row_cut, force_scalar, count
+
+
 def decode_window(
     jpeg: np.ndarray,
     image_size: tuple[int, int],
@@ -366,6 +397,7 @@ def crop_decoder(
     writing its dataset index and cause into `damage` (int64 [2]: index, code; -1 while none)."""
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_center_crop
     from ffcv.libffcv import imdecode
+    from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
     # ctypes functions, called straight from the compiled decode (no numba dispatcher of their own
@@ -385,6 +417,16 @@ def crop_decoder(
         @property
         def get_crop_generator(self) -> Any:  # FFCV's abstract hook; our decode draws its own windows
             return get_center_crop
+
+        def declare_state_and_memory(self, previous_state: Any) -> Any:
+            state, (output, scratch) = super().declare_state_and_memory(previous_state)
+            if crop_decode:
+                # The window decode uses a scratch of its thread's own (the C library's): FFCV
+                # allocates this one per batch slot at every epoch, and its pages faulted in again
+                # each time (31 per image at 512 px storage, measured). Only the whole-image
+                # reference path (crop_decode=False) decodes into it.
+                scratch = AllocationQuery((1,), scratch.dtype)
+            return state, (output, scratch)
 
         def generate_code(self) -> Any:
             jpg = IMAGE_MODES["jpg"]
@@ -456,7 +498,6 @@ def crop_decoder(
                         while use_dct and k > 1 and (h * (k // 2)) // 8 >= out_h and (w * (k // 2)) // 8 >= out_w:
                             k //= 2
                         if window_only:
-                            scratch = temp_storage[dst_ix]
                             status = crop_decode_c(
                                 image_data.ctypes.data,
                                 image_data.size,
@@ -467,8 +508,8 @@ def crop_decoder(
                                 h,
                                 w,
                                 k,
-                                scratch.ctypes.data,
-                                scratch.size,
+                                0,  # the thread's own scratch (declare_state_and_memory)
+                                0,
                                 target,
                                 out_h,
                                 out_w,

@@ -24,19 +24,27 @@ into equal disjoint pieces, so `rank`/`world_size` work without a process group 
 `next_epoch`, which `set_epoch` sets).
 
 Speed (the decoder and its kernels: pipelines/ffcv_cropdecode.py): a training JPEG is decoded
-only inside its crop window (`crop_decode`, on by default):
-our small C++ library (pipelines/_cropdecode.cpp, built by `pip install -e .`, called through
-ctypes from the compiled decoder as FFCV calls its own) skips the rows above the window, decodes
-only the iMCU columns covering it and stops after its last row, then resizes and flips in the same
-call. The decode runs at 1/2, 1/4 or 1/8 DCT scale when the crop still covers the output after
-scaling (`dct_scale`, on by default; other k/8 factors were measured slower than a full decode:
-no SIMD path), so the resize never shrinks by 2x or more and bilinear interpolation
-(`interpolation="linear"`, OpenCV's INTER_LINEAR, the default) does not alias much; "area"
-(INTER_AREA, FFCV's stock resize) costs 4-8x more per image on a downscale. `crop_decode=False`
-decodes the whole image with FFCV's decoder and cuts the same window from it: the same pixels
-(tested byte for byte), kept as the reference path. Normalisation on the CPU is one parallel
+only inside its crop window (`crop_decode`, on by default): our small C++ library
+(pipelines/_cropdecode.cpp, built by `pip install -e .`, called through ctypes from the compiled
+decoder as FFCV calls its own) starts at the window's first MCU row when the JPEG has a restart
+marker after every row (the converter writes them: the rows above are then not even
+entropy-decoded; without markers libjpeg skips them, entropy decoding only), decodes only the iMCU
+columns covering the window and stops after its last row, then resizes and flips in the same call.
+The decode runs at 1/2, 1/4 or 1/8 DCT scale when the crop still covers the output after scaling
+(`dct_scale`, on by default; other k/8 factors were measured slower than a full decode: no SIMD
+path), so the resize never shrinks by 2x or more and bilinear interpolation
+(`interpolation="linear"`, the default: our own AVX2 resize with the flip folded in, within one
+level of OpenCV's INTER_LINEAR at half its time) does not alias much; "area" (OpenCV's INTER_AREA,
+FFCV's stock resize) costs 4-8x more per image on a downscale. `crop_decode=False` decodes the
+whole image with FFCV's decoder and cuts the same window from it: the same pixels (tested byte for
+byte), kept as the reference path. Memory is kept from epoch to epoch: the window decode's scratch
+is its thread's own, and FFCV's batch buffers are allocated once (GuardedLoader._reuse_buffers);
+FFCV allocates both afresh for every epoch, and faulting their pages in again cost about a tenth
+of a worker's time at 512 px storage. Normalisation on the CPU is one parallel
 compiled pass (normalise + HWC->CHW) in FFCV's worker thread into pooled output arrays (see
 BufferPool); uint8 batches on the CPU are decoded straight into pooled arrays (_pooled_uint8_op).
+Per core this decodes faster than a full libjpeg-turbo decode of the same files: `supmae bench
+loaders` prints both, with the entropy-decoding floor (benchmarks/RESULTS.md).
 
 Damage: a stored JPEG whose bytes changed after conversion is never decoded into a batch. Each
 record's bytes are checked against the CRC-32 the converter stored beside them (the `crc32`
@@ -339,6 +347,8 @@ def _guarded_loader_class() -> Any:
             return batch
 
     class GuardedLoader(Loader):
+        previous: GuardedEpochIterator | None = None  # the last epoch's thread
+
         def __iter__(self) -> Any:
             Compiler.set_num_threads(self.num_workers)
             order = self.next_traversal_order()
@@ -348,7 +358,34 @@ def _guarded_loader_class() -> Any:
             self.next_epoch += 1
             if self.code is None or self.recompile:
                 self.generate_code()
-            return GuardedEpochIterator(self, selected_order)
+            self._reuse_buffers()
+            self.previous = GuardedEpochIterator(self, selected_order)
+            return self.previous
+
+        def _reuse_buffers(self) -> None:
+            """One set of FFCV's batch buffers for all epochs. FFCV allocates them afresh for every
+            epoch (Graph.allocate_memory in EpochIterator), and their pages are faulted in again
+            each time: 9.6 MB a batch slot touched per epoch for 64 x 224 px. Safe because the
+            previous epoch's thread is over first (it has put its last batch, or stops within a
+            batch once closed), and no batch handed out keeps pointing into these buffers: labels
+            are copied, uint8 and float images live in pooled arrays, and CUDA batches are copied
+            and waited for before the next one is asked for (FfcvPipeline._batches)."""
+            previous = self.previous
+            if previous is not None:
+                previous.terminate_event.set()  # FFCV's close(): the thread stops within a batch
+                previous.join()
+            graph = self.graph
+            if getattr(graph, "reused_buffers", None) is None:
+                graph.reused_buffers = {}
+                allocate = graph.allocate_memory
+
+                def allocate_once(batch_size: int, slots: int) -> Any:
+                    key = (batch_size, slots)
+                    if key not in graph.reused_buffers:
+                        graph.reused_buffers[key] = allocate(batch_size, slots)
+                    return graph.reused_buffers[key]
+
+                graph.allocate_memory = allocate_once
 
     return GuardedLoader
 

@@ -590,6 +590,12 @@ def test_encode_rules_on_bytes():
     assert (enc.width, enc.height) == (100, 60)
     again = encode_bytes(big, max_res=100, quality=90)
     assert enc.jpeg == again.jpeg, "deterministic bytes"
+    # A restart marker after every MCU row (16 px at 4:2:0): DRI gives the interval of one row
+    # (ceil(100 / 16) = 7 MCUs) and the 60 px image's 4 MCU rows are 3 markers apart, RST0..RST2:
+    # what the ffcv pipeline's crop decoder cuts at.
+    dri = enc.jpeg.index(b"\xff\xdd")
+    assert enc.jpeg[dri + 4 : dri + 6] == (7).to_bytes(2, "big")
+    assert [enc.jpeg.count(bytes([0xFF, 0xD0 + k])) for k in range(4)] == [1, 1, 1, 0]
     # The reduced-scale decode keeps the image close to a full decode + resize.
     full = np.asarray(
         Image.open(io.BytesIO(big)).convert("RGB").resize((100, 60), Image.Resampling.BICUBIC), np.float32

@@ -1,11 +1,14 @@
 """The ffcv pipeline's crop-window JPEG decoder (pipelines/_cropdecode.cpp) and the crop it is given.
 
-- Pixels: decoding only a window (rows above skipped, iMCU columns cropped, rows below never
-  decoded; at DCT scales 8/8, 4/8, 2/8, 1/8) gives exactly the bytes of a whole-image decode cut to
-  the same window, for 4:2:0, 4:2:2, 4:4:4 and grey JPEGs of awkward sizes. Exact, not "within
+- Pixels: decoding only a window (rows above skipped, or cut off at a restart marker; iMCU
+  columns cropped, rows below never decoded; at DCT scales 8/8, 4/8, 2/8, 1/8) gives exactly the
+  bytes of a whole-image decode cut to the same window, for 4:2:0, 4:2:2, 4:4:4 and grey JPEGs of
+  awkward sizes, with and without restart markers. Exact, not "within
   rounding": both use libjpeg-turbo's IFAST IDCT at the same scale, and the decoder asks for one
   column of margin beyond the window on each side, the only pixels libjpeg documents as different
   in a cropped decode (fancy chroma upsampling at the region's edges).
+- The resize: within one level of OpenCV's INTER_LINEAR, the same bytes from its AVX2 and scalar
+  paths, the flip an exact mirror, nothing written past the image.
 - Through the pipeline: crop_decode on and off give the same batches (train with flip and colour
   jitter, and val); "area" interpolation reproduces FFCV's own resize byte for byte.
 - Statistics: the (seed, epoch, index) counter draw of the crop window has RandomResizedCrop's
@@ -40,15 +43,17 @@ def textured(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def encode(img: np.ndarray, subsampling: int | None) -> np.ndarray:
-    """JPEG bytes via PIL: subsampling 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0, None = greyscale."""
+def encode(img: np.ndarray, subsampling: int | None, restart: bool = False) -> np.ndarray:
+    """JPEG bytes via PIL: subsampling 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0, None = greyscale; with
+    `restart`, a restart marker after every MCU row (as the converter writes them)."""
     from PIL import Image
 
     buf = io.BytesIO()
+    markers = {"restart_marker_rows": 1} if restart else {}
     if subsampling is None:
-        Image.fromarray(img).convert("L").save(buf, format="JPEG", quality=90)
+        Image.fromarray(img).convert("L").save(buf, format="JPEG", quality=90, **markers)
     else:
-        Image.fromarray(img).save(buf, format="JPEG", quality=90, subsampling=subsampling)
+        Image.fromarray(img).save(buf, format="JPEG", quality=90, subsampling=subsampling, **markers)
     return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
 
 
@@ -87,12 +92,44 @@ def check_windows(jpeg: np.ndarray, height: int, width: int, rng: np.random.Gene
     return checked
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["skip-rows", "restart-markers"])
 @pytest.mark.parametrize("subsampling", [2, 1, 0, None], ids=["420", "422", "444", "grey"])
-def test_window_decode_equals_full_decode_cut(subsampling):
+def test_window_decode_equals_full_decode_cut(subsampling, restart):
+    """Also with a restart marker after every MCU row (the converter's JPEGs), where the decoder
+    starts at the window's MCU row from a cut JPEG (cut_rows) instead of skipping rows: the same
+    bytes. Grey JPEGs (one component) always take the skip path."""
+    from pipelines.ffcv_cropdecode import test_switches
+
+    cuts = test_switches()[2]
     rng = np.random.default_rng(subsampling or 7)
+    before = cuts()
     for height, width in ((203, 317), (64, 48), (17, 250)):  # sizes off the 16-px MCU grid
-        jpeg = encode(textured(height, width, seed=height), subsampling)
+        jpeg = encode(textured(height, width, seed=height), subsampling, restart)
         assert check_windows(jpeg, height, width, rng, tries=12) == 4 * 16
+    if restart and subsampling is not None:
+        assert cuts() - before > 30  # of 192: those starting below their first MCU row (+ margin)
+    else:
+        assert cuts() == before
+
+
+def test_a_restart_cut_and_a_row_skip_decode_the_same_window():
+    """The switch that turns the cut off (tests only) gives the skip path the same windows."""
+    from pipelines.ffcv_cropdecode import decode_window, test_switches
+
+    no_cut, _scalar, cuts = test_switches()
+    jpeg = encode(textured(256, 192, 3), 2, restart=True)
+    windows = [(100, 10, 120, 150), (17, 0, 239, 192), (255, 191, 1, 1), (33, 40, 50, 60)]
+    before = cuts()
+    cut = [decode_window(jpeg, (256, 192), w, (224, 224), flip=True) for w in windows]
+    assert cuts() - before == len(windows)
+    no_cut(1)
+    try:
+        skipped = [decode_window(jpeg, (256, 192), w, (224, 224), flip=True) for w in windows]
+    finally:
+        no_cut(0)
+    assert cuts() - before == len(windows)
+    for a, b in zip(cut, skipped):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_window_decode_equals_full_decode_cut_on_real_imagenet_jpegs():
@@ -119,11 +156,55 @@ def test_window_decode_resizes_and_flips():
     flipped = decode_window(jpeg, (120, 160), (10, 20, 90, 100), (32, 40), flip=True)
     assert plain.shape == (32, 40, 3)
     np.testing.assert_array_equal(flipped, plain[:, ::-1])
-    # The resize keeps the window's content: compare with cv2 on the full decode's window.
+    # The resize keeps the window's content: cv2's INTER_LINEAR on the full decode's window, to
+    # within one level (ours rounds its fixed-point weights its own way; test_linear_resize_...).
     import cv2
 
     ref = cv2.resize(full_decode(jpeg, 120, 160, 8)[10:100, 20:120], (40, 32), interpolation=cv2.INTER_LINEAR)
-    np.testing.assert_array_equal(plain, ref)
+    assert np.abs(plain.astype(int) - ref).max() <= 1
+
+
+def _resize(img: np.ndarray, out_h: int, out_w: int, flip: bool, guard: int = 64) -> np.ndarray:
+    """The C library's linear resize (+ flip) of all of `img`, into an array with `guard` bytes
+    after the image that must stay untouched."""
+    from pipelines.ffcv_cropdecode import crop_decode_functions
+
+    resize = crop_decode_functions()[1]
+    h, w = img.shape[:2]
+    out = np.full(out_h * out_w * 3 + guard, 77, dtype=np.uint8)
+    status = resize(img.ctypes.data, h, w, w * 3, 0, h, 0, w, out.ctypes.data, out_h, out_w, 1, int(flip))
+    assert status == 0
+    assert (out[out_h * out_w * 3 :] == 77).all(), "the resize wrote past the image"
+    return out[: out_h * out_w * 3].reshape(out_h, out_w, 3)
+
+
+def test_linear_resize_is_cv2s_to_one_level_the_same_on_every_cpu_and_writes_nothing_past_the_image():
+    """Our bilinear resize (pipelines/_cropdecode.cpp, resize_linear): within one level of OpenCV's
+    INTER_LINEAR for up- and downscales of every small width (the AVX2 steps and their scalar
+    tails), its AVX2 and scalar paths byte for byte equal (the same bytes on any CPU), the flip an
+    exact mirror, a same-size resize the identity, and no byte written past the output."""
+    import cv2
+
+    from pipelines.ffcv_cropdecode import test_switches
+
+    force_scalar = test_switches()[1]
+    rng = np.random.default_rng(0)
+    shapes = [((1, 1), (5, 7)), ((2, 3), (1, 1)), ((7, 9), (16, 17)), ((150, 150), (224, 224)), ((300, 201), (224, 224))]
+    shapes += [((int(rng.integers(1, 90)), int(rng.integers(1, 90))), (int(rng.integers(1, 70)), int(rng.integers(1, 70))))
+               for _ in range(40)]
+    for (h, w), (oh, ow) in shapes:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        plain = _resize(img, oh, ow, False)
+        ref = cv2.resize(img, (ow, oh), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(plain.astype(int) - ref).max() <= 1, ((h, w), (oh, ow))
+        np.testing.assert_array_equal(_resize(img, oh, ow, True), plain[:, ::-1])
+        force_scalar(1)
+        try:
+            np.testing.assert_array_equal(_resize(img, oh, ow, False), plain)
+            np.testing.assert_array_equal(_resize(img, oh, ow, True), plain[:, ::-1])
+        finally:
+            force_scalar(0)
+        np.testing.assert_array_equal(_resize(img, h, w, False), img)
 
 
 @pytest.mark.parametrize("out_w", [1, 2, 3, 41, 224])

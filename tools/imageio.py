@@ -13,8 +13,12 @@ The rules (each one is a decision the converter documents, see `tools/convert.py
 - Size: the longer side is brought down to at most `max_res`, never up. A JPEG is first decoded
   at a reduced DCT scale (Pillow's `draft`, 1/2, 1/4 or 1/8) no smaller than the target size,
   then resized exactly to the target with area averaging (antialiased).
-- Output: baseline JPEG at `quality`, 4:2:0 chroma subsampling, no metadata. The same Pillow
-  build with the same settings gives the same bytes, which the resumable converter relies on.
+- Output: baseline JPEG at `quality`, 4:2:0 chroma subsampling, no metadata, a restart marker
+  after every MCU row (16 pixel rows): the ffcv pipeline's crop decoder then starts decoding at the
+  crop window's first row instead of entropy-decoding every row above it (pipelines/_cropdecode.cpp,
+  `cut_rows`); it costs 2-3 bytes a row (0.1% of a 256 px image) and every JPEG decoder reads it.
+  The same Pillow build with the same settings gives the same bytes, which the resumable converter
+  relies on.
 - Bad input raises `SkipImage(code, detail)`; the codes are the first column of the reasons
   in `skipped.tsv`: `empty`, `not-an-image`, `truncated`, `corrupt`, `too-many-pixels`,
   `unsupported-mode`, `broken-symlink`, `not-a-regular-file`, `unreadable`.
@@ -40,6 +44,7 @@ from tools.files import is_resource_error
 # Pillow's own decompression-bomb limit; ours is applied to every format before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 JPEG_SUBSAMPLING = "4:2:0"
+JPEG_RESTART_ROWS = 1  # a restart marker after every MCU row (see the module docstring)
 # Downscale filter applied after the reduced-scale JPEG decode: area averaging (Pillow's BOX),
 # the antialiasing rule FFCV's own writer uses (OpenCV INTER_AREA). After `draft` the remaining
 # factor is below 2, where it is as sharp as bicubic, and it costs half as much here.
@@ -161,7 +166,15 @@ def encode_bytes(data: bytes, max_res: int, quality: int, max_pixels: int = DEFA
     if rgb.size != target:
         rgb = rgb.resize(target, RESAMPLE)
     out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=quality, subsampling=JPEG_SUBSAMPLING, optimize=False, progressive=False)
+    rgb.save(
+        out,
+        format="JPEG",
+        quality=quality,
+        subsampling=JPEG_SUBSAMPLING,
+        optimize=False,
+        progressive=False,
+        restart_marker_rows=JPEG_RESTART_ROWS,
+    )
     return Encoded(out.getvalue(), rgb.size[0], rgb.size[1], len(data))
 
 
