@@ -647,7 +647,8 @@ int64_t supmae_row_cut_count() { return tls_row_cuts; }
 //     floor on the time per image no pipeline can pass (a crop-window decode skips the rows below
 //     its window, so it may come close, not beyond);
 //   mode 1, full decode to RGB at the pipeline's settings (JDCT_IFAST, fancy upsampling) into
-//     `scratch` (scratch_size bytes; one image's rows): what a decoder without windows pays.
+//     `scratch` (scratch_size bytes; one image's rows), or when null a buffer of the thread's own:
+//     what a decoder without windows pays.
 // Returns the number of images that failed (libjpeg error or warning); 0 when all decoded.
 int64_t supmae_decode_ceiling(const uint64_t* jpegs, const uint64_t* sizes, int64_t n, int64_t mode, uint8_t* scratch,
                               uint64_t scratch_size) {
@@ -672,13 +673,19 @@ int64_t supmae_decode_ceiling(const uint64_t* jpegs, const uint64_t* sizes, int6
             cinfo->do_fancy_upsampling = TRUE;
             jpeg_start_decompress(cinfo);
             const uint64_t stride = static_cast<uint64_t>(cinfo->output_width) * 3;
-            if (stride * cinfo->output_height > scratch_size) {
+            uint8_t* rows = scratch;
+            uint64_t rows_size = scratch_size;
+            if (rows == nullptr) {  // the thread's own, grown as needed
+                rows = thread_scratch(stride * cinfo->output_height);
+                rows_size = rows != nullptr ? stride * cinfo->output_height : 0;
+            }
+            if (stride * cinfo->output_height > rows_size) {
                 jpeg_abort_decompress(cinfo);
                 ++failed;
                 continue;
             }
             while (cinfo->output_scanline < cinfo->output_height) {
-                JSAMPROW row = scratch + cinfo->output_scanline * stride;
+                JSAMPROW row = rows + cinfo->output_scanline * stride;
                 jpeg_read_scanlines(cinfo, &row, 1);
             }
         }

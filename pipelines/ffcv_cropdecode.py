@@ -196,6 +196,32 @@ def decode_ceiling_function() -> Any:
     return fn
 
 
+def time_decode_ceilings(blobs: list[Any], passes: int = 3) -> dict[str, float]:
+    """Images/s of one core (the calling thread) on the JPEGs `blobs` (uint8 arrays, in memory):
+    {"entropy_floor": ..., "full_c_decode": ...}, each the median of `passes` timed passes of
+    decode_ceiling_function (an untimed pass first). ValueError when a JPEG does not decode."""
+    import statistics
+    import time
+
+    decode = decode_ceiling_function()
+    arrays = [np.ascontiguousarray(b, dtype=np.uint8) for b in blobs]
+    addresses = np.array([a.ctypes.data for a in arrays], dtype=np.uint64)
+    sizes = np.array([a.size for a in arrays], dtype=np.uint64)
+    out: dict[str, float] = {}
+    for mode, key in ((0, "entropy_floor"), (1, "full_c_decode")):
+        rates = []
+        for k in range(passes + 1):
+            t0 = time.perf_counter()
+            failed = decode(addresses.ctypes.data, sizes.ctypes.data, len(arrays), mode, None, 0)  # the thread's scratch
+            elapsed = time.perf_counter() - t0
+            if failed:
+                raise ValueError(f"{failed} of {len(arrays)} JPEGs do not decode")
+            if k:
+                rates.append(len(arrays) / elapsed)
+        out[key] = statistics.median(rates)
+    return out
+
+
 @functools.cache
 def test_switches() -> tuple[Any, Any, Any]:
     """The C library's switches for tests, as ctypes functions: (no_row_cut(on), force_scalar(on),

@@ -230,6 +230,14 @@ def test_node_verdict_arithmetic():
     # Data-bound exactly when the best supply is below consumption (equal is fed).
     assert node_verdict("a100", 1, 3, 100.0, {"ffcv": 50.0}, {"ffcv": 1.0})["bound"] == "compute"
     assert node_verdict("a100", 1, 3, 100.01, {"ffcv": 50.0}, {"ffcv": 1.0})["bound"] == "data"
+    # The decode ceilings of the same files: each pipeline's per-core rate as a fraction of them, and
+    # the cores per GPU a decoder at each would need (1 for training + the decoding share).
+    n = node_verdict("h100", 8, 96, per_gpu, {"ffcv": 2000.0, "dali": None}, {"ffcv": 0.9, "dali": None},
+                     ceilings={"entropy_floor": 2500.0, "full_c_decode": 1600.0, "images": 300})
+    assert n["per_core_fraction_of_ceilings"]["ffcv"] == pytest.approx({"entropy_floor": 0.8, "full_c_decode": 1.25})
+    assert n["per_core_fraction_of_ceilings"]["dali"] is None
+    assert n["cores_per_gpu_at_ceiling"] == {"entropy_floor": 1 + math.ceil(per_gpu / 2500),
+                                             "full_c_decode": 1 + math.ceil(per_gpu / 1600)}
 
 
 @pytest.mark.slow
@@ -253,11 +261,17 @@ def test_doctor_node_section_matches_hand_computation(big_jpegs, tmp_path):
     assert n["cores_per_gpu_needed"] == 1 + math.ceil(per_gpu / (rates[1] * eff))
     assert n["supplied_images_per_sec"]["dali"] is None and "not measured" in n["not_measured"]["dali"]
     assert n["storage_max_side"] == 256 and n["loader_dtype"] == "uint8"
+    # The decode ceilings of the stored files, measured on one core, and what they would take per GPU.
+    c = n["ceilings"]
+    assert c["images"] > 0 and c["entropy_floor"] > c["full_c_decode"] > 0
+    assert n["cores_per_gpu_at_ceiling"]["entropy_floor"] == 1 + math.ceil(per_gpu / c["entropy_floor"])
+    assert n["per_core_fraction_of_ceilings"]["torchvision"]["full_c_decode"] == pytest.approx(
+        rates[1] / c["full_c_decode"])
     # No h100 here: the step is the data sheet's, not timed on the CPU, and the verdict is the node's.
     assert r["step"]["datasheet"] and r["step"]["images_per_sec"] == pytest.approx(per_gpu)
     assert r["bound"] == n["bound"] and r["bound_basis"] == "the node" and r["projection"]["devices"] == 8
     md = (tmp_path / "node" / "doctor.md").read_text()
-    assert "## The node" in md and "not measured" in md
+    assert "## The node" in md and "not measured" in md and "entropy floor" in md and "x full C decode" in md
 
 
 @pytest.mark.slow

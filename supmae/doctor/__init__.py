@@ -56,6 +56,7 @@ from supmae.doctor.measure import (
     datasheet_step,
     default_workers,
     machine_info,
+    measure_decode_ceilings,
     measure_loaders,
     measure_loop_costs,
     measure_read,
@@ -195,6 +196,10 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         files = dataset_files(data, cfg.data.train_split)
 
         loaders = measure_loaders(data, cfg, dev, kinds, worker_counts, seconds, log, dtype=loader_dtype)
+        ceilings = None
+        if node_wanted:
+            log("[doctor] decode ceilings of the stored files on one core: entropy floor, full libjpeg-turbo decode")
+            ceilings = measure_decode_ceilings(data, cfg.data.train_split)
 
         given_step = read_step_json(step_json, dev) if step_json else None
         # Asked about a GPU on a machine without one (a login node): its step comes from the data sheet.
@@ -300,7 +305,7 @@ def run_doctor(data: str, recipe: str = "supmae_vit_b16_400ep", device: str = "a
         per_core, scaling, why = node_inputs(loaders, kinds, dev.type == "cuda")
         node = node_verdict(gpu or device_name(dev), gpus_per_node or devices,
                             cores_per_node or machine["physical_cores"] or machine["usable_cores"], consumed, per_core,
-                            scaling, why, storage)
+                            scaling, why, storage, ceilings)
         node.update(consumed_from=how, mfu=mfu if gpu is not None else None,
                     loader_dtype="uint8" if loader_dtype is not None else "float32",
                     measured_on_cores=machine["usable_cores"])

@@ -226,6 +226,32 @@ def measure_loaders(data: str, cfg: Any, device: Any, kinds: list[str], workers:
     return rows
 
 
+def measure_decode_ceilings(data: str, split: str, limit: int = 300) -> dict[str, Any]:
+    """One core's decode ceilings on the first `limit` stored JPEGs of a converted dataset: the
+    entropy floor (libjpeg-turbo's Huffman decoding alone, what any decoder of these files must do)
+    and a full libjpeg-turbo decode in C (pipelines.ffcv_cropdecode.time_decode_ceilings), images/s;
+    or {"reason": why not} (not converted, or the compiled helper is not built)."""
+    import numpy as np
+
+    from pipelines.base import is_converted
+    from pipelines.errors import DataError
+
+    if not is_converted(data):
+        return {"reason": "not a converted dataset (the ceilings read its stored JPEGs)"}
+    try:
+        from pipelines.ffcv_cropdecode import time_decode_ceilings
+        from pipelines.stored import StoredJpegs
+
+        stored = StoredJpegs(data, split)
+        blobs = [np.frombuffer(stored.read(p), np.uint8) for p in range(min(limit, stored.count))]
+        if not blobs:
+            return {"reason": f"split '{split}' holds no images"}
+        rates = time_decode_ceilings(blobs)
+    except (DataError, ValueError, OSError) as exc:
+        return {"reason": str(exc)}
+    return {**rates, "images": len(blobs), "mean_kb": float(np.mean([b.size for b in blobs]) / 1000)}
+
+
 # ---------------------------------------------------------------------------------------------- step
 
 # Micro-batches (and updates) measure_step plus probe_batch run at the chosen batch, about.

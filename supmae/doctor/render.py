@@ -141,18 +141,37 @@ def render_node(n: dict[str, Any]) -> list[str]:
                         f"{n['shortfall_images_per_sec']:,.0f} short; it would take {n['cores_per_gpu_needed']} "
                         f"cores per GPU (the node has {n['cores_per_gpu']:g}): store smaller images, or let DALI's "
                         "GPU decoder take part of the load.")
+    ceilings = n.get("ceilings") or {}
+    floor, full = ceilings.get("entropy_floor"), ceilings.get("full_c_decode")
     lines = ["## The node", "", head, "", verdict_line, "",
-             "| pipeline | images/s per core (1 worker) | scaling 1 -> 2 workers | node supplies | cores per GPU needed |",
-             "|---|---|---|---|---|"]
+             "| pipeline | images/s per core (1 worker) | x full C decode | x entropy floor | scaling 1 -> 2 workers "
+             "| node supplies | cores per GPU needed |",
+             "|---|---|---|---|---|---|---|"]
+
+    def frac(p: str, key: str) -> str:
+        f = (n.get("per_core_fraction_of_ceilings") or {}).get(p) or {}
+        return f"{f[key]:.2f}x" if key in f else "n/a"
+
     for p, rate in n["supplied_images_per_sec"].items():
         if rate is None:
-            lines.append(f"| {p} | {n['not_measured'].get(p, 'not measured')} | | | |")
+            lines.append(f"| {p} | {n['not_measured'].get(p, 'not measured')} | | | | | |")
             continue
-        lines.append(f"| {p} | {n['per_core_images_per_sec'][p]:,.0f} | {n['scaling_efficiency'][p]:.2f} | "
+        lines.append(f"| {p} | {n['per_core_images_per_sec'][p]:,.0f} | {frac(p, 'full_c_decode')} | "
+                     f"{frac(p, 'entropy_floor')} | {n['scaling_efficiency'][p]:.2f} | "
                      f"{rate:,.0f} | {n['cores_per_gpu_needed_by_pipeline'][p]} |")
     for p, why in n["not_measured"].items():
         if p not in n["supplied_images_per_sec"]:
-            lines.append(f"| {p} | {why} | | | |")
+            lines.append(f"| {p} | {why} | | | | | |")
+    if floor and full:
+        at = n.get("cores_per_gpu_at_ceiling") or {}
+        lines += ["", (f"Decode ceilings of these files on one core here ({ceilings.get('images')} stored JPEGs, "
+                       f"{ceilings.get('mean_kb', 0):.1f} kB each): a full libjpeg-turbo decode {full:,.0f} images/s, "
+                       f"the entropy floor (Huffman decoding alone, what any decoder of these files must do) "
+                       f"{floor:,.0f}. A decoder at the full-decode rate would need {at.get('full_c_decode')} cores per "
+                       f"GPU, one at the floor {at.get('entropy_floor')} (with perfect scaling): a crop-window decode "
+                       "can pass the first, not the second.")]
+    elif ceilings.get("reason"):
+        lines += ["", f"Decode ceilings not measured: {ceilings['reason']}."]
     if (n.get("measured_on_cores") or 3) < 3:
         lines += ["", (f"This machine has {n['measured_on_cores']} usable cores: 2 workers and the process reading "
                   "their batches share them, so the scaling measured here (and the supply) is a lower bound.")]

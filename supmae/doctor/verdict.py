@@ -101,14 +101,16 @@ def gpu_images_per_sec(gpu: str, mfu: float, flops_per_image: float) -> float:
 
 def node_verdict(gpu: str, gpus: int, cores: int, consumed_per_gpu: float, per_core: dict[str, float | None],
                  scaling: dict[str, float | None], not_measured: dict[str, str] | None = None,
-                 storage_max_side: int | None = None) -> dict[str, Any]:
+                 storage_max_side: int | None = None, ceilings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Does a node of `gpus` GPUs and `cores` cores feed itself? Pure arithmetic on measured inputs.
 
     Each GPU's training process takes one core; the rest decode. A pipeline supplies its measured
     one-worker rate x the scaling efficiency measured between 1 and 2 workers (capped at 1: a
     superlinear pair is noise, not a promise) x those cores. Bound "data" exactly when the best
     supply is below what the GPUs consume; cores per GPU needed = 1 for training + the decoding
-    cores one GPU's share takes, with the best pipeline."""
+    cores one GPU's share takes, with the best pipeline. With the one-core decode `ceilings` of the
+    same files (measure_decode_ceilings: "entropy_floor", "full_c_decode" images/s), each pipeline's
+    per-core rate as a fraction of them, and the cores per GPU a decoder at each would need."""
     cores_for_data = max(cores - gpus, 0)
     consumed = consumed_per_gpu * gpus
     supplied: dict[str, float | None] = {}
@@ -127,6 +129,9 @@ def node_verdict(gpu: str, gpus: int, cores: int, consumed_per_gpu: float, per_c
     best = ranked[-1][1] if ranked else None
     best_rate = ranked[-1][0] if ranked else None
     bound = None if best_rate is None else ("data" if best_rate < consumed else "compute")
+    ceiling_rates = {k: v for k, v in (ceilings or {}).items() if k in ("entropy_floor", "full_c_decode") and v}
+    fractions = {p: ({k: rate / v for k, v in ceiling_rates.items()} if rate else None) for p, rate in per_core.items()}
+    at_ceiling = {k: 1 + math.ceil(consumed_per_gpu / v) for k, v in ceiling_rates.items()}
     return {
         "gpu": gpu, "gpus": gpus, "cores": cores, "cores_for_data": cores_for_data,
         "consumed_images_per_sec": consumed, "consumed_per_gpu": consumed_per_gpu,
@@ -137,6 +142,8 @@ def node_verdict(gpu: str, gpus: int, cores: int, consumed_per_gpu: float, per_c
         "cores_per_gpu_needed": needed.get(best) if best else None,
         "cores_per_gpu_needed_by_pipeline": needed, "cores_per_gpu": cores / gpus,
         "storage_max_side": storage_max_side,
+        "ceilings": dict(ceilings) if ceilings else None, "per_core_fraction_of_ceilings": fractions,
+        "cores_per_gpu_at_ceiling": at_ceiling,
     }
 
 
