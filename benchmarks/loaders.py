@@ -35,8 +35,11 @@ ceiling is timed right after, so each round pairs a pipeline's runs with a ceili
 moments later, and the load of a shared machine moves both. Per core (the one-worker run): the
 median over rounds of img/s, and of its ratio to each ceiling of the same round. Scaling: the
 median over rounds of the largest worker count's img/s over the one-worker img/s (efficiency: that
-divided by the worker ratio). When an epoch ends the next one starts, its set-up included in the
-time, as in training. With `--randaugment SPEC` every pipeline adds that RandAugment policy (a
+divided by the worker ratio). Beside each, the cores the runs kept busy (CPU seconds of this
+process and its worker processes over the wall time, from /proc): a worker count is not a core
+count (the consumer thread, FFCV's and DALI's own threads, DALI's next-epoch pipeline filling while
+an epoch ends), and on short epochs that makes a one-worker rate more than one core's. When an
+epoch ends the next one starts, its set-up included in the time, as in training. With `--randaugment SPEC` every pipeline adds that RandAugment policy (a
 pipeline that refuses it, ffcv, is listed with its reason). A pipeline whose library is missing is
 reported as unavailable. The figures are the loader's throughput alone (nothing consumes the
 batches).
@@ -276,6 +279,34 @@ class Ceilings:
 # ---------------------------------------------------------------------------------------------- the pipelines
 
 
+def cpu_seconds() -> float | None:
+    """CPU seconds (user + system) used so far by this process and its child processes
+    (torchvision's DataLoader workers, started afresh at every epoch): the children that ended and
+    were reaped (os.times) plus the live ones (and unreaped ones) from /proc; None where there is no
+    /proc."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        me = os.getpid()
+        ended = os.times()
+        total = 0
+        if not os.path.isdir("/proc"):
+            return None
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # a process that ended meanwhile
+            # after the command: state ppid ... utime (field 14) stime (15), 0-based 11 and 12 here
+            if int(entry) == me or int(fields[1]) == me:
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks + ended.children_user + ended.children_system
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class _Runner:
     """One pipeline under measurement: its endless batch stream (epoch after epoch) and its tallies."""
 
@@ -295,6 +326,7 @@ class _Runner:
         self.shape: list[int] | None = None
         self.dtype: str | None = None
         self.last_seconds, self.last_batches = 0.0, 0
+        self.last_cores: float | None = None
 
     def _batches(self) -> Any:
         while True:  # successive epochs, each with its own order, as in training
@@ -307,6 +339,7 @@ class _Runner:
             torch.cuda.synchronize()
 
     def run(self, n: int, timed: bool) -> float:
+        cpu0 = cpu_seconds()
         t0 = time.perf_counter()
         for _ in range(n):
             images, labels = next(self.stream)
@@ -317,9 +350,13 @@ class _Runner:
                 self.dtype = str(images.dtype).replace("torch.", "")
         self._sync()
         elapsed = time.perf_counter() - t0
+        cpu1 = cpu_seconds()
         if timed:
             self.seconds += elapsed
         self.last_seconds, self.last_batches = elapsed, n
+        # Cores busy during the run: a worker count is not a core count (FFCV's and DALI's own
+        # threads, the consumer, DALI's next-epoch pipeline filling at an epoch's end).
+        self.last_cores = (cpu1 - cpu0) / elapsed if cpu0 is not None and cpu1 is not None else None
         return elapsed
 
     def close(self) -> None:
@@ -353,6 +390,13 @@ class _Runner:
 
 def _per_round(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
+
+
+def _cores_busy(runs: list[tuple[float, float]]) -> float | None:
+    """CPU seconds over wall seconds of all the timed runs together; None under 1 s of runs, where
+    the kernel's 10 ms accounting ticks (and a worker's start-up) would swamp the figure."""
+    wall = sum(w for _, w in runs)
+    return sum(c for c, _ in runs) / wall if wall >= 1.0 else None
 
 
 def measure_all(
@@ -389,6 +433,7 @@ def measure_all(
             rows.append({"pipeline": kind, "available": False, "reason": str(exc)})
             continue
         rates: dict[int, list[float]] = {w: [] for w in worker_counts}
+        cores: dict[int, list[tuple[float, float]]] = {w: [] for w in worker_counts}  # (CPU s, wall s) a run
         fractions: dict[str, list[float]] = {k: [] for k in CEILINGS}
         for r in range(args.rounds):
             print(f"[bench loaders] {kind}: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
@@ -397,6 +442,8 @@ def measure_all(
                 before_images, before_seconds = runner.images, runner.seconds
                 runner.run(args.batches, timed=True)
                 rates[workers].append((runner.images - before_images) / (runner.seconds - before_seconds))
+                if runner.last_cores is not None:
+                    cores[workers].append((runner.last_cores * runner.last_seconds, runner.last_seconds))
                 runner.idle()
             ceiling = ceilings.measure_pass()
             for key, rate in ceiling.items():
@@ -408,6 +455,7 @@ def measure_all(
         row["images_per_sec_rounds"] = rates[base_workers]
         row["images_per_sec_per_core"] = row["images_per_sec"] / base_workers
         row["per_core_fraction_of"] = {k: _per_round(v) for k, v in fractions.items() if v}
+        row["cores_busy"] = _cores_busy(cores[base_workers])
         row["scaling"] = []
         for workers in worker_counts:
             ratios = [a / b for a, b in zip(rates[workers], rates[base_workers])]
@@ -420,6 +468,7 @@ def measure_all(
                     "speedup": ratio,
                     "speedup_rounds": ratios,
                     "efficiency": ratio * base_workers / workers,
+                    "cores_busy": _cores_busy(cores[workers]),
                     "build_seconds": runners[workers].build_seconds,
                 }
             )
@@ -471,6 +520,7 @@ def _stock_dali(pipe: Any, args: argparse.Namespace, seed: int) -> Any:
         return images, labels.gpu() if gpu else labels
 
     stock = pipeline_def(graph)(
+        exec_dynamic=True,  # as ours: its CPU outputs are handed over without a copy (share_host)
         batch_size=pipe.batch_size,
         num_threads=pipe.num_threads,
         device_id=pipe.device.index if gpu else None,
@@ -486,17 +536,24 @@ def measure_dali_epochs(args: argparse.Namespace, workers: int, rounds: int = 5)
     threads: `rounds` alternating trials, each `args.dali_rebuild` whole epochs of ours (as
     training reads them: each epoch its own pipeline, prepared while the previous one runs)
     against as many batches of stock DALI (built and warmed up for one epoch outside the timing,
-    as ours was). Every batch is copied into torch memory in both (pipelines.dali_pipeline.to_torch,
-    as DALI's own PyTorch iterator copies). The gap between epochs is measured whole: from the
+    as ours was). Both hand every batch to torch the same way: on the GPU a copy into torch memory
+    on torch's stream (pipelines.dali_pipeline.to_torch, as DALI's own PyTorch iterator copies), on
+    the CPU DALI's own output buffer through DLPack (share_host: stock runs on the same dynamic
+    executor), so the ratio compares the pipelines, not their hand-offs. The gap between epochs is
+    measured whole: from the
     last batch of epoch e in the consumer's hands to the first batch of e + 1 (teardown, build,
     the reader's initial fill, the first decodes), against the median interval between batches
     inside an epoch."""
     import torch
 
-    from pipelines.dali_pipeline import to_torch
+    from pipelines.dali_pipeline import share_host, to_torch
 
     pipe = _build("dali", args, workers)
     cuda = pipe.device.type == "cuda"
+
+    def hand_off(output: Any) -> Any:  # as DaliPipeline hands its batches over
+        return to_torch(output, pipe.device) if cuda else share_host(output)
+
     epochs, per_epoch = args.dali_rebuild, len(pipe)
     images_per_round = epochs * per_epoch * pipe.batch_size
 
@@ -525,12 +582,12 @@ def measure_dali_epochs(args: argparse.Namespace, workers: int, rounds: int = 5)
         stock = _stock_dali(pipe, args, seed=args.seed + r)
         for _ in range(per_epoch):
             images, labels = stock.run()
-            to_torch(images, pipe.device), to_torch(labels, pipe.device)
+            hand_off(images), hand_off(labels)
         sync()
         t0 = time.perf_counter()
         for _ in range(epochs * per_epoch):
             images, labels = stock.run()
-            to_torch(images, pipe.device), to_torch(labels, pipe.device)
+            hand_off(images), hand_off(labels)
         sync()
         stock_rates.append(images_per_round / (time.perf_counter() - t0))
         del stock, images, labels
@@ -612,8 +669,9 @@ def format_table(rows: list[dict[str, Any]], ceiling: dict[str, Any] | None = No
     cols = [("entropy_floor", "x floor"), ("full_c_decode", "x full C"), ("bare_decode", "x bare")]
     lines = [
         f"{'pipeline':<14} {'img/s/core':>10} " + " ".join(f"{name:>8}" for _, name in cols)
-        + f" {f'img/s @{top}':>10} {'speed-up':>9} {'vs ' + BASELINE:>15} {'build s':>8} {'warm-up s':>10}",
-        "-" * 106,
+        + f" {'cores':>6} {f'img/s @{top}':>10} {'speed-up':>9} {f'cores @{top}':>9} {'vs ' + BASELINE:>15}"
+        + f" {'build s':>8} {'warm-up s':>10}",
+        "-" * 124,
     ]
     if ceiling:
         for key in CEILINGS:
@@ -637,13 +695,17 @@ def format_table(rows: list[dict[str, Any]], ceiling: dict[str, Any] | None = No
         at_top = f"{last['images_per_sec']:.1f}" if last["workers"] == top else "n/a"
         speedup = f"{last['speedup']:.2f}x" if last["workers"] == top else "n/a"
         ratio = f"{r['images_per_sec'] / base:.2f}x" if base else "n/a"
+        busy = f"{r['cores_busy']:.2f}" if r.get("cores_busy") is not None else "n/a"
+        busy_top = f"{last['cores_busy']:.2f}" if last["workers"] == top and last.get("cores_busy") is not None else "n/a"
         lines.append(
             f"{r['pipeline']:<14} {r['images_per_sec_per_core']:>10.1f} " + " ".join(f"{f:>8}" for f in fracs)
-            + f" {at_top:>10} {speedup:>9} {ratio:>15} {r['build_seconds']:>8.1f} {r['warmup_seconds']:>10.1f}"
+            + f" {busy:>6} {at_top:>10} {speedup:>9} {busy_top:>9} {ratio:>15} {r['build_seconds']:>8.1f}"
+            + f" {r['warmup_seconds']:>10.1f}"
         )
     lines.append(
         f"per core: one worker, median of {rows[0].get('rounds', '?') if rows else '?'} rounds, each ratio taken "
-        "against the ceiling pass of the same round; speed-up: the largest worker count over one worker"
+        "against the ceiling pass of the same round; speed-up: the largest worker count over one worker; cores: the "
+        "CPU this process and its workers kept busy during the timed runs (a worker is not always one core)"
     )
     return "\n".join(lines)
 

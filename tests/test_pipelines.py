@@ -600,8 +600,39 @@ def test_bench_loaders_cli(coded, tmp_path, capsys):
             assert rate / full["rounds"][k] in [pytest.approx(p) for p in ceiling["full_c_decode_passes"]]
         assert [s["workers"] for s in r["scaling"]] == [1, 2] and r["scaling"][0]["speedup"] == pytest.approx(1)
         two = r["scaling"][1]
+        # the CPU the runs kept busy: not given for runs this short (under 1 s in all: accounting ticks)
+        assert r["cores_busy"] is None and two["cores_busy"] is None
         assert two["speedup"] == pytest.approx(float(np.median(two["speedup_rounds"])))
         assert two["efficiency"] == pytest.approx(two["speedup"] / 2)
+
+
+def test_bench_cpu_seconds_counts_this_process_and_its_workers_live_or_ended():
+    """`cores` in bench loaders: CPU time of this process, of live child processes (DataLoader
+    workers) and of those that ended within the run (torchvision starts its workers every epoch)."""
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.loaders import cpu_seconds
+
+    def spin(seconds: float) -> None:
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    start = cpu_seconds()
+    spin(0.3)
+    assert cpu_seconds() - start == pytest.approx(0.3, abs=0.05)
+    code = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(5)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(1.5)  # the child has spun its 0.4 s (plus its start-up) and sleeps, alive
+        live = cpu_seconds() - start
+        assert 0.65 <= live <= 1.2
+    finally:
+        child.kill()
+        child.wait()
+    assert cpu_seconds() - start == pytest.approx(live, abs=0.05)  # reaped: counted among the ended children
 
 
 def test_stored_jpegs_are_the_converted_bytes_from_shards_or_beton(coded, tmp_path):
