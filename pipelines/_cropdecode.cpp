@@ -31,7 +31,19 @@
 #include <vector>
 
 #include <jpeglib.h>
+
+// The resize's AVX2 path, chosen at run time (have_avx2), exists on x86 only; elsewhere (aarch64)
+// the scalar path runs (the same bytes). -DSUPMAE_X86=0 builds the scalar-only library on x86.
+#ifndef SUPMAE_X86
+#if defined(__x86_64__) || defined(__i386__)
+#define SUPMAE_X86 1
+#else
+#define SUPMAE_X86 0
+#endif
+#endif
+#if SUPMAE_X86
 #include <immintrin.h>
+#endif
 
 #include <opencv2/core.hpp>
 #include <opencv2/imgproc.hpp>
@@ -199,8 +211,12 @@ void axis_plan(int64_t src, int64_t dst, int32_t* first, W* w0, W* w1, int64_t s
 }
 
 bool have_avx2() {
+#if SUPMAE_X86
     static const bool yes = __builtin_cpu_supports("avx2");
     return yes;
+#else
+    return false;
+#endif
 }
 
 thread_local int64_t tls_row_cuts = 0;  // windows decoded from a cut (supmae_row_cut_count)
@@ -228,6 +244,7 @@ void vrow_scalar(const int16_t* r0, const int16_t* r1, uint32_t b0, uint32_t b1,
     }
 }
 
+#if SUPMAE_X86
 __attribute__((target("avx2"))) void hrow_avx2(const uint8_t* src, int64_t dst_w, const int32_t* x0,
                                                const int16_t* xw, int16_t* out) {
     // Bytes r0 g0 b0 r1 g1 b1 of a column pair -> 16-bit lanes r0 r1 g0 g1 b0 b1 0 0.
@@ -285,6 +302,8 @@ __attribute__((target("avx2"))) void vrow_avx2(const int16_t* r0, const int16_t*
     vrow_scalar(r0 + 4 * x, r1 + 4 * x, b0, b1, dst_w - x, out + 3 * x);
 }
 
+#endif  // SUPMAE_X86
+
 // Resize rows [row0, row1) x columns [col0, col1) of `src` (RGB, rows `stride` bytes apart; the
 // array has `rows` rows) to dst (dst_h x dst_w RGB, contiguous), mirrored when `flip`.
 int resize_linear(const uint8_t* src, int64_t rows, int64_t stride, int64_t row0, int64_t row1, int64_t col0,
@@ -315,6 +334,7 @@ int resize_linear(const uint8_t* src, int64_t rows, int64_t stride, int64_t row0
         if (r.size() < row_len) r.resize(row_len);
     }
     const bool simd = have_avx2() && !g_force_scalar;
+    (void)simd;  // unused where there is no AVX2 path
     int64_t cached[2] = {-1, -1};
     auto resized_row = [&](int64_t sy) -> const int16_t* {
         for (int k = 0; k < 2; ++k) {
@@ -330,11 +350,13 @@ int resize_linear(const uint8_t* src, int64_t rows, int64_t stride, int64_t row0
             std::memcpy(plan.last_row.data(), p, static_cast<size_t>(src_w) * 3);
             p = plan.last_row.data();
         }
+#if SUPMAE_X86
         if (simd) {
             hrow_avx2(p, dst_w, plan.x0.data(), plan.xw.data(), plan.rows[k].data());
-        } else {
-            hrow_scalar(p, dst_w, plan.x0.data(), plan.xw.data(), plan.rows[k].data());
+            return plan.rows[k].data();
         }
+#endif
+        hrow_scalar(p, dst_w, plan.x0.data(), plan.xw.data(), plan.rows[k].data());
         return plan.rows[k].data();
     };
     for (int64_t y = 0; y < dst_h; ++y) {
@@ -343,11 +365,13 @@ int resize_linear(const uint8_t* src, int64_t rows, int64_t stride, int64_t row0
         const int16_t* r0 = resized_row(s0);
         const int16_t* r1 = resized_row(s1);
         uint8_t* out = dst + y * dst_w * 3;
+#if SUPMAE_X86
         if (simd) {
             vrow_avx2(r0, r1, plan.yw[2 * y], plan.yw[2 * y + 1], dst_w, out, y == dst_h - 1);
-        } else {
-            vrow_scalar(r0, r1, plan.yw[2 * y], plan.yw[2 * y + 1], dst_w, out);
+            continue;
         }
+#endif
+        vrow_scalar(r0, r1, plan.yw[2 * y], plan.yw[2 * y + 1], dst_w, out);
     }
     return 0;
 }
