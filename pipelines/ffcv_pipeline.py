@@ -325,7 +325,9 @@ def _guarded_loader_class() -> Any:
                 # 1.53-1.83x static, 1.88-1.95x one at a time, on a shared machine).
                 import numba
 
-                numba.set_parallel_chunksize(1)
+                set_chunksize = getattr(numba, "set_parallel_chunksize", None)  # numba >= 0.57
+                if set_chunksize is not None:
+                    set_chunksize(1)
                 super().run()
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
                 self.error = exc
