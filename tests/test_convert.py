@@ -596,6 +596,9 @@ def test_encode_rules_on_bytes():
     dri = enc.jpeg.index(b"\xff\xdd")
     assert enc.jpeg[dri + 4 : dri + 6] == (7).to_bytes(2, "big")
     assert [enc.jpeg.count(bytes([0xFF, 0xD0 + k])) for k in range(4)] == [1, 1, 1, 0]
+    from tools.imageio import restart_markers_written
+
+    assert restart_markers_written()  # what the manifest's encoding records
     # The reduced-scale decode keeps the image close to a full decode + resize.
     full = np.asarray(
         Image.open(io.BytesIO(big)).convert("RGB").resize((100, 60), Image.Resampling.BICUBIC), np.float32

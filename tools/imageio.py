@@ -30,6 +30,7 @@ The rules (each one is a decision the converter documents, see `tools/convert.py
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -115,6 +116,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
         raise SkipImage("unsupported-mode", f"cannot convert mode {mode} to RGB: {exc}") from exc
+
+
+@functools.cache
+def restart_markers_written() -> bool:
+    """Whether this Pillow writes the restart markers asked for (its `restart_marker_rows` save
+    option; an older Pillow ignores the option and writes none: the files still decode everywhere,
+    and the ffcv pipeline skips rows instead of cutting at them). What the manifest records."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 32)).save(out, format="JPEG", restart_marker_rows=JPEG_RESTART_ROWS)
+    return b"\xff\xdd" in out.getvalue()
 
 
 def encode_bytes(data: bytes, max_res: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Encoded:

@@ -13,7 +13,7 @@ import numpy as np
 from pipelines.constants import CLASSES_FILE, MANIFEST_FILE, SKIPPED_FILE, beton_path
 from pipelines.errors import DataError
 from tools.files import atomic_write
-from tools.imageio import ALPHA_BACKGROUND, JPEG_RESTART_ROWS, JPEG_SUBSAMPLING, RESAMPLE_NAME
+from tools.imageio import ALPHA_BACKGROUND, JPEG_RESTART_ROWS, JPEG_SUBSAMPLING, RESAMPLE_NAME, restart_markers_written
 from tools.listing import SplitPlan
 from tools.wids import write_wids_index
 from tools.workdir import SOURCES_DIR, TOOL_VERSION
@@ -164,7 +164,7 @@ def write_reports(
             "pillow": PIL.__version__,
             "jpeg_quality": identity["quality"],
             "subsampling": JPEG_SUBSAMPLING,
-            "restart_marker_mcu_rows": JPEG_RESTART_ROWS,
+            "restart_marker_mcu_rows": JPEG_RESTART_ROWS if restart_markers_written() else 0,
             "resample": RESAMPLE_NAME,
             "alpha": f"composited on RGB{ALPHA_BACKGROUND}",
             "reduced_dct_decode": True,
