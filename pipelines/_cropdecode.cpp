@@ -667,9 +667,9 @@ int64_t supmae_row_cut_count() { return tls_row_cuts; }
 // core, files already in memory, `n` JPEGs at `jpegs[i]` (`sizes[i]` bytes), in one call (no
 // per-image call overhead in the figure):
 //   mode 0, entropy decoding only: jpeg_read_coefficients (Huffman decoding into DCT coefficients;
-//     no IDCT, no upsampling, no colour conversion): what any decoder of these files must do, so a
-//     floor on the time per image no pipeline can pass (a crop-window decode skips the rows below
-//     its window, so it may come close, not beyond);
+//     no IDCT, no upsampling, no colour conversion): what any decoder of the whole files must do,
+//     the floor of the storage format (a crop-window decode entropy-decodes only the rows from its
+//     window's MCU row, with restart markers, down to the window's last: it can come near it);
 //   mode 1, full decode to RGB at the pipeline's settings (JDCT_IFAST, fancy upsampling) into
 //     `scratch` (scratch_size bytes; one image's rows), or when null a buffer of the thread's own:
 //     what a decoder without windows pays.

@@ -168,8 +168,9 @@ def render_node(n: dict[str, Any]) -> list[str]:
                        f"{ceilings.get('mean_kb', 0):.1f} kB each): a full libjpeg-turbo decode {full:,.0f} images/s, "
                        f"the entropy floor (Huffman decoding alone, what any decoder of these files must do) "
                        f"{floor:,.0f}. A decoder at the full-decode rate would need {at.get('full_c_decode')} cores per "
-                       f"GPU, one at the floor {at.get('entropy_floor')} (with perfect scaling): a crop-window decode "
-                       "can pass the first, not the second.")]
+                       f"GPU, one at the floor {at.get('entropy_floor')} (with perfect scaling). A crop-window decode "
+                       "passes the first; started at the window's row (the converter's restart markers) it skips "
+                       "part of the entropy decoding too, and comes near the second.")]
     elif ceilings.get("reason"):
         lines += ["", f"Decode ceilings not measured: {ceilings['reason']}."]
     if (n.get("measured_on_cores") or 3) < 3:
