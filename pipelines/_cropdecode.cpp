@@ -26,6 +26,7 @@
 #include <cstdio>  // jpeglib.h needs FILE and size_t declared first
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <new>
 #include <vector>
@@ -390,7 +391,11 @@ int supmae_resize_flip(const uint8_t* src, int64_t rows, int64_t cols, int64_t s
         return kErrArgument;
     }
     if (interpolation == 1) {  // INTER_LINEAR: ours (see resize_linear), the flip folded in
-        return resize_linear(src, rows, src_stride, row0, row1, col0, col1, dst, dst_h, dst_w, flip != 0);
+        try {
+            return resize_linear(src, rows, src_stride, row0, row1, col0, col1, dst, dst_h, dst_w, flip != 0);
+        } catch (const std::exception&) {  // its plan's buffers (bad_alloc): no exception may reach numba
+            return kErrResize;
+        }
     }
     try {
         const cv::Mat source(static_cast<int>(rows), static_cast<int>(cols), CV_8UC3, const_cast<uint8_t*>(src),
@@ -644,7 +649,12 @@ int supmae_crop_decode(const uint8_t* jpeg, uint64_t size, int64_t image_h, int6
             const int64_t r_end = std::min(lay.mcu_rows - 1, row1 / mcu_rows_scaled);
             uint64_t cut_size = 0;
             int64_t cut_height = 0;
-            const uint8_t* cut = cut_rows(jpeg, size, lay, r0, r_end, &cut_size, &cut_height);
+            const uint8_t* cut = nullptr;
+            try {
+                cut = cut_rows(jpeg, size, lay, r0, r_end, &cut_size, &cut_height);
+            } catch (const std::exception&) {  // its buffers (bad_alloc): take the skip path instead
+                cut = nullptr;
+            }
             if (cut != nullptr) {
                 ++tls_row_cuts;
                 const int64_t shift = r0 * mcu_rows_scaled;
