@@ -190,13 +190,12 @@ class Ceilings:
         # The compiled helper (entropy floor, full C decode); missing when the crop decoder is unbuilt.
         self.c_reason = ""
         try:
-            from pipelines.ffcv_cropdecode import decode_ceiling_function
+            from pipelines.ffcv_cropdecode import decode_ceiling_function, time_decode_ceilings
 
-            self.c_decode = decode_ceiling_function()
+            decode_ceiling_function()
+            self.c_ceilings = time_decode_ceilings
         except Exception as exc:  # noqa: BLE001 - DataError (unbuilt) or ImportError: reported, not fatal
-            self.c_decode, self.c_reason = None, str(exc)
-        self.addresses = np.array([b.ctypes.data for b in self.blobs], dtype=np.uint64)
-        self.sizes = np.array([b.size for b in self.blobs], dtype=np.uint64)
+            self.c_ceilings, self.c_reason = None, str(exc)
         self.passes: dict[str, list[float]] = {k: [] for k in CEILINGS}
 
     def _decode(self, blob: Any) -> Any:
@@ -222,16 +221,6 @@ class Ceilings:
         out = Image.fromarray(img[top : top + h, left : left + w]).resize((size, size), Image.BILINEAR)
         return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out)
 
-    def _c_pass(self, mode: int) -> float:
-        t0 = time.perf_counter()
-        failed = self.c_decode(
-            self.addresses.ctypes.data, self.sizes.ctypes.data, len(self.blobs), mode, None, 0  # the thread's scratch
-        )
-        elapsed = time.perf_counter() - t0
-        if failed:
-            raise ValueError(f"the ceiling's C decode failed on {failed} of the stored JPEGs")
-        return len(self.blobs) / elapsed
-
     def measure_pass(self) -> dict[str, float]:
         """One timed pass of every ceiling (img/s); also appended to `passes`."""
         threads = self.cv2.getNumThreads() if self.cv2 is not None else 0
@@ -239,9 +228,8 @@ class Ceilings:
             self.cv2.setNumThreads(1)  # one core: OpenCV's resize would otherwise use its own pool
         try:
             rates: dict[str, float] = {}
-            if self.c_decode is not None:
-                rates["entropy_floor"] = self._c_pass(0)
-                rates["full_c_decode"] = self._c_pass(1)
+            if self.c_ceilings is not None:  # the warm-up was the shapes' pass
+                rates.update(self.c_ceilings(self.blobs, passes=1, warmup=False))
             t0 = time.perf_counter()
             for blob in self.blobs:
                 self._decode(blob)
@@ -267,7 +255,7 @@ class Ceilings:
             "mean_kpx": float(np.mean([h * w for h, w, _ in self.shapes]) / 1000),
             "mean_kb": float(np.mean([b.size for b in self.blobs]) / 1000),
             "passes": len(self.passes["bare_decode"]),
-            "c_helper": None if self.c_decode is not None else self.c_reason,
+            "c_helper": None if self.c_ceilings is not None else self.c_reason,
         }
         for key in CEILINGS:
             passes = self.passes[key]

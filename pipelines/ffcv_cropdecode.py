@@ -148,11 +148,9 @@ def make_draws_flip(uniform: Any) -> Any:
     return draws_flip
 
 
-@functools.cache
-def crop_decode_functions() -> tuple[Any, Any, Any, Any]:
-    """The C++ library's entry points as ctypes functions (numba calls them from compiled code):
-    (supmae_crop_decode, supmae_resize_flip, supmae_set_batch_output, supmae_batch_output).
-    DataError when the library was not built."""
+def _library() -> Any:
+    """The built C++ library (ctypes.CDLL; the dynamic loader maps it once per process, whoever asks);
+    DataError when it was not built. Its callers cache what they bind."""
     spec = importlib.util.find_spec(CROP_DECODE_MODULE)
     if spec is None or not spec.origin or not os.path.isfile(spec.origin):
         raise DataError(
@@ -160,11 +158,19 @@ def crop_decode_functions() -> tuple[Any, Any, Any, Any]:
             "'pip install -e .' in the project (scripts/setup.sh does), which compiles it against libjpeg-turbo and OpenCV"
         )
     try:
-        lib = ctypes.CDLL(spec.origin)
+        return ctypes.CDLL(spec.origin)
     except OSError as exc:
         raise DataError(
             f"cannot load the crop decoder {spec.origin}: {exc} (rebuild it with 'pip install -e .')"
         ) from None
+
+
+@functools.cache
+def crop_decode_functions() -> tuple[Any, Any, Any, Any]:
+    """The C++ library's entry points as ctypes functions (numba calls them from compiled code):
+    (supmae_crop_decode, supmae_resize_flip, supmae_set_batch_output, supmae_batch_output).
+    DataError when the library was not built."""
+    lib = _library()
     i64, u64, ptr = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
     decode = lib.supmae_crop_decode
     decode.argtypes = [ptr, u64, i64, i64, i64, i64, i64, i64, i64, ptr, u64, ptr, i64, i64, i64, i64]
@@ -188,18 +194,17 @@ def decode_ceiling_function() -> Any:
     decoding only (the floor of any decoder of these files), mode 1 a full decode to RGB at the
     pipeline's settings; returns how many failed. What `supmae bench loaders` measures the pipelines
     against. DataError when the library was not built."""
-    crop_decode_functions()  # the DataError when unbuilt
-    lib = ctypes.CDLL(importlib.util.find_spec(CROP_DECODE_MODULE).origin)
-    fn = lib.supmae_decode_ceiling
+    fn = _library().supmae_decode_ceiling
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint64]
     fn.restype = ctypes.c_int64
     return fn
 
 
-def time_decode_ceilings(blobs: list[Any], passes: int = 3) -> dict[str, float]:
+def time_decode_ceilings(blobs: list[Any], passes: int = 3, warmup: bool = True) -> dict[str, float]:
     """Images/s of one core (the calling thread) on the JPEGs `blobs` (uint8 arrays, in memory):
     {"entropy_floor": ..., "full_c_decode": ...}, each the median of `passes` timed passes of
-    decode_ceiling_function (an untimed pass first). ValueError when a JPEG does not decode."""
+    decode_ceiling_function (after an untimed pass when `warmup`). ValueError when a JPEG does not
+    decode."""
     import statistics
     import time
 
@@ -210,7 +215,7 @@ def time_decode_ceilings(blobs: list[Any], passes: int = 3) -> dict[str, float]:
     out: dict[str, float] = {}
     for mode, key in ((0, "entropy_floor"), (1, "full_c_decode")):
         rates = []
-        for k in range(passes + 1):
+        for k in range(passes + 1) if warmup else range(1, passes + 1):
             t0 = time.perf_counter()
             failed = decode(addresses.ctypes.data, sizes.ctypes.data, len(arrays), mode, None, 0)  # the thread's scratch
             elapsed = time.perf_counter() - t0
@@ -228,8 +233,7 @@ def test_switches() -> tuple[Any, Any, Any]:
     row_cut_count()): decode every window with libjpeg's row skipping even where restart markers
     allow a cut; run the resize's scalar path even on an AVX2 CPU; how many windows this thread
     decoded from a cut. Process-wide switches: tests only."""
-    crop_decode_functions()  # the DataError when unbuilt
-    lib = ctypes.CDLL(importlib.util.find_spec(CROP_DECODE_MODULE).origin)
+    lib = _library()
     no_row_cut, force_scalar, count = lib.supmae_crop_decode_no_row_cut, lib.supmae_resize_force_scalar, lib.supmae_row_cut_count
     no_row_cut.argtypes = force_scalar.argtypes = [ctypes.c_int64]
     no_row_cut.restype = force_scalar.restype = None
