@@ -263,7 +263,8 @@ def test_doctor_node_section_matches_hand_computation(big_jpegs, tmp_path):
     assert n["storage_max_side"] == 256 and n["loader_dtype"] == "uint8"
     # The decode ceilings of the stored files, measured on one core, and what they would take per GPU.
     c = n["ceilings"]
-    assert c["images"] > 0 and c["entropy_floor"] > c["full_c_decode"] > 0
+    # (timings: that the floor is the faster is a benchmark's finding, not asserted on a shared CI core)
+    assert c["images"] > 0 and c["entropy_floor"] > 0 and c["full_c_decode"] > 0
     assert n["cores_per_gpu_at_ceiling"]["entropy_floor"] == 1 + math.ceil(per_gpu / c["entropy_floor"])
     assert n["per_core_fraction_of_ceilings"]["torchvision"]["full_c_decode"] == pytest.approx(
         rates[1] / c["full_c_decode"])

@@ -248,6 +248,42 @@ def test_window_decode_rejects_bad_input_with_an_error():
         decode_window(jpeg, (41, 40), (0, 0, 40, 40), (8, 8))  # metadata disagrees with the header
 
 
+def test_the_ceiling_helper_decodes_what_it_times():
+    """supmae_decode_ceiling, what `bench loaders` and the doctor put the pipelines beside: mode 1
+    is a whole-image decode (the bytes of FFCV's decoder at the same settings), mode 0 writes no
+    pixels, and a JPEG that does not decode, or an image larger than the scratch given, is counted
+    as failed in both modes instead of timed."""
+    import ctypes
+
+    from pipelines.ffcv_cropdecode import decode_ceiling_function, time_decode_ceilings
+
+    decode = decode_ceiling_function()
+    shapes = [(37, 53, 2), (64, 48, 1), (40, 40, 0), (33, 70, None)]
+    jpegs = [encode(textured(h, w, k), sub, restart=k % 2 == 1) for k, (h, w, sub) in enumerate(shapes)]
+
+    def run(blobs: list[np.ndarray], mode: int, scratch: np.ndarray) -> int:
+        addresses = np.array([b.ctypes.data for b in blobs], dtype=np.uint64)
+        sizes = np.array([b.size for b in blobs], dtype=np.uint64)
+        return decode(addresses.ctypes.data, sizes.ctypes.data, len(blobs), mode,
+                      scratch.ctypes.data_as(ctypes.c_void_p), scratch.size)
+
+    for jpeg, (h, w, sub) in zip(jpegs, shapes):
+        scratch = np.full(h * w * 3, 7, dtype=np.uint8)
+        assert run([jpeg], 0, scratch) == 0 and (scratch == 7).all()  # entropy decoding only
+        assert run([jpeg], 1, scratch) == 0
+        np.testing.assert_array_equal(scratch.reshape(h, w, 3), full_decode(jpeg, h, w, 8))
+        assert run([jpeg], 1, scratch[:-1]) == 1  # one byte short of the image: failed, nothing written past
+    bad = np.frombuffer(b"not a jpeg at all" * 8, dtype=np.uint8)
+    truncated = jpegs[0][: len(jpegs[0]) // 3]
+    scratch = np.zeros(70 * 70 * 3, dtype=np.uint8)
+    for mode in (0, 1):
+        assert run([jpegs[0], bad, jpegs[1], truncated], mode, scratch) == 2
+    rates = time_decode_ceilings(jpegs, passes=2)
+    assert set(rates) == {"entropy_floor", "full_c_decode"} and all(r > 0 for r in rates.values())
+    with pytest.raises(ValueError, match="1 of 5 JPEGs do not decode"):
+        time_decode_ceilings([*jpegs, bad], passes=1, warmup=False)
+
+
 def test_unbuilt_decoder_is_a_clear_error(monkeypatch):
     from pipelines import ffcv_cropdecode
     from pipelines.errors import DataError
