@@ -203,8 +203,8 @@ def decode_ceiling_function() -> Any:
 def time_decode_ceilings(blobs: list[Any], passes: int = 3, warmup: bool = True) -> dict[str, float]:
     """Images/s of one core (the calling thread) on the JPEGs `blobs` (uint8 arrays, in memory):
     {"entropy_floor": ..., "full_c_decode": ...}, each the median of `passes` timed passes of
-    decode_ceiling_function (after an untimed pass when `warmup`), the two modes alternating. ValueError when a JPEG does not
-    decode."""
+    decode_ceiling_function (after an untimed pass when `warmup`), the two modes alternating.
+    ValueError when a JPEG does not decode."""
     import statistics
     import time
 
